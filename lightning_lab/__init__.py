@@ -1,0 +1,43 @@
+"""lightning-lab: trace ordinary agents, assign credit to their steps, train the LLM with PPO.
+
+``import lightning_lab as ll`` stays light: torch-heavy modules (models, policy, trainer) load on
+first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import credit, envs
+from .records import Batch, TraceFormatError, Trajectory, Transition
+from .tracing import TracingError, current, reward, rollout, step, traced
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "models": ("lightning_lab.models", None),
+    "Policy": ("lightning_lab.policy", "Policy"),
+    "Generation": ("lightning_lab.policy", "Generation"),
+    "PPOTrainer": ("lightning_lab.trainer", "PPOTrainer"),
+    "PPOConfig": ("lightning_lab.trainer", "PPOConfig"),
+    "StepState": ("lightning_lab.trainer", "StepState"),
+    "evaluate": ("lightning_lab.evaluate", "evaluate"),
+    "run_rollouts": ("lightning_lab.rollouts", "run_rollouts"),
+    "widgets": ("lightning_lab.widgets", None),
+    "tracking": ("lightning_lab.tracking", None),
+    "serve": ("lightning_lab.proxy", "serve"),
+}
+
+__all__ = ["Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",
+           "envs", "current", "reward", "rollout", "step", "traced", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lightning_lab' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

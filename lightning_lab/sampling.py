@@ -1,0 +1,85 @@
+"""Per-row token choice for batched decoding: temperature, top-p, greedy, seeded rows.
+
+Kept apart from the decode loop because it is pure tensor math that is easy to test on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded; every field may differ between rows of one batch."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy argmax (its logprobs then use T=1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 disables it. Recorded logprobs ignore it (the trainer's do too)."""
+    max_new_tokens: int = 64
+    """Hard cap on generated tokens, stop token included."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the generation; the returned text is cut before the first one."""
+    seed: int | None = None
+    """Seed for this request's sampling noise, so results do not depend on who shares the batch."""
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tail of each row outside its smallest set of tokens with mass >= top_p.
+
+    probs: (B, V), top_p: (B,). The most likely token always survives.
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and return ``(tokens, logprobs)``, both (B,).
+
+    logits: (B, V) float32; temperature, top_p: (B,). Logprobs are ``log_softmax(logits / T)`` at
+    the chosen token with T=1 for greedy rows, i.e. exactly what a training forward recomputes.
+    Sampling uses the exponential race ``argmax(p / E), E ~ Exp(1)``, which equals multinomial
+    sampling but lets seeded rows draw their own noise while the rest share one batched draw.
+    """
+    greedy = temperature == 0  # (B,)
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits / scale[:, None], dim=-1)  # (B, V)
+    if bool(greedy.all()):
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = logp.exp()
+        if bool((top_p < 1).any()):
+            probs = top_p_filter(probs, top_p)
+        noise = torch.empty_like(probs)
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if len(shared) == len(generators):
+            noise.exponential_()
+        else:
+            for i, g in enumerate(generators):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
+            if shared:
+                index = torch.tensor(shared)
+                noise[index] = torch.empty(len(shared), probs.shape[1]).exponential_()
+        tokens = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

@@ -1,0 +1,149 @@
+"""Tracing: which trajectory and which agent role an LLM call belongs to.
+
+State lives in ``contextvars`` so that agents running in threads (one per rollout, as the trainer
+runs them) or in asyncio tasks never see each other's rollout. The policy calls
+``record_generation`` after each call; everything else here is the user-facing API.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
+
+from .records import Trajectory, Transition
+
+__all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
+           "current_temperature", "TracingError"]
+
+
+class TracingError(RuntimeError):
+    """Raised when the tracing API is used outside the context it needs."""
+
+
+_trajectory: ContextVar[Trajectory | None] = ContextVar("ll_trajectory", default=None)
+_agent: ContextVar[str] = ContextVar("ll_agent", default="")
+_temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=None)
+
+
+@contextmanager
+def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
+            catch: bool = False, meta: dict[str, Any] | None = None) -> Iterator[Trajectory]:
+    """Open a trajectory; LLM calls made inside it are appended as transitions.
+
+    ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
+    With ``catch=True`` an exception from the body marks the trajectory ``failed`` with the error
+    text and is swallowed, so a batch of rollouts survives one bad agent; otherwise it propagates
+    (after marking the trajectory).
+    """
+    traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
+    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
+    try:
+        yield traj
+    except Exception as exc:  # noqa: BLE001 - recorded on the trajectory, re-raised unless catch
+        traj.status = "failed"
+        traj.error = f"{type(exc).__name__}: {exc}"
+        if not catch:
+            raise
+    finally:
+        _finalize(traj)
+        _temperature.reset(tokens[2])
+        _agent.reset(tokens[1])
+        _trajectory.reset(tokens[0])
+
+
+@contextmanager
+def step(agent: str) -> Iterator[None]:
+    """Name the agent/role that the LLM calls inside this block belong to."""
+    token = _agent.set(str(agent))
+    try:
+        yield
+    finally:
+        _agent.reset(token)
+
+
+def current() -> Trajectory:
+    """The open trajectory (to put evaluation facts into ``current().meta``)."""
+    traj = _trajectory.get()
+    if traj is None:
+        raise TracingError("no rollout is open: wrap the agent call in `with ll.rollout(task_id=...)`")
+    return traj
+
+
+def current_temperature() -> float | None:
+    return _temperature.get()
+
+
+def reward(value: float, *, final: bool = False) -> None:
+    """Add ``value`` to the latest transition's reward (``final=True``: to the last one at the end).
+
+    A final reward is kept on the trajectory until it ends, because more LLM calls may follow
+    the ``ll.reward(..., final=True)`` call in the agent's code.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"reward must be finite, got {value}")
+    traj = current()
+    if final:
+        traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
+        return
+    if not traj.transitions:
+        traj.meta["pending_reward"] = traj.meta.get("pending_reward", 0.0) + value
+        return
+    traj.transitions[-1].reward += value
+
+
+def _finalize(traj: Trajectory) -> None:
+    """Move final/pending rewards onto the last transition; flag rollouts with no LLM call."""
+    extra = traj.meta.pop("final_reward", 0.0) + traj.meta.pop("pending_reward", 0.0)
+    if traj.transitions:
+        traj.transitions[-1].reward += extra
+    elif traj.status == "ok":
+        traj.meta["no_llm_calls"] = True
+        traj.meta["unassigned_reward"] = extra
+
+
+def record_generation(gen: Any) -> Transition | None:
+    """Append a policy output to the open trajectory (no-op outside a rollout)."""
+    traj = _trajectory.get()
+    if traj is None:
+        return None
+    tr = Transition(prompt_ids=list(gen.prompt_ids), response_ids=list(gen.response_ids),
+                    logprobs=list(gen.logprobs), prompt=gen.prompt_text, response=gen.text,
+                    agent=_agent.get(), step=len(traj.transitions),
+                    temperature=float(gen.temperature) if gen.temperature else 1.0,
+                    finish_reason=gen.finish_reason)
+    if not traj.transitions and "pending_reward" in traj.meta:
+        tr.reward += traj.meta.pop("pending_reward")
+    traj.transitions.append(tr)
+    return tr
+
+
+def traced(fn: Callable[..., Any] | None = None, *, task_id: Callable[..., str] | str | None = None):
+    """Decorator form: each call of the agent function runs inside its own rollout.
+
+    The decorated function returns ``(result, trajectory)``. ``task_id`` is a string or a function
+    of the call's arguments; by default the first argument's ``task_id`` attribute is used.
+    """
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., tuple[Any, Trajectory]]:
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> tuple[Any, Trajectory]:
+            if callable(task_id):
+                tid = task_id(*args, **kwargs)
+            elif task_id is not None:
+                tid = task_id
+            else:
+                tid = getattr(args[0], "task_id", "") if args else ""
+            with rollout(task_id=tid) as traj:
+                result = func(*args, **kwargs)
+            return result, traj
+
+        return inner
+
+    return wrap(fn) if fn is not None else wrap
