@@ -1,0 +1,176 @@
+"""Running model-written SQL safely, and finding the SQL inside model output.
+
+Model SQL is untrusted: it may try to write, attach other files, flip pragmas, or loop forever
+(a recursive CTE without a bound). Three independent guards keep a rollout cheap and the database
+intact: a read-only URI connection, an authorizer that only allows reading, and a progress
+handler that enforces a wall-clock deadline. Fetching is capped so a cross join cannot exhaust
+memory. Nothing here raises on bad SQL; errors come back as text the checker/rewriter can read.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import sqlglot
+from sqlglot import exp
+
+# Only what a SELECT needs. Everything else (INSERT/UPDATE/DELETE, CREATE/DROP/ALTER, ATTACH,
+# DETACH, PRAGMA, TRANSACTION, ANALYZE, REINDEX, ...) is denied.
+_ALLOWED_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+}
+# Functions that could reach outside the database file even on a read-only connection.
+_DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+
+
+@dataclass
+class ExecResult:
+    """Outcome of one sandboxed query: rows, or an error message (never both)."""
+
+    rows: list[tuple] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    error: str | None = None
+    truncated: bool = False
+    """True when more than `max_rows` rows were available and the rest were not fetched."""
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def connect_readonly(db_path: str | Path) -> sqlite3.Connection:
+    """Open `db_path` read-only (URI `mode=ro`); fails if the file does not exist."""
+    path = Path(db_path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"database file not found: {path}")
+    conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, check_same_thread=False)
+    # Some Spider databases hold non-UTF-8 bytes in TEXT columns; do not fail the whole query.
+    conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
+    return conn
+
+
+def _authorizer(action: int, arg1, arg2, dbname, source) -> int:
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
+
+
+def run_sql(db_path: str | Path, sql: str | None, *, timeout_s: float = 2.0,
+            max_rows: int = 1000) -> ExecResult:
+    """Execute one statement of untrusted SQL on `db_path`; never raises.
+
+    The deadline is checked every few thousand VM instructions, so even a query that never
+    yields a row (an unbounded recursive CTE under ORDER BY) stops shortly after `timeout_s`.
+    """
+    start = time.monotonic()
+    if not sql or not sql.strip():
+        return ExecResult(error="empty query")
+    try:
+        conn = connect_readonly(db_path)
+    except Exception as e:  # missing file, unreadable file
+        return ExecResult(error=f"cannot open database: {e}")
+    deadline = start + timeout_s
+    try:
+        conn.set_authorizer(_authorizer)
+        conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
+        cur = conn.execute(sql)
+        columns = [d[0] for d in cur.description or []]
+        rows = cur.fetchmany(max_rows + 1)
+        truncated = len(rows) > max_rows
+        return ExecResult(rows=[tuple(r) for r in rows[:max_rows]], columns=columns,
+                          truncated=truncated, elapsed_s=time.monotonic() - start)
+    except Exception as e:  # sqlite3.Error, Warning (multiple statements), MemoryError, ...
+        msg = str(e) or type(e).__name__
+        if time.monotonic() > deadline and "interrupt" in msg.lower():
+            msg = f"query exceeded the {timeout_s:g}s time limit"
+        return ExecResult(error=msg, elapsed_s=time.monotonic() - start)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction: models wrap SQL in fences, prose, or trail off into explanations.
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z]*)[ \t]*\n?(.*?)(?:```|$)", re.S)
+_SQL_START = re.compile(r"\b(SELECT|WITH)\b", re.I)
+
+
+def parse_query(sql: str) -> exp.Expression | None:
+    """Parse `sql` as one SQLite query with sqlglot; None unless it is a real SELECT-like query."""
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except Exception:
+        return None
+    if not isinstance(tree, exp.Query):
+        return None
+    select = tree if isinstance(tree, exp.Select) else tree.find(exp.Select)
+    # sqlglot accepts a bare "SELECT"; a query must select something.
+    if select is None or not select.expressions:
+        return None
+    return tree
+
+
+def is_valid_sql(sql: str | None) -> bool:
+    """True when `sql` parses as a single SELECT-like query."""
+    return bool(sql) and parse_query(sql) is not None
+
+
+def _candidates(text: str) -> list[str]:
+    """Plausible SQL snippets in `text`, most trustworthy first."""
+    out = []
+    for lang, body in _FENCE.findall(text):
+        if lang.lower() in ("", "sql", "sqlite") and _SQL_START.search(body):
+            out.append(body[_SQL_START.search(body).start():])
+    m = _SQL_START.search(text)
+    if m:
+        out.append(text[m.start():])
+    return out
+
+
+def _best_prefix(snippet: str) -> str | None:
+    """Longest prefix of `snippet` that parses, trying statement, line, then word boundaries."""
+    snippet = snippet.split(";", 1)[0].replace("```", " ").strip()
+    if not snippet:
+        return None
+    if parse_query(snippet):
+        return snippet
+    lines = snippet.splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        cand = "\n".join(lines[:i]).strip()
+        if parse_query(cand):
+            return cand
+    # Trailing prose on the same line ("SELECT a FROM t This returns ..."): drop words.
+    words = snippet.split()
+    for i in range(len(words) - 1, max(1, len(words) - 40), -1):
+        cand = " ".join(words[:i])
+        if parse_query(cand):
+            return cand
+    return None
+
+
+def extract_sql(text: str | None) -> str | None:
+    """The SQL query in model output, or None if there is no SELECT/WITH at all.
+
+    Prefers fenced blocks, cuts at the first `;`, and trims trailing prose until sqlglot parses
+    it. If nothing parses, the raw snippet is returned anyway: SQLite's error message is more
+    useful to the rewriter (and the logs) than a silent None.
+    """
+    if not text:
+        return None
+    cands = _candidates(text)
+    for cand in cands:
+        best = _best_prefix(cand)
+        if best:
+            return best
+    if cands:
+        raw = cands[0].split(";", 1)[0].replace("```", " ").strip()
+        return " ".join(raw.split()) or None
+    return None

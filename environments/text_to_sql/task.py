@@ -1,0 +1,36 @@
+"""The task record shared by the generated data and the Spider loader."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SQLTask:
+    """One text-to-SQL question over one SQLite database.
+
+    The agent needs only `question`, `schema` and `db_path`; `gold_sql` is used by the reward.
+    Frozen so a task can be shared across concurrently running agents without surprises.
+    """
+
+    task_id: str
+    """Stable id (`<db_id>-<index>` for generated data, `spider-<split>-<index>` for Spider)."""
+    question: str
+    """Natural-language question."""
+    gold_sql: str
+    """Reference SQL; scored by execution, so any equivalent query is fine."""
+    db_id: str
+    """Database name (also the split unit: a dev db never appears in train)."""
+    db_path: str
+    """Path to the `.sqlite` file."""
+    schema: str
+    """CREATE TABLE statements of the database (without sample rows)."""
+    difficulty: str | None = None
+    """easy | medium | hard for generated data; None when unknown (Spider)."""
+
+
+def cache_root() -> Path:
+    """Root cache directory: `$LIGHTNING_LAB_CACHE` or `~/.cache/lightning-lab`."""
+    env = os.environ.get("LIGHTNING_LAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning-lab"
