@@ -1,0 +1,189 @@
+"""A running batch of generations sharing one KV cache: prefill, admit, step, retire.
+
+Why not ``model.generate``: it keeps finished rows in the batch until the slowest one ends, cannot
+take new prompts mid-flight, and recomputes a prompt for each of its n samples. Here a prompt is
+prefilled once and its cache row repeated n times; finished rows leave the batch at once; new
+prompts are prefilled separately and spliced into the running cache (continuous batching).
+
+Rows are left-padded. Every forward gets explicit position ids (``cumsum(mask) - 1``), so a row's
+logits do not depend on how much padding it carries, which is what lets the trainer recompute the
+same logprobs from the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from lightning_lab.sampling import SamplingParams, choose_tokens
+
+
+@dataclass
+class Row:
+    """One sample being generated; ``owner`` is whatever the caller uses to collect results."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    owner: Any
+    index: int
+    """Which of the owner's n samples this is."""
+    generator: torch.Generator | None = None
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class DecodeBatch:
+    """Rows decoding together. ``admit`` adds prompts, ``step`` decodes one token for every row.
+
+    Both return the rows that finished; they are removed from the batch.
+    """
+
+    def __init__(self, model: Any, decode: Callable[[list[int]], str], stop_token_ids: set[int]):
+        self.model = model
+        self.decode = decode
+        self.stop_token_ids = stop_token_ids
+        self.device = next(model.parameters()).device
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L) over cache columns
+        self.next_token = torch.zeros(0, dtype=torch.long)  # (B,) sampled, not yet in the cache
+        self.temperature = torch.zeros(0)  # (B,)
+        self.top_p = torch.zeros(0)  # (B,)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits[:, -1, :].float().cpu()  # (B, V)
+
+    def admit(self, groups: list[list[Row]]) -> list[Row]:
+        """Prefill each group's (shared) prompt once, sample the first tokens, join the batch.
+
+        A group is the n rows of one prompt. Raises if the forward fails (e.g. a bad token id);
+        the caller then retries groups one at a time to isolate the culprit.
+        """
+        prompts = [g[0].prompt_ids for g in groups]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (G, W)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (G, W)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with torch.inference_mode():
+            logits = self._forward(ids, mask, positions, cache)  # (G, V)
+            repeat = torch.tensor([len(g) for g in groups])
+            if bool((repeat != 1).any()):
+                expand = torch.repeat_interleave(torch.arange(len(groups)), repeat)  # (R,)
+                cache.batch_select_indices(expand.to(self.device))
+                logits, mask = logits[expand], mask[expand]
+        rows = [r for g in groups for r in g]
+        self._merge(rows, cache, mask)
+        return self._sample(logits, first=len(self.rows) - len(rows))
+
+    def step(self) -> list[Row]:
+        """Feed every row its pending token and sample the next one."""
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        positions = self.mask.sum(-1, keepdim=True) - 1  # (B, 1)
+        with torch.inference_mode():
+            logits = self._forward(self.next_token[:, None], self.mask, positions, self.cache)
+        return self._sample(logits, first=0)
+
+    def _sample(self, logits: torch.Tensor, first: int) -> list[Row]:
+        """Choose tokens for rows ``first:`` from their logits (R, V), then retire finished rows."""
+        rows = self.rows[first:]
+        with torch.inference_mode():
+            tokens, logprobs = choose_tokens(
+                logits, self.temperature[first:], self.top_p[first:], [r.generator for r in rows]
+            )
+        self.next_token[first:] = tokens
+        done = []
+        for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
+            row.response_ids.append(token)
+            row.logprobs.append(logprob)
+            if self._finished(row, token):
+                done.append(first + i)
+        return self._retire(done)
+
+    def _finished(self, row: Row, token: int) -> bool:
+        """Update the row's text and finish reason; True if it is done."""
+        if token in self.stop_token_ids:
+            row.text, row.finish_reason = self.decode(row.response_ids[:-1]), "stop"
+            return True
+        if row.params.stop:
+            text = self.decode(row.response_ids)
+            hits = [i for i in (text.find(s) for s in row.params.stop) if i >= 0]
+            if hits:  # checked every token, so this is the shortest prefix containing a stop string
+                row.text, row.finish_reason = text[: min(hits)], "stop"
+                return True
+        if len(row.response_ids) >= row.params.max_new_tokens:
+            row.text, row.finish_reason = self.decode(row.response_ids), "length"
+            return True
+        return False
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append rows with their own cache; left-pad whichever cache is shorter."""
+        self.rows.extend(rows)
+        extra = {
+            "temperature": torch.tensor([r.params.temperature for r in rows], dtype=torch.float),
+            "top_p": torch.tensor([r.params.top_p for r in rows], dtype=torch.float),
+            "next_token": torch.zeros(len(rows), dtype=torch.long),
+        }
+        for name, value in extra.items():
+            setattr(self, name, torch.cat([getattr(self, name), value]))
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        self.mask = torch.cat(
+            [F.pad(self.mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))]
+        )
+        for old, new in zip(self.cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)  # (B, H, L, D)
+                a = F.pad(a, (0, 0, width - old_len, 0))
+                b = F.pad(b, (0, 0, width - new_len, 0))
+                setattr(old, name, torch.cat([a, b]))
+
+    def _retire(self, done: list[int]) -> list[Row]:
+        """Drop finished rows so they stop costing compute; trim columns that are padding for all."""
+        if not done:
+            return []
+        finished = [self.rows[i] for i in done]
+        gone = set(done)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            self.mask = torch.zeros(0, 0, dtype=torch.long)
+            self.next_token = torch.zeros(0, dtype=torch.long)
+            self.temperature, self.top_p = torch.zeros(0), torch.zeros(0)
+            return finished
+        index = torch.tensor(keep)
+        self.mask = self.mask[index]
+        self.next_token, self.temperature, self.top_p = (
+            self.next_token[index],
+            self.temperature[index],
+            self.top_p[index],
+        )
+        self.cache.batch_select_indices(index.to(self.device))
+        start = int(self.mask.any(0).long().argmax())  # first column some row still attends to
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+        return finished

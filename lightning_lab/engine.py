@@ -1,0 +1,248 @@
+"""Thread-safe request batcher in front of a continuously batched decode loop.
+
+Agents run in many threads and each calls the policy one request at a time; alone, each request
+would decode at batch size 1. The engine queues requests from all threads and one daemon worker
+decodes them together: an idle worker waits a few ms for more arrivals, and a busy worker splices
+newly arrived requests into the running batch between decode steps (continuous batching).
+The API is ``submit(Request) -> Future[list[Sample]]`` so the HTTP proxy can sit on it too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from lightning_lab.decoding import DecodeBatch, Row
+from lightning_lab.sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """One prompt (already tokenised) to sample ``n`` completions for."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+
+
+@dataclass
+class Sample:
+    """One completion. ``response_ids`` includes a stop token if one ended it; ``text`` never does."""
+
+    response_ids: list[int]
+    logprobs: list[float]
+    """``log_softmax(logits / T)`` of each response token (T=1 for greedy)."""
+    finish_reason: str
+    """``"stop"`` (stop token or stop string) or ``"length"`` (max_new_tokens or context full)."""
+    text: str
+
+
+@dataclass
+class EngineConfig:
+    """Batching knobs; the defaults suit a 135M model on 2 CPU cores."""
+
+    max_batch_rows: int = 64
+    """Rows (samples) decoded together; more requests wait in the queue."""
+    max_wait_s: float = 0.005
+    """An idle worker keeps collecting while requests arrive at most this far apart..."""
+    max_gather_s: float = 0.05
+    """...but starts decoding after this long regardless."""
+
+
+class _Pending:
+    """The rows of one request, resolved as a whole when the last of them finishes."""
+
+    def __init__(self, request: Request, future: Future):
+        self.request, self.future = request, future
+        self.samples: list[Sample | None] = [None] * request.n
+        self.remaining = request.n
+
+    def rows(self) -> list[Row]:
+        seed = self.request.params.seed
+        return [
+            Row(
+                prompt_ids=self.request.prompt_ids,
+                params=self.request.params,
+                owner=self,
+                index=j,
+                generator=None if seed is None else torch.Generator().manual_seed(seed + 7919 * j),
+            )
+            for j in range(self.request.n)
+        ]
+
+    def finish(self, row: Row) -> None:
+        self.samples[row.index] = Sample(
+            row.response_ids, row.logprobs, row.finish_reason or "length", row.text
+        )
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.samples)
+
+
+class Engine:
+    """Owns the decode worker for one model. ``lock`` is held during every forward pass."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.lock = threading.RLock()
+        self.stop_token_ids = _stop_token_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, request: Request) -> Future:
+        """Queue a request; the future resolves to its n Samples or to the request's own error."""
+        future: Future = Future()
+        try:
+            self._check(request)
+        except Exception as error:  # a bad request fails alone, before it reaches the batch
+            future.set_exception(error)
+            return future
+        self._ensure_worker()
+        self._queue.put(_Pending(request, future))
+        return future
+
+    def generate(self, requests: list[Request]) -> list[list[Sample]]:
+        """Submit all, wait for all; raises the first request error."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the worker after the requests it already holds; later submits restart it."""
+        with self._start_lock:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                self._queue.put(None)
+        if worker is not None:
+            worker.join(timeout)
+
+    def _check(self, request: Request) -> None:
+        request.params.validate()
+        if request.n < 1:
+            raise ValueError(f"n must be >= 1, got {request.n}")
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
+        room = self.max_positions - len(request.prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens fills the context")
+        if request.params.max_new_tokens > room:  # "length" then means the context is full
+            request.params = replace(request.params, max_new_tokens=room)
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="ll-engine", daemon=True)
+                self._worker.start()
+
+    # ---- worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
+        batch = DecodeBatch(self.model, self._decode, self.stop_token_ids)
+        waiting: list[_Pending] = []
+        stopping = False
+        while not (stopping and not waiting and not len(batch)):
+            stopping |= self._collect(waiting, block=not len(batch) and not waiting)
+            try:
+                self._admit(batch, waiting)
+                if len(batch):
+                    with self.lock:
+                        self._resolve(batch.step())
+            except Exception as error:  # never die: fail what was in flight, keep serving
+                for row in batch.rows:
+                    if not row.owner.future.done():
+                        row.owner.future.set_exception(error)
+                batch = DecodeBatch(self.model, self._decode, self.stop_token_ids)
+
+    def _collect(self, waiting: list[_Pending], block: bool) -> bool:
+        """Move queued requests to ``waiting``; an idle worker gathers a burst first.
+
+        Returns True once the shutdown sentinel was seen.
+        """
+        if block:
+            item = self._queue.get()
+            if item is None:
+                return True
+            waiting.append(item)
+            deadline = time.monotonic() + self.config.max_gather_s
+            while len(waiting) < self.config.max_batch_rows and time.monotonic() < deadline:
+                try:
+                    item = self._queue.get(timeout=self.config.max_wait_s)
+                except queue.Empty:
+                    break
+                if item is None:
+                    return True
+                waiting.append(item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            waiting.append(item)
+
+    def _admit(self, batch: DecodeBatch, waiting: list[_Pending]) -> None:
+        """Prefill as many waiting requests as fit; a failing prefill is retried one by one."""
+        chosen: list[_Pending] = []
+        rows = len(batch)
+        while waiting and (rows + waiting[0].request.n <= self.config.max_batch_rows or not rows):
+            pending = waiting.pop(0)
+            if pending.future.cancelled():
+                continue
+            chosen.append(pending)
+            rows += pending.request.n
+        if not chosen:
+            return
+        try:
+            with self.lock:
+                self._resolve(batch.admit([p.rows() for p in chosen]))
+        except Exception as error:
+            if len(chosen) == 1:
+                chosen[0].future.set_exception(error)
+                return
+            for pending in chosen:
+                try:
+                    with self.lock:
+                        self._resolve(batch.admit([pending.rows()]))
+                except Exception as error:
+                    pending.future.set_exception(error)
+
+    @staticmethod
+    def _resolve(finished: list[Row]) -> None:
+        for row in finished:
+            row.owner.finish(row)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from tokenizer and generation config, plus the chat end-of-turn token."""
+    ids: set[int] = set()
+    candidates = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        if token in tokenizer.get_vocab():
+            candidates.append(tokenizer.convert_tokens_to_ids(token))
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple)):
+            ids.update(int(x) for x in c)
+    return ids
