@@ -286,6 +286,8 @@ def _questions(rng: random.Random, w: World, cfg: GeneratorConfig, split: str,
         if made is None or made[0] in seen:
             continue
         question, answer, kind, facts = made
+        if kind == "bridge" and answer in by_title[facts[0][0]].text:
+            continue  # a shortcut: e.g. the founder was born in the company's own HQ city
         seen.add(question)
         gold = list(dict.fromkeys(t for t, _ in facts))
         others = [t for t in titles if t not in gold]

@@ -58,15 +58,18 @@ class BM25Index:
         return len(self.paragraphs)
 
     def search(self, query: str, k: int = 2) -> list[Hit]:
-        """Top-k paragraphs for `query`, best first. Ties (e.g. an empty query) keep corpus order."""
+        """Up to k paragraphs for `query`, best first.
+
+        Paragraphs sharing no word with the query (score 0) are left out: bm25s would pad the
+        top-k with them in arbitrary order, handing the agent (and the shaping reward) luck.
+        """
         k = min(k, len(self.paragraphs))
-        if k <= 0:
-            return []
         tokens = tokenize(query)
-        if not tokens:
-            return [Hit(p, 0.0) for p in self.paragraphs[:k]]
+        if k <= 0 or not tokens:
+            return []
         docs, scores = self._bm25.retrieve([tokens], k=k, show_progress=False, n_threads=1)
-        return [Hit(self.paragraphs[int(i)], float(s)) for i, s in zip(docs[0], scores[0])]
+        return [Hit(self.paragraphs[int(i)], float(s))
+                for i, s in zip(docs[0], scores[0]) if s > 0]
 
 
 _cache: OrderedDict[tuple[Paragraph, ...], BM25Index] = OrderedDict()
