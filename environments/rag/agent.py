@@ -58,6 +58,8 @@ def query_prompt(question: str) -> list[dict[str, str]]:
 
 
 def _passage_lines(hits: list[Hit], chars: int) -> str:
+    if not hits:
+        return "(no passages found)"
     lines = []
     for i, hit in enumerate(hits, 1):
         text = hit.paragraph.text
