@@ -1,0 +1,36 @@
+"""Greedy evaluation of an agent over tasks: a Batch of traced trajectories plus metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .records import Batch
+from .rollouts import run_rollouts
+
+__all__ = ["evaluate"]
+
+
+def evaluate(agent: Callable[[Any], Any], tasks: Sequence[Any], *,
+             summarize: Callable[[Batch], dict[str, float]] | None = None,
+             temperature: float = 0.0, max_workers: int = 32,
+             progress: bool = False) -> tuple[Batch, dict[str, float]]:
+    """Run each task once at ``temperature`` (0 = greedy) and summarise.
+
+    Tasks run in chunks of ``max_workers`` concurrent agents, so a progress bar can move between
+    chunks. Without an environment ``summarize`` the metrics are mean total reward and failures.
+    """
+    from tqdm.auto import tqdm
+
+    batch = Batch()
+    with tqdm(total=len(tasks), desc="eval", disable=not progress) as bar:
+        for start in range(0, len(tasks), max_workers):
+            chunk = run_rollouts(agent, tasks[start:start + max_workers], temperature=temperature,
+                                 max_workers=max_workers)
+            batch.trajectories.extend(chunk.trajectories)
+            bar.update(len(chunk))
+    ok = [t for t in batch.trajectories if t.status == "ok"]
+    metrics = {"reward_mean": sum(t.total_reward for t in ok) / max(len(ok), 1),
+               "n": float(len(batch)), "n_failed": float(batch.n_failed)}
+    if summarize is not None:
+        metrics.update(summarize(batch))
+    return batch, metrics

@@ -1,0 +1,44 @@
+"""Run an agent over tasks concurrently, each run inside its own traced rollout.
+
+Agents are ordinary blocking Python; running them in threads lets their LLM calls meet in the
+policy's batching engine, so many sequential multi-step agents still decode in large batches.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from .envs import task_id_of
+from .records import Batch, Trajectory
+from .tracing import rollout
+
+__all__ = ["run_rollouts"]
+
+
+def _run_one(agent: Callable[[Any], Any], task: Any, task_id: str, group_id: str,
+             temperature: float | None) -> Trajectory:
+    with rollout(task_id=task_id, group_id=group_id, temperature=temperature, catch=True) as traj:
+        agent(task)
+    return traj
+
+
+def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_size: int = 1,
+                 temperature: float | None = None, max_workers: int = 32,
+                 group_prefix: str = "") -> Batch:
+    """Run ``agent`` ``group_size`` times per task; exceptions become ``failed`` trajectories.
+
+    Order of the returned trajectories is deterministic (task-major, then sample), whatever order
+    the threads finished in.
+    """
+    jobs = []
+    for i, task in enumerate(tasks):
+        tid = task_id_of(task, i)
+        for _ in range(group_size):
+            jobs.append((task, tid, f"{group_prefix}{i}:{tid}"))
+    workers = max(1, min(max_workers, len(jobs)))
+    if workers == 1:
+        return Batch([_run_one(agent, t, tid, gid, temperature) for t, tid, gid in jobs])
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ll-agent") as pool:
+        futures = [pool.submit(_run_one, agent, t, tid, gid, temperature) for t, tid, gid in jobs]
+        return Batch([f.result() for f in futures])
