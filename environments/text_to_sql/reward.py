@@ -25,8 +25,8 @@ class RewardConfig:
     """Added when the prediction parses as SQL (off by default: it rewards form, not meaning)."""
     executed_bonus: float = 0.0
     """Added when the prediction executes without error on the database."""
-    timeout_s: float = 2.0
-    """Wall-clock limit per query."""
+    timeout_s: float = 1.5
+    """Wall-clock limit per query (Spider gold queries take milliseconds)."""
     max_rows: int = 10_000
     """Rows fetched per query; a truncated prediction can only match a truncated gold."""
 
@@ -101,7 +101,9 @@ def score_sql(db_path: str, pred_sql: str | None, gold_sql: str,
     """Execution accuracy of `pred_sql` against `gold_sql`, with shaping facts; never raises."""
     cfg = config or RewardConfig()
     parsed = bool(pred_sql) and parse_query(pred_sql) is not None
-    pred = run_sql(db_path, pred_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
+    # Missing SQL is not an engine error; keep the reason readable in logs.
+    pred = (run_sql(db_path, pred_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
+            if pred_sql else ExecResult(error="no SQL found in model output"))
     exec_acc = 0.0
     error = pred.error
     if pred.ok:

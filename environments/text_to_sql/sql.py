@@ -63,7 +63,7 @@ def _authorizer(action: int, arg1, arg2, dbname, source) -> int:
     return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
 
 
-def run_sql(db_path: str | Path, sql: str | None, *, timeout_s: float = 2.0,
+def run_sql(db_path: str | Path, sql: str | None, *, timeout_s: float = 1.5,
             max_rows: int = 1000) -> ExecResult:
     """Execute one statement of untrusted SQL on `db_path`; never raises.
 
@@ -148,12 +148,29 @@ def _best_prefix(snippet: str) -> str | None:
         if parse_query(cand):
             return cand
     # Trailing prose on the same line ("SELECT a FROM t This returns ..."): drop words.
+    # Only cut before a word that cannot continue a query, so a query truncated mid-clause
+    # ("... WHERE") is not "repaired" into a different, valid query.
     words = snippet.split()
     for i in range(len(words) - 1, max(1, len(words) - 40), -1):
+        if _continues_sql(words[i]):
+            continue
         cand = " ".join(words[:i])
         if parse_query(cand):
             return cand
     return None
+
+
+_SQL_WORDS = {
+    "select", "from", "where", "and", "or", "not", "on", "join", "inner", "left", "outer",
+    "cross", "group", "order", "by", "having", "limit", "offset", "union", "intersect", "except",
+    "all", "distinct", "as", "in", "like", "between", "is", "null", "asc", "desc", "case", "when",
+    "then", "else", "end", "exists", "with", "using", "natural",
+}
+
+
+def _continues_sql(word: str) -> bool:
+    w = word.lower()
+    return w in _SQL_WORDS or not w[:1].isalpha() or "(" in w or "." in w.rstrip(".")
 
 
 def extract_sql(text: str | None) -> str | None:
