@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from lightning_lab.kvcache import growing_cache
 from lightning_lab.sampling import SamplingParams, choose_tokens
 
 
@@ -81,7 +82,7 @@ class DecodeBatch:
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (G, W)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (G, W)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = growing_cache()
         with torch.inference_mode():
             logits = self._forward(ids, mask, positions, cache)  # (G, V)
             repeat = torch.tensor([len(g) for g in groups])
@@ -152,11 +153,11 @@ class DecodeBatch:
             [F.pad(self.mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))]
         )
         for old, new in zip(self.cache.layers, cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(old, name), getattr(new, name)  # (B, H, L, D)
-                a = F.pad(a, (0, 0, width - old_len, 0))
-                b = F.pad(b, (0, 0, width - new_len, 0))
-                setattr(old, name, torch.cat([a, b]))
+            merged = [
+                torch.cat([F.pad(a, (0, 0, width - old_len, 0)), F.pad(b, (0, 0, width - new_len, 0))])
+                for a, b in ((old.keys, new.keys), (old.values, new.values))  # (B, H, L, D) each
+            ]
+            old.keys, old.values = merged
 
     def _retire(self, done: list[int]) -> list[Row]:
         """Drop finished rows so they stop costing compute; trim columns that are padding for all."""
@@ -184,6 +185,5 @@ class DecodeBatch:
         if start > 0:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
         return finished

@@ -1,0 +1,140 @@
+"""Rollout throughput on CPU: HF ``generate`` (per request, batched) vs the lightning-lab engine.
+
+Workload: SmolLM2-135M fp32, 32 chat prompts (~36 tokens with the chat template), temperature 1,
+at most 64 new tokens, stop at end-of-turn. Counted tokens are the useful ones: up to and including
+the stop token (a batched HF call keeps computing finished rows, but those tokens are not counted).
+
+    python benchmarks/rollout_throughput.py [--prompts 32] [--max-new-tokens 64] [--loop-subset 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+import lightning_lab as ll
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
+    "How many legs does a spider have?", "What is photosynthesis?", "Who wrote Hamlet?",
+    "What is 12 times 12?", "Define a prime number.", "What does a CPU do?",
+    "How do birds fly?", "What is the boiling point of water?", "Explain gravity briefly.",
+    "What is a noun?", "Name a mammal that lives in the sea.", "What causes rain?",
+    "What is the largest planet?", "How many days are in a leap year?", "What is DNA?",
+    "Give a synonym for happy.", "What language is spoken in Brazil?", "What is an atom?",
+    "Why do we need sleep?", "What is the speed of light?", "Name a famous painter.",
+    "What is a triangle?", "How does a rainbow form?", "What is the freezing point of water?",
+    "What is a verb?", "Who invented the telephone?", "What is the moon made of?",
+    "What is a volcano?", "How many continents are there?",
+]
+
+
+@dataclass
+class Args:
+    """Benchmark knobs."""
+
+    prompts: int = 32
+    """Number of chat prompts in the workload."""
+    max_new_tokens: int = 64
+    """Generation budget per prompt."""
+    loop_subset: int = 4
+    """Prompts used for the slow per-request HF loop (tok/s is extrapolated)."""
+    seed: int = 0
+    """Global torch seed, for comparable sampling across methods."""
+
+
+def useful_tokens(rows: torch.Tensor, stop_ids: set[int]) -> int:
+    """Generated tokens up to and including the first stop token of each row."""
+    total = 0
+    for row in rows.tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in stop_ids:
+                n = i + 1
+                break
+        total += n
+    return total
+
+
+def hf_generate(policy, texts: list[str], max_new_tokens: int, stop_ids: set[int]) -> int:
+    tok = policy.tokenizer
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = policy.model.generate(
+            **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+            pad_token_id=tok.pad_token_id,
+        )
+    return useful_tokens(out[:, enc["input_ids"].shape[1]:], stop_ids)
+
+
+def timed(fn) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - start, tokens
+
+
+def main(args: Args) -> None:
+    torch.manual_seed(args.seed)
+    policy = ll.models.load("smollm2-135m", lora=False)
+    messages = [[{"role": "user", "content": q}] for q in (QUESTIONS * 4)[: args.prompts]]
+    texts = [policy.prompt_text(m) for m in messages]
+    lengths = [len(policy.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    stop_ids = policy.engine.stop_token_ids
+    print(f"{len(texts)} prompts, {sum(lengths) / len(lengths):.1f} tokens avg, "
+          f"max_new_tokens={args.max_new_tokens}, threads={torch.get_num_threads()}")
+
+    policy.generate(messages[:2], max_new_tokens=4)  # warm up allocator and kernels
+    results: dict[str, float] = {}
+
+    subset = texts[: args.loop_subset]
+    secs, toks = timed(lambda: sum(hf_generate(policy, [t], args.max_new_tokens, stop_ids)
+                                   for t in subset))
+    results["(a) HF generate, one request at a time"] = toks / secs
+    print(f"(a) {toks} tokens / {secs:.1f}s on {len(subset)} prompts")
+
+    secs, toks = timed(lambda: hf_generate(policy, texts, args.max_new_tokens, stop_ids))
+    results["(b) HF generate, one batched call"] = toks / secs
+    print(f"(b) {toks} tokens / {secs:.1f}s")
+
+    def engine_batch() -> int:
+        gens = policy.generate(messages, temperature=1.0, max_new_tokens=args.max_new_tokens)
+        assert all(len(g.logprobs) == len(g.response_ids) for g in gens)
+        return sum(len(g.response_ids) for g in gens)
+
+    secs, toks = timed(engine_batch)
+    results["(c) Policy.generate (with logprobs)"] = toks / secs
+    print(f"(c) {toks} tokens / {secs:.1f}s")
+
+    def engine_threads() -> int:
+        def one(m):
+            with ll.rollout(task_id="bench") as traj:
+                policy.chat(m, max_new_tokens=args.max_new_tokens, temperature=1.0)
+            return len(traj.transitions[0].response_ids)
+
+        with ThreadPoolExecutor(max_workers=len(messages)) as pool:
+            return sum(pool.map(one, messages))
+
+    secs, toks = timed(engine_threads)
+    results[f"(d) {len(messages)} threads calling policy.chat"] = toks / secs
+    print(f"(d) {toks} tokens / {secs:.1f}s")
+
+    base_a = results["(a) HF generate, one request at a time"]
+    base_b = results["(b) HF generate, one batched call"]
+    print(f"\n{'method':<44} {'tok/s':>8} {'vs (a)':>8} {'vs (b)':>8}")
+    for name, rate in results.items():
+        print(f"{name:<44} {rate:8.1f} {rate / base_a:7.2f}x {rate / base_b:7.2f}x")
+    policy.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Args()
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    main(Args(**vars(parser.parse_args())))
