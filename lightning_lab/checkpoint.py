@@ -75,7 +75,8 @@ def resolve(directory: Path) -> Path:
         return directory
     latest = directory / _LATEST
     if not latest.exists():
-        raise CheckpointError(f"no checkpoint in {directory} (no {_META} and no {_LATEST})")
+        raise CheckpointError(f"no complete checkpoint in {directory}: no {_META} and no {_LATEST} "
+                              "(missing, or half-written by a crash)")
     return directory / latest.read_text().strip()
 
 

@@ -1,0 +1,193 @@
+"""End-to-end PPO on the tiny model: learning, faults, logprob fidelity, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_lab as ll
+from lightning_lab.checkpoint import CheckpointError
+
+TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(8)]
+
+
+def parity_agent(policy, roles=("a", "b"), max_new_tokens=6):
+    """Two calls per rollout; each earns the share of its tokens whose id is divisible by 3.
+
+    A reward the tiny random model can move: it only needs to shift probability among tokens it
+    already samples, which a few PPO steps do.
+    """
+
+    def agent(task):
+        for role in roles:
+            with ll.step(role):
+                policy.chat(task["q"], max_new_tokens=max_new_tokens)
+            tr = ll.current().transitions[-1]
+            ll.reward(sum(t % 3 == 0 for t in tr.response_ids) / len(tr.response_ids))
+
+    return agent
+
+
+def cfg(**kw) -> ll.PPOConfig:
+    base = dict(tasks_per_step=4, group_size=8, lr=3e-3, minibatch_size=32, kl_coef=0.02)
+    base.update(kw)
+    return ll.PPOConfig(**base)
+
+
+def test_reward_rises_on_tiny_model(tiny):
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, credit="uniform", config=cfg())
+    states = trainer.fit(12, progress=False)
+    first = sum(s.metrics["reward_mean"] for s in states[:3]) / 3
+    last = sum(s.metrics["reward_mean"] for s in states[-3:]) / 3
+    assert last > first + 0.3, [round(s.metrics["reward_mean"], 3) for s in states]
+    m = states[-1].metrics
+    for key in ("reward_mean", "reward_std", "kl", "clip_frac", "policy_loss", "entropy", "grad_norm",
+                "tokens_per_s", "rollout_s", "update_s", "n_failed"):
+        assert key in m
+    assert m["kl"] > 0 and m["n_failed"] == 0
+
+
+def test_recorded_logprobs_match_trainer_forward(tiny):
+    """The classic silent PPO bug: sampling and training must score tokens identically."""
+    batch = ll.run_rollouts(parity_agent(tiny, max_new_tokens=10), TASKS, group_size=3, temperature=0.7)
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg())
+    rows = [tr for _, tr in batch.transitions()]
+    assert len({len(tr.prompt_ids) for tr in rows}) > 4  # different prompt lengths -> padding
+    with torch.no_grad():
+        fwd = trainer._forward(rows, grad=False)
+    recorded = torch.tensor([x for tr in rows for x in tr.logprobs])
+    assert (fwd.logprobs - recorded).abs().max().item() < 1e-4
+    assert all(tr.temperature == 0.7 for tr in rows)
+
+
+def test_value_credit_trains_critic_and_recompute_swaps_strategy(tiny):
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, credit=ll.credit.get("value", gamma=1.0, lam=1.0),
+                            config=cfg(ppo_epochs=2))
+    s1 = trainer.step()
+    assert "value_loss" in s1.metrics and s1.metrics["behaviour_logprob_err"] < 1e-4
+    assert all(tr.value is not None for _, tr in s1.batch.transitions())
+    losses = [trainer.step().metrics["value_loss"] for _ in range(4)]
+    assert losses[-1] < s1.metrics["value_loss"]
+
+    uni = s1.recompute("uniform", baseline=None)
+    # the copy has uniform returns; the original state keeps GAE advantages
+    for (t_new, tr_new), (_, tr_old) in zip(uni.batch.transitions(), s1.batch.transitions()):
+        assert tr_new.ret == t_new.total_reward
+        assert tr_new is not tr_old
+    assert uni.credit.name == "uniform" and s1.credit.name == "value"
+
+
+def test_failed_rollouts_are_counted_and_skipped(tiny):
+    inner = parity_agent(tiny)
+
+    def flaky(task):
+        inner(task)
+        if task["task_id"] in ("t0", "t1", "t2", "t3", "t4"):
+            raise RuntimeError(f"tool crashed on {task['task_id']}")
+
+    trainer = ll.PPOTrainer(tiny, flaky, TASKS, config=cfg(tasks_per_step=8, group_size=2))
+    state = trainer.step()
+    assert state.metrics["n_failed"] == 10
+    failed = [t for t in state.batch if t.status == "failed"]
+    assert all("tool crashed" in t.error for t in failed)
+    assert all(tr.advantage is None for t in failed for tr in t.transitions)
+    assert state.metrics["n_loss_transitions"] <= 3 * 2 * 2
+
+
+def test_all_failed_raises_naming_first_error(tiny):
+    def broken(task):
+        raise ValueError("no database for " + task["task_id"])
+
+    trainer = ll.PPOTrainer(tiny, broken, TASKS, config=cfg(group_size=1))
+    with pytest.raises(RuntimeError, match="all 4 rollouts failed; first error: ValueError: no database"):
+        trainer.step()
+
+
+def test_rollout_without_llm_calls_is_flagged_and_skipped(tiny):
+    inner = parity_agent(tiny)
+
+    def sometimes_silent(task):
+        if task["task_id"] == "t0":
+            ll.reward(1.0, final=True)
+            return
+        inner(task)
+
+    trainer = ll.PPOTrainer(tiny, sometimes_silent, TASKS, config=cfg(tasks_per_step=8, group_size=2))
+    state = trainer.step()
+    assert state.metrics["n_no_llm_calls"] == 2
+    silent = [t for t in state.batch if t.task_id == "t0"]
+    assert all(t.meta["no_llm_calls"] and not t.transitions for t in silent)
+
+
+def test_trainable_agents_limits_the_loss(tiny):
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS,
+                            config=cfg(trainable_agents=("b",), skip_zero_advantage=False))
+    state = trainer.step()
+    assert state.metrics["n_loss_transitions"] == 4 * 8  # one "b" call per rollout
+    assert {key[1] for key in state.ratios} == {1}
+
+
+def test_lora_reference_is_adapter_off(tiny_lora):
+    trainer = ll.PPOTrainer(tiny_lora, parity_agent(tiny_lora), TASKS, config=cfg(lr=1e-2, minibatch_size=64))
+    first = trainer.step().metrics
+    assert first["kl"] < 1e-6  # LoRA starts as a no-op: policy == reference on the first minibatch
+    assert trainer._ref_model is None  # no copy of the model was made
+    later = [trainer.step().metrics["kl"] for _ in range(2)]
+    assert later[-1] > 1e-5
+
+
+def _fresh(seed=0):
+    policy = ll.models.load("tiny", seed=seed)
+    from conftest import sharpen
+
+    sharpen(policy)
+    return policy
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    config = cfg(rollout_workers=1, seed=3)
+    keys = ("reward_mean", "policy_loss", "kl", "clip_frac", "entropy", "grad_norm")
+
+    policy = _fresh()
+    straight = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
+    straight.fit(2, progress=False)
+    expected = straight.step().metrics
+
+    policy = _fresh()
+    first = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
+    first.fit(2, progress=False)
+    first.save(tmp_path / "ckpt")
+
+    policy = _fresh()  # the same base model; trained weights, optimizer and RNG come from the checkpoint
+    resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
+    assert resumed.step_count == 2
+    got = resumed.step().metrics
+    assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
+
+
+def test_half_written_and_incompatible_checkpoints(tmp_path, tiny, tiny_lora):
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg(group_size=2))
+    trainer.step()
+    good = trainer.save(tmp_path / "ckpt")
+    # a crash mid-write leaves a temp dir and never moves LATEST
+    (tmp_path / "ckpt" / ".step-000002.tmp-x").mkdir()
+    (tmp_path / "ckpt" / "step-000009").mkdir()
+    assert (tmp_path / "ckpt" / "LATEST").read_text() == good.name
+    with pytest.raises(CheckpointError, match="half-written"):
+        ll.PPOTrainer.load(tmp_path / "ckpt" / "step-000009", tiny, parity_agent(tiny), TASKS)
+    with pytest.raises(CheckpointError, match="does not fit this policy"):
+        ll.PPOTrainer.load(tmp_path / "ckpt", tiny_lora, parity_agent(tiny_lora), TASKS)
+    assert ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS).step_count == 1
+
+
+def test_callbacks_receive_states_and_failures_do_not_stop_training(tiny):
+    seen = []
+
+    def broken(state):
+        raise ConnectionError("wandb down")
+
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg(group_size=2),
+                            callbacks=[seen.append, broken])
+    with pytest.warns(UserWarning, match="wandb down"):
+        trainer.step()
+    assert len(seen) == 1 and isinstance(seen[0], ll.StepState)
