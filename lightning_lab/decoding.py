@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from lightning_lab.fast_llama import FastLlama, supports
 from lightning_lab.kvcache import growing_cache
 from lightning_lab.sampling import SamplingParams, choose_tokens
 
@@ -45,8 +46,15 @@ class DecodeBatch:
     Both return the rows that finished; they are removed from the batch.
     """
 
-    def __init__(self, model: Any, decode: Callable[[list[int]], str], stop_token_ids: set[int]):
+    def __init__(
+        self,
+        model: Any,
+        decode: Callable[[list[int]], str],
+        stop_token_ids: set[int],
+        fast: bool = True,
+    ):
         self.model = model
+        self.fast = FastLlama(model) if fast and supports(model) else None
         self.decode = decode
         self.stop_token_ids = stop_token_ids
         self.device = next(model.parameters()).device
@@ -60,14 +68,19 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1) -> torch.Tensor:
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        """Last-position logits (B, V) in float32, via the lean Llama path when available."""
+        if self.fast is not None:
+            return self.fast.forward(
+                input_ids.to(self.device), positions.to(self.device), mask.to(self.device), cache
+            ).cpu()
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=1,
         )
         return out.logits[:, -1, :].float().cpu()  # (B, V)
 

@@ -53,6 +53,8 @@ class EngineConfig:
     """An idle worker keeps collecting while requests arrive at most this far apart..."""
     max_gather_s: float = 0.05
     """...but starts decoding after this long regardless."""
+    fast_path: bool = True
+    """Use the lean Llama forward (``fast_llama``) when the model supports it; else HF's forward."""
 
 
 class _Pending:
@@ -154,7 +156,7 @@ class Engine:
             self._loop()
 
     def _loop(self) -> None:
-        batch = DecodeBatch(self.model, self._decode, self.stop_token_ids)
+        batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
         waiting: list[_Pending] = []
         stopping = False
         while not (stopping and not waiting and not len(batch)):
@@ -168,7 +170,7 @@ class Engine:
                 for row in batch.rows:
                     if not row.owner.future.done():
                         row.owner.future.set_exception(error)
-                batch = DecodeBatch(self.model, self._decode, self.stop_token_ids)
+                batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:
         """Move queued requests to ``waiting``; an idle worker gathers a burst first.

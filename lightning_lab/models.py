@@ -52,6 +52,7 @@ def _write_atomically(target: Path, write: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is as good as ours

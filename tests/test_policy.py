@@ -11,7 +11,8 @@ import torch
 
 import lightning_lab as ll
 from lightning_lab import models
-from lightning_lab.engine import Request
+from lightning_lab.engine import EngineConfig, Request
+from lightning_lab.policy import Policy
 from lightning_lab.sampling import SamplingParams
 
 CHATS = [
@@ -51,11 +52,21 @@ def test_shapes_and_lengths(policy):
         assert g.prompt_ids == policy.tokenizer(g.prompt_text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def hf_path_policy(policy):
+    """The same model decoded through the generic HF forward instead of the lean Llama one."""
+    p = Policy(policy.model, policy.tokenizer, name="tiny", engine_config=EngineConfig(fast_path=False))
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("path", ["fast", "hf"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
-def test_logprobs_match_full_forward(policy, temperature):
+def test_logprobs_match_full_forward(policy, hf_path_policy, path, temperature):
     """Sampling-time logprobs equal a plain forward: left padding and n>1 must not leak in."""
+    sampler = policy if path == "fast" else hf_path_policy
     prompts = CHATS + ["a plain string prompt"]
-    gens = policy.generate(prompts, n=3, temperature=temperature, max_new_tokens=20, seed=1)
+    gens = sampler.generate(prompts, n=3, temperature=temperature, max_new_tokens=20, seed=1)
     assert len({len(g.prompt_ids) for g in gens}) > 1  # prompts really have different lengths
     for g in gens:
         expected = full_forward_logprobs(policy.model, g.prompt_ids, g.response_ids, temperature)
@@ -65,6 +76,12 @@ def test_logprobs_match_full_forward(policy, temperature):
 def test_greedy_is_deterministic(policy):
     a = policy.generate(CHATS, temperature=0, max_new_tokens=16)
     b = policy.generate(CHATS[::-1], temperature=0, max_new_tokens=16)[::-1]
+    assert [g.response_ids for g in a] == [g.response_ids for g in b]
+
+
+def test_fast_and_hf_paths_agree(policy, hf_path_policy):
+    a = policy.generate(CHATS, temperature=0, max_new_tokens=16)
+    b = hf_path_policy.generate(CHATS, temperature=0, max_new_tokens=16)
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
 
 
