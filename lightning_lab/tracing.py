@@ -55,14 +55,23 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
         _trajectory.reset(tokens[0])
 
 
-@contextmanager
-def step(agent: str) -> Iterator[None]:
-    """Name the agent/role that the LLM calls inside this block belong to."""
-    token = _agent.set(str(agent))
-    try:
-        yield
-    finally:
-        _agent.reset(token)
+class step:
+    """Name the agent/role that the LLM calls inside this block belong to.
+
+    A class rather than ``@contextmanager``: it runs around every LLM call, and a generator-based
+    context manager costs several times more per use.
+    """
+
+    __slots__ = ("agent", "_token")
+
+    def __init__(self, agent: str):
+        self.agent = str(agent)
+
+    def __enter__(self) -> None:
+        self._token = _agent.set(self.agent)
+
+    def __exit__(self, *exc: object) -> None:
+        _agent.reset(self._token)
 
 
 def current() -> Trajectory:
@@ -83,7 +92,7 @@ def reward(value: float, *, final: bool = False) -> None:
     A final reward is kept on the trajectory until it ends, because more LLM calls may follow
     the ``ll.reward(..., final=True)`` call in the agent's code.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -109,12 +118,16 @@ def _finalize(traj: Trajectory) -> None:
 
 
 def record_generation(gen: Any) -> Transition | None:
-    """Append a policy output to the open trajectory (no-op outside a rollout)."""
+    """Append a policy output to the open trajectory (no-op outside a rollout).
+
+    The transition takes ownership of the generation's token lists (no copies): each generation
+    is fresh from the engine and recorded once.
+    """
     traj = _trajectory.get()
     if traj is None:
         return None
-    tr = Transition(prompt_ids=list(gen.prompt_ids), response_ids=list(gen.response_ids),
-                    logprobs=list(gen.logprobs), prompt=gen.prompt_text, response=gen.text,
+    tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
+                    logprobs=gen.logprobs, prompt=gen.prompt_text, response=gen.text,
                     agent=_agent.get(), step=len(traj.transitions),
                     temperature=float(gen.temperature) if gen.temperature else 1.0,
                     finish_reason=gen.finish_reason)
