@@ -239,7 +239,8 @@ class PPOTrainer:
                 value_loss = torch.zeros(())
                 if use_critic:
                     values = self.critic(fwd.prompt_hidden)
-                    targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype)
+                    targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype,
+                                           device=values.device)
                     value_loss = 0.5 * ((values - targets) ** 2).mean()
                     loss = loss + cfg.value_coef * value_loss
                 if first_err is None:  # before any update: new == behaviour logprobs, up to numerics
@@ -316,6 +317,7 @@ class PPOTrainer:
         pos_t = torch.cat([torch.arange(len(tr.prompt_ids) - 1, lengths[b] - 1)
                            for b, tr in enumerate(rows)])
         targets = ids[pos_b, pos_t + 1]
+        pos_b, pos_t = pos_b.to(device), pos_t.to(device)
         temps = torch.cat([torch.full((len(tr.response_ids),), tr.temperature or 1.0) for tr in rows])
         with torch.set_grad_enabled(grad):
             states = core.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)
@@ -328,8 +330,8 @@ class PPOTrainer:
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
         prompt_hidden = None
         if hidden:
-            last = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows])
-            prompt_hidden = states[torch.arange(len(rows)), last]
+            last = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows], device=device)
+            prompt_hidden = states[torch.arange(len(rows), device=device), last]
         return _Forward(logprobs=logprobs, entropy=entropy, prompt_hidden=prompt_hidden,
                         lengths=[len(tr.response_ids) for tr in rows])
 

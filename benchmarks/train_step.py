@@ -1,0 +1,123 @@
+"""One full training step (sampling + PPO/GRPO update): ``PPOTrainer.step()`` vs TRL's GRPOTrainer.
+
+Same model (SmolLM2-135M-Instruct, fp32, CPU), LoRA r=16 on the same projections, the same chat
+prompt, 8 completions of at most 64 tokens per step, temperature 1, a cheap programmatic reward
+(shorter answers score higher, so both trainers see varied rewards) and no KL term on either side
+(TRL's default beta=0). Each side runs in its own subprocess so peak RSS is its own.
+
+    pip install trl==1.16.0   # benchmark-only extra: pip install -e ".[bench]"
+    python benchmarks/train_step.py [--steps 4]
+
+Prints seconds per step, completion tokens/s per step and peak RSS for each, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PROMPT = [{"role": "user", "content": "Describe the weather in a city you like, in one sentence."}]
+GROUP, MAX_NEW, LR = 8, 64, 1e-5
+
+
+def reward_fn(text: str) -> float:
+    return 1.0 / (1.0 + len(text.split()))
+
+
+def run_ours(steps: int) -> dict:
+    import lightning_lab as ll
+
+    policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32})
+
+    def agent(task):
+        ll.reward(reward_fn(policy.chat(PROMPT, max_new_tokens=MAX_NEW)))
+
+    config = ll.PPOConfig(tasks_per_step=1, group_size=GROUP, lr=LR, kl_coef=0.0,
+                          minibatch_size=GROUP, ppo_epochs=1, temperature=1.0)
+    trainer = ll.PPOTrainer(policy, agent, [{"task_id": "weather"}], config=config)
+    trainer.step()  # warm-up (allocator, first-call overheads), as TRL's first step is discarded
+    times, tokens = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        m = trainer.step().metrics
+        times.append(time.perf_counter() - t0)
+        tokens.append(m["response_tokens"])
+    return {"times": times, "tokens": tokens}
+
+
+def run_trl(steps: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lightning_lab.models import LORA_TARGETS, smollm2_model_dir
+
+    path = str(smollm2_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    times: list[float] = []
+    tokens: list[float] = []
+
+    def reward(completions, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        tokens.append(sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts))
+        return [reward_fn(t) for t in texts]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(output_dir="/tmp/ll-bench-trl", per_device_train_batch_size=GROUP,
+                      num_generations=GROUP, max_completion_length=MAX_NEW, learning_rate=LR,
+                      temperature=1.0, beta=0.0, use_cpu=True, bf16=False, report_to="none",
+                      logging_steps=1000, save_strategy="no", max_steps=steps + 1,
+                      disable_tqdm=True)
+    data = Dataset.from_list([{"prompt": PROMPT}] * (GROUP * (steps + 2)))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+    GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                processing_class=tokenizer, peft_config=lora, callbacks=[Timer()]).train()
+    return {"times": times[1:], "tokens": tokens[1:len(times)]}
+
+
+def child(side: str, steps: int) -> None:
+    result = (run_ours if side == "ours" else run_trl)(steps)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def measure(side: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(steps)],
+                         capture_output=True, text=True, check=False)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(line[len("RESULT "):])
+    r["s_per_step"] = sum(r["times"]) / len(r["times"])
+    r["tok_per_s"] = sum(r["tokens"]) / sum(r["times"])
+    return r
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--child", choices=["ours", "trl"])
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps)
+        sys.exit(0)
+    trl, ours = measure("trl", args.steps), measure("ours", args.steps)
+    for name, r in (("TRL GRPOTrainer", trl), ("lightning-lab PPOTrainer.step", ours)):
+        print(f"{name:30s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    print(f"speed-up (completion tok/s per step): {ours['tok_per_s'] / trl['tok_per_s']:.2f}x  "
+          f"(target >= 2x)")
+    print(f"peak RSS ratio ours/TRL: {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} (target <= 1)")
