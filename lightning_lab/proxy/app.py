@@ -1,0 +1,288 @@
+"""FastAPI routes: ``/v1/...`` (served, untraced) and ``/rollout/<id>/v1/...`` (traced).
+
+Handlers never block the event loop on the model: they await the engine's futures, so hundreds of
+agents' requests wait concurrently and the engine decodes them as one batch. Every client error is
+an OpenAI-style ``{"error": {...}}`` body with a 4xx status, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .backends import Backend, Completion, Prepared
+from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
+                       logprobs_content, new_id, parse_chat_request)
+from .registry import OpenRollout, RolloutRegistry
+
+__all__ = ["AppConfig", "create_app"]
+
+
+@dataclass
+class AppConfig:
+    """Server behaviour that is not about the network."""
+
+    api_key: str | None = None
+    """When set, every request needs ``Authorization: Bearer <api_key>``."""
+    default_max_tokens: int = 512
+    """Generation budget when a request sends neither max_tokens nor max_completion_tokens."""
+    disconnect_poll_s: float = 0.25
+    """How often a waiting non-streaming request checks whether its client hung up."""
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | None = None):
+    config = config or AppConfig()
+    app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None)
+    app.state.inflight = 0
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
+                            exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", "server_error"), 500)
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 config.api_key.encode()):
+            raise ProtocolError("Incorrect or missing API key (Authorization: Bearer <key>).",
+                                code="invalid_api_key", status=401)
+
+    def lookup(rollout_id: str | None) -> OpenRollout | None:
+        if rollout_id is None:
+            return None
+        entry = registry.get(rollout_id)
+        if entry is None:
+            raise ProtocolError(f"unknown or closed rollout id {rollout_id!r}", param="rollout_id",
+                                code="rollout_not_found", status=404)
+        return entry
+
+    async def json_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+    def models_body() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": backend.name, "object": "model",
+                                            "created": 0, "owned_by": "lightning-lab"}]}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return models_body()
+
+    @app.get("/rollout/{rollout_id}/v1/models")
+    async def rollout_models(rollout_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        lookup(rollout_id)
+        return models_body()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "open_rollouts": len(registry), "inflight": app.state.inflight}
+
+    @app.post("/rollout/{rollout_id}/reward")
+    async def reward(rollout_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        entry = lookup(rollout_id)
+        body = await json_body(request)
+        if not isinstance(body, dict) or "reward" not in body:
+            raise ProtocolError("body must be {'reward': number, 'final': bool}", param="reward",
+                                code="missing_required_parameter")
+        final = body.get("final", False)
+        if not isinstance(final, bool):
+            raise ProtocolError("'final' must be a boolean", param="final", code="invalid_type")
+        try:
+            registry.reward(entry, body["reward"], final)
+        except ValueError as exc:
+            raise ProtocolError(str(exc), param="reward", code="invalid_value") from exc
+        return {"ok": True, "transitions": len(entry.trajectory.transitions)}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("lora_path"), str):
+            raise ProtocolError("body must be {'lora_name': str, 'lora_path': str}",
+                                param="lora_path", code="missing_required_parameter")
+        try:
+            await backend.load_adapter(str(body.get("lora_name") or ""), body["lora_path"])
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ProtocolError(f"could not load adapter: {exc}", param="lora_path",
+                                code="invalid_value") from exc
+        return {"ok": True, "model": backend.name}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await chat_completion(request, None)
+
+    @app.post("/rollout/{rollout_id}/v1/chat/completions")
+    async def rollout_chat(rollout_id: str, request: Request):
+        return await chat_completion(request, rollout_id)
+
+    async def chat_completion(request: Request, rollout_id: str | None):
+        check_auth(request)
+        entry = lookup(rollout_id)
+        chat_request = parse_chat_request(await json_body(request))
+        prepared = backend.prepare(chat_request)
+        temperature = chat_request.temperature
+        if temperature is None:
+            temperature = entry.temperature if entry and entry.temperature is not None else 1.0
+        max_tokens = chat_request.max_tokens or config.default_max_tokens
+        agent = (request.headers.get("x-ll-agent") or chat_request.metadata.get("agent")
+                 or chat_request.user)
+        headers = {}
+        if chat_request.ignored:
+            headers["X-LL-Warning"] = "ignored unsupported parameter(s): " + ", ".join(
+                chat_request.ignored)
+        call = _Call(backend, registry, entry, chat_request, prepared, temperature, max_tokens,
+                     agent, new_id())
+        if chat_request.stream:
+            return StreamingResponse(call.events(), media_type="text/event-stream", headers=headers)
+        app.state.inflight += 1
+        try:
+            completions = await _unless_disconnected(request, call.generate(),
+                                                     config.disconnect_poll_s)
+        except _ClientGone:
+            call.record_abort()
+            return JSONResponse(error_body("client disconnected", "aborted"), 499)
+        finally:
+            app.state.inflight -= 1
+        return JSONResponse(call.response(completions), headers=headers)
+
+    return app
+
+
+async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
+    """Await ``coro``; if the client hangs up first, cancel it (freeing its batch slots)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - we are abandoning it
+                pass
+            raise _ClientGone()
+
+
+class _Call:
+    """One chat completion: generate, record into the rollout, render as JSON or SSE."""
+
+    def __init__(self, backend: Backend, registry: RolloutRegistry, entry: OpenRollout | None,
+                 request: ChatRequest, prepared: Prepared, temperature: float, max_tokens: int,
+                 agent: str, request_id: str):
+        self.backend, self.registry, self.entry = backend, registry, entry
+        self.request, self.prepared = request, prepared
+        self.temperature, self.max_tokens, self.agent, self.id = temperature, max_tokens, agent, request_id
+
+    async def generate(self) -> list[Completion]:
+        completions = await self.backend.generate(self.prepared, self.request, self.temperature,
+                                                  self.max_tokens)
+        if self.entry is not None:
+            for i, c in enumerate(completions):
+                self.registry.record(
+                    self.entry, prompt_ids=self.prepared.prompt_ids,
+                    prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
+                    logprobs=c.logprobs, text=c.text, temperature=self.temperature,
+                    finish_reason=c.finish_reason, agent=self.agent,
+                    meta={"request_id": self.id, "choice": i, "via": "http"})
+        return completions
+
+    def record_abort(self) -> None:
+        """The client hung up: keep a trace of the call, with nothing trainable in it."""
+        if self.entry is not None:
+            self.registry.record(
+                self.entry, prompt_ids=self.prepared.prompt_ids, prompt_text=self.prepared.prompt_text,
+                response_ids=[], logprobs=[], text="", temperature=self.temperature,
+                finish_reason="abort", agent=self.agent,
+                meta={"request_id": self.id, "via": "http", "truncated": True})
+
+    def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
+        if not self.request.logprobs:
+            return None
+        return {"content": logprobs_content(self.backend.token_texts(c.response_ids), c.logprobs),
+                "refusal": None}
+
+    def _usage(self, completions: list[Completion]) -> tuple[int, int]:
+        return len(self.prepared.prompt_ids), sum(len(c.response_ids) for c in completions)
+
+    def response(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(completions):
+            choice = {"index": i, "message": {"role": "assistant", "content": c.text,
+                                              "refusal": None},
+                      "logprobs": self._choice_logprobs(c), "finish_reason": c.finish_reason}
+            if self.request.return_token_ids:
+                choice["token_ids"] = c.response_ids
+            choices.append(choice)
+        prompt_tokens, completion_tokens = self._usage(completions)
+        return completion_body(
+            request_id=self.id, model=self.backend.name, choices=choices,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            prompt_token_ids=self.prepared.prompt_ids if self.request.return_token_ids else None)
+
+    async def events(self) -> AsyncIterator[str]:
+        """SSE: a role chunk at once, the text when sampled, finish chunks, usage, ``[DONE]``.
+
+        The engine resolves a request when all its tokens are sampled, so content arrives as one
+        delta per choice rather than token by token.
+        """
+        created, n = int(time.time()), self.request.n
+
+        def sse(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            body = chunk_body(request_id=self.id, model=self.backend.name, created=created,
+                              choices=choices, usage=usage)
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(n)])
+        try:
+            completions = await self.generate()
+        except asyncio.CancelledError:
+            self.record_abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, OpenAI-style
+            error = exc if isinstance(exc, ProtocolError) else ProtocolError(
+                f"{type(exc).__name__}: {exc}", type="server_error", status=500)
+            yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        for i, c in enumerate(completions):
+            yield sse([{"index": i, "delta": {"content": c.text}, "logprobs": self._choice_logprobs(c),
+                        "finish_reason": None}])
+        yield sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(completions)])
+        if self.request.include_usage:
+            prompt_tokens, completion_tokens = self._usage(completions)
+            yield sse([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"

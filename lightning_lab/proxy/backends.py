@@ -1,0 +1,212 @@
+"""Where completions come from: the in-process policy's batching engine, or a remote server.
+
+Both give the same thing back, token ids plus behaviour logprobs per sample, which is all the
+trainer needs; so rollouts can move to a GPU box running vLLM while the trainer stays unchanged.
+
+Weight sync with a remote backend: after each PPO step the trainer saves its checkpoint
+(``trainer.save(dir)``) and calls ``RemoteBackend.load_lora_adapter(name, dir)``, which POSTs
+``{"lora_name", "lora_path"}`` to ``/v1/load_lora_adapter`` (vLLM's runtime-LoRA endpoint, enabled
+with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; lightning-lab's own server implements it too, by
+loading the checkpoint's trained weights). Later requests name the adapter as ``model``. For the
+logprobs to be the sampling distribution's (what PPO's ratio needs), start vLLM with
+``--logprobs-mode processed_logprobs``; the path must be readable by the remote server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .protocol import ChatRequest, ProtocolError
+
+__all__ = ["Backend", "Prepared", "LocalBackend", "RemoteBackend", "Completion"]
+
+
+@dataclass
+class Completion:
+    """One sampled choice, in the engine's ``Sample`` shape (stop token included in the ids)."""
+
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+@dataclass
+class Prepared:
+    """A request ready to sample: the prompt as text and ids (a remote backend fills ids later)."""
+
+    messages: list[dict[str, str]]
+    prompt_text: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    handle: Any = None
+    """Backend-private state used to abort the request (the engine ``Request``)."""
+
+
+class Backend(Protocol):
+    name: str
+    context_limit: int
+
+    def prepare(self, request: ChatRequest) -> Prepared: ...
+
+    async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                       max_tokens: int) -> list[Completion]: ...
+
+    def token_texts(self, ids: list[int]) -> list[str]: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+
+class LocalBackend:
+    """The in-process ``Policy``: every request goes to ``policy.engine``, which batches them."""
+
+    def __init__(self, policy: Any, name: str | None = None):
+        self.policy = policy
+        self.name = name or policy.name or "lightning-lab"
+        self.context_limit = int(policy.engine.max_positions)
+        self.aborted = 0
+        """Requests abandoned by their client (their engine rows were freed)."""
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        # The same text -> ids path as Policy.generate, so the trainer re-tokenises nothing.
+        text = self.policy.prompt_text(request.messages)
+        ids = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.context_limit:
+            raise ProtocolError(
+                f"This model's maximum context length is {self.context_limit} tokens; the messages "
+                f"take {len(ids)} tokens, leaving no room to generate.", param="messages",
+                code="context_length_exceeded")
+        return Prepared(messages=request.messages, prompt_text=text, prompt_ids=ids)
+
+    async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                       max_tokens: int) -> list[Completion]:
+        from lightning_lab.engine import Request
+        from lightning_lab.sampling import SamplingParams
+
+        params = SamplingParams(temperature=temperature, top_p=request.top_p,
+                                max_new_tokens=max_tokens, stop=request.stop, seed=request.seed)
+        engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n)
+        prepared.handle = engine_request
+        future = self.policy.engine.submit(engine_request)
+        try:
+            samples = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # client went away: free the batch slots
+            engine_request.aborted = True
+            future.cancel()
+            self.aborted += 1
+            raise
+        except ValueError as exc:  # the engine's own request validation
+            raise ProtocolError(str(exc), code="invalid_value") from exc
+        return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text) for s in samples]
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        decode = self.policy.tokenizer.decode
+        return [decode([i]) for i in ids]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a trainer checkpoint's trained weights (LoRA or full) into the served policy."""
+        from lightning_lab.checkpoint import load_policy_weights
+
+        def load() -> None:
+            with self.policy.engine.lock:  # never mid-forward
+                load_policy_weights(self.policy, Path(path))
+
+        await asyncio.to_thread(load)
+        self.name = name or self.name
+
+
+class RemoteBackend:
+    """An OpenAI-compatible server that returns token ids (vLLM's ``return_token_ids``) + logprobs.
+
+    ``prepare`` cannot tokenise (the remote server owns the tokenizer), so prompt ids come back
+    with the response; ``context_limit`` is only used for the error message of a local check.
+    """
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 timeout_s: float = 600.0, max_connections: int = 256):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.name = model or ""
+        self.context_limit = 1 << 30
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                         timeout=timeout_s, limits=limits)
+        self._tokens: dict[int, str] = {}
+
+    async def _model(self) -> str:
+        if not self.name:
+            response = await self._client.get("/models")
+            response.raise_for_status()
+            self.name = response.json()["data"][0]["id"]
+        return self.name
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        return Prepared(messages=request.messages)
+
+    async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                       max_tokens: int) -> list[Completion]:
+        payload: dict[str, Any] = {
+            "model": await self._model(), "messages": prepared.messages,
+            "temperature": temperature, "top_p": request.top_p, "max_tokens": max_tokens,
+            "n": request.n, "logprobs": True, "return_token_ids": True,
+        }
+        if request.stop:
+            payload["stop"] = list(request.stop)
+        if request.seed is not None:
+            payload["seed"] = request.seed
+        response = await self._client.post("/chat/completions", json=payload)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except Exception:  # noqa: BLE001 - a non-OpenAI error page
+                error = {"message": response.text[:500]}
+            raise ProtocolError(f"remote backend: {error.get('message')}", param=error.get("param"),
+                                code=error.get("code"), status=response.status_code
+                                if response.status_code < 500 else 502, type="backend_error")
+        body = response.json()
+        if "prompt_token_ids" not in body:
+            raise ProtocolError("remote backend returned no token ids (needs return_token_ids)",
+                                status=502, type="backend_error")
+        prepared.prompt_ids = list(body["prompt_token_ids"])
+        prepared.prompt_text = ""
+        out = []
+        for choice in sorted(body["choices"], key=lambda c: c["index"]):
+            content = (choice.get("logprobs") or {}).get("content") or []
+            ids = list(choice["token_ids"])
+            for i, entry in zip(ids, content):
+                self._tokens.setdefault(i, entry["token"])
+            out.append(Completion(ids, [float(e["logprob"]) for e in content],
+                                  choice.get("finish_reason") or "stop",
+                                  choice["message"].get("content") or ""))
+        return out
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self._tokens.get(i, "") for i in ids]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        response = await self._client.post("/load_lora_adapter",
+                                           json={"lora_name": name, "lora_path": str(path)})
+        response.raise_for_status()
+        self.name = name
+
+    def load_lora_adapter(self, name: str, path: str | Path) -> None:
+        """Blocking form for the training loop: push new weights, then sample with them."""
+        asyncio.run(self._load_once(name, str(path)))
+
+    async def _load_once(self, name: str, path: str) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self._client.headers,
+                                     timeout=self._client.timeout) as client:
+            response = await client.post("/load_lora_adapter",
+                                         json={"lora_name": name, "lora_path": path})
+            response.raise_for_status()
+        self.name = name
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

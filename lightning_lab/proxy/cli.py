@@ -1,0 +1,52 @@
+"""``lightning-lab serve``: the proxy as a long-running process (foreground, Ctrl-C stops it)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+__all__ = ["add_cli"]
+
+
+def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible endpoint over a model (traced per rollout URL)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host (requires --api-key)")
+    p.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
+    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens per request")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lightning_lab import models
+
+    from .server import ServeConfig, check_bind, serve
+
+    # Validate the bind before spending seconds loading a model.
+    check_bind(ServeConfig(host=args.host, api_key=args.api_key, allow_remote=args.allow_remote))
+    lora = {"auto": None, "on": True, "off": False}[args.lora]
+    policy = models.load(args.model, lora=lora, device=args.device, seed=args.seed)
+    if args.checkpoint:
+        from lightning_lab.checkpoint import load_policy_weights
+
+        load_policy_weights(policy, Path(args.checkpoint))
+    server = serve(policy, args.host, args.port, api_key=args.api_key,
+                   allow_remote=args.allow_remote, default_max_tokens=args.max_tokens,
+                   log_level="info")
+    print(f"serving {policy.name} at {server.base_url}  (traced: {server.url}/rollout/<id>/v1)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
