@@ -166,6 +166,16 @@ def test_schema_text_with_and_without_sample_rows(train):
     assert with_rows.count("/* 2 example rows from") == 5
 
 
+def test_compact_schema_lists_columns_and_joins(dev):
+    from environments.text_to_sql.schema import schema_prompt
+    text = schema_prompt(dev[0].db_path, "compact")
+    assert "aircraft(id, model, manufacturer, seats)" in text
+    assert "flights.origin = airports.code" in text and "CREATE" not in text
+    assert len(text) < len(schema_prompt(dev[0].db_path, "ddl"))
+    with pytest.raises(ValueError):
+        schema_prompt(dev[0].db_path, "yaml")
+
+
 # ------------------------------------------------------------------------------ reward
 def test_execution_match_hand_checked_cases(toy_db):
     em = lambda pred, gold: execution_match(toy_db, pred, gold)  # noqa: E731
@@ -204,6 +214,10 @@ def test_shaping_terms_are_off_by_default_and_reported(toy_db):
     shaped = score_sql(toy_db, "SELECT b FROM t", "SELECT a FROM t",
                        RewardConfig(valid_sql_bonus=0.1, executed_bonus=0.2))
     assert shaped.exec_acc == 0.0 and shaped.reward == pytest.approx(0.3)
+    # Spider counts empty == empty as a match; the training reward for it is configurable
+    empty = score_sql(toy_db, "SELECT a FROM t WHERE a > 9", "SELECT a FROM t WHERE b = 'q'",
+                      RewardConfig(empty_match_reward=0.0))
+    assert empty.exec_acc == 1.0 and empty.gold_empty and empty.reward == 0.0
     bad = score_sql(toy_db, "SELECT nope FROM t", "SELECT a FROM t")
     assert bad.parsed and not bad.executed and "nope" in bad.error
 

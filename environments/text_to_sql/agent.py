@@ -13,7 +13,7 @@ import lightning_lab as ll
 
 from .prompts import checker_messages, parse_verdict, rewriter_messages, writer_messages
 from .reward import RewardConfig, score_sql
-from .schema import schema_text
+from .schema import schema_prompt
 from .sql import ExecResult, extract_sql, is_valid_sql, run_sql
 from .task import SQLTask
 
@@ -28,6 +28,8 @@ class SQLAgentConfig:
     """Generation budget of the writer and rewriter."""
     checker_tokens: int = 8
     """Generation budget of the checker (a verdict needs a few tokens)."""
+    schema_style: str = "ddl"
+    """"ddl" (CREATE TABLE text) or "compact" (`table(col, ...)` lines + join hints)."""
     sample_rows: int = 0
     """Example rows per table appended to the schema (costs prompt tokens)."""
     use_checker: bool = True
@@ -53,7 +55,8 @@ def _sql_call(policy: Any, messages: list[dict[str, str]], cfg: SQLAgentConfig) 
 
 def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]:
     """Run one episode inside the current `ll.rollout`; returns the meta it recorded."""
-    schema = schema_text(task.db_path, cfg.sample_rows) if cfg.sample_rows else task.schema
+    schema = (task.schema if cfg.schema_style == "ddl" and not cfg.sample_rows
+              else schema_prompt(task.db_path, cfg.schema_style, cfg.sample_rows))
     with ll.step("writer"):
         raw = _sql_call(policy, writer_messages(schema, task.question), cfg)
     sql = extract_sql(raw)
@@ -87,7 +90,8 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
         "question": task.question, "pred_sql": sql, "gold_sql": task.gold_sql,
         "db_id": task.db_id, "difficulty": task.difficulty, "error": score.error,
         "exec_acc": score.exec_acc, "parsed": score.parsed, "executed": score.executed,
-        "no_sql": sql is None, "rewrites": rewrites, "verdicts": verdicts,
+        "no_sql": sql is None, "gold_empty": score.gold_empty, "rewrites": rewrites,
+        "verdicts": verdicts,
     }
     if sql is None:
         meta["no_sql_reason"] = f"no SELECT/WITH query in model output: {raw[:120]!r}"

@@ -25,6 +25,10 @@ class RewardConfig:
     """Added when the prediction parses as SQL (off by default: it rewards form, not meaning)."""
     executed_bonus: float = 0.0
     """Added when the prediction executes without error on the database."""
+    empty_match_reward: float = 1.0
+    """Training reward when gold and prediction are both empty. Spider scores it as a match (and
+    exec_acc always does), but 16 of the 213 shared Spider dev golds return no rows, so any
+    query returning nothing "solves" them; lower this to stop training from learning that."""
     timeout_s: float = 1.5
     """Wall-clock limit per query (Spider gold queries take milliseconds)."""
     max_rows: int = 10_000
@@ -44,7 +48,9 @@ class SQLScore:
     error: str | None
     """Error of the prediction (or of the gold query, prefixed 'gold:')."""
     reward: float
-    """exec_acc plus enabled shaping bonuses."""
+    """exec_acc (or empty_match_reward) plus enabled shaping bonuses."""
+    gold_empty: bool = False
+    """The gold query returned no rows (then any empty prediction matches)."""
 
 
 def gold_orders_rows(gold_sql: str) -> bool:
@@ -104,18 +110,21 @@ def score_sql(db_path: str, pred_sql: str | None, gold_sql: str,
     # Missing SQL is not an engine error; keep the reason readable in logs.
     pred = (run_sql(db_path, pred_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
             if pred_sql else ExecResult(error="no SQL found in model output"))
-    exec_acc = 0.0
+    exec_acc, gold_empty = 0.0, False
     error = pred.error
     if pred.ok:
         gold = run_sql(db_path, gold_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
+        gold_empty = gold.ok and not gold.rows
         if not gold.ok:
             error = f"gold: {gold.error}"
         elif pred.truncated == gold.truncated and results_match(
                 pred.rows, gold.rows, ordered=gold_orders_rows(gold_sql)):
             exec_acc = 1.0
-    reward = exec_acc + cfg.valid_sql_bonus * parsed + cfg.executed_bonus * pred.ok
+    match_reward = cfg.empty_match_reward if gold_empty else 1.0
+    reward = (exec_acc * match_reward + cfg.valid_sql_bonus * parsed
+              + cfg.executed_bonus * pred.ok)
     return SQLScore(exec_acc=exec_acc, parsed=parsed, executed=pred.ok, error=error,
-                    reward=reward)
+                    reward=reward, gold_empty=gold_empty)
 
 
 def execution_match(db_path: str, pred_sql: str | None, gold_sql: str) -> float:
