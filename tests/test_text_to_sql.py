@@ -5,7 +5,6 @@ import hashlib
 import json
 import sqlite3
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
