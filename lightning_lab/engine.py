@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
+    aborted: bool = False
+    """Set (from any thread) to stop generating: the rows leave the batch at the next step."""
 
 
 @dataclass
@@ -162,14 +164,14 @@ class Engine:
         while not (stopping and not waiting and not len(batch)):
             stopping |= self._collect(waiting, block=not len(batch) and not waiting)
             try:
+                self._drop_aborted(batch)
                 self._admit(batch, waiting)
                 if len(batch):
                     with self.lock:
                         self._resolve(batch.step())
             except Exception as error:  # never die: fail what was in flight, keep serving
                 for row in batch.rows:
-                    if not row.owner.future.done():
-                        row.owner.future.set_exception(error)
+                    _fail(row.owner.future, error)
                 batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:
@@ -206,7 +208,7 @@ class Engine:
         rows = len(batch)
         while waiting and (rows + waiting[0].request.n <= self.config.max_batch_rows or not rows):
             pending = waiting.pop(0)
-            if pending.future.cancelled():
+            if not pending.future.set_running_or_notify_cancel():  # cancelled while queued
                 continue
             chosen.append(pending)
             rows += pending.request.n
@@ -217,14 +219,23 @@ class Engine:
                 self._resolve(batch.admit([p.rows() for p in chosen]))
         except Exception as error:
             if len(chosen) == 1:
-                chosen[0].future.set_exception(error)
+                _fail(chosen[0].future, error)
                 return
             for pending in chosen:
                 try:
                     with self.lock:
                         self._resolve(batch.admit([pending.rows()]))
-                except Exception as error:
-                    pending.future.set_exception(error)
+                except Exception as own_error:
+                    _fail(pending.future, own_error)
+
+    @staticmethod
+    def _drop_aborted(batch: DecodeBatch) -> None:
+        """Free the rows of aborted requests (an HTTP client hung up mid-generation)."""
+        gone = [i for i, row in enumerate(batch.rows) if row.owner.request.aborted]
+        if gone:
+            for i in gone:
+                _fail(batch.rows[i].owner.future, CancelledError("request aborted"))
+            batch._retire(gone)
 
     @staticmethod
     def _resolve(finished: list[Row]) -> None:
@@ -233,6 +244,12 @@ class Engine:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Fail a future unless it is already settled (e.g. cancelled by its caller)."""
+    if not future.done():
+        future.set_exception(error)
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:

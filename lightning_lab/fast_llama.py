@@ -33,6 +33,7 @@ def supports(model: Any) -> bool:
         type(lm).__name__ in SUPPORTED
         and getattr(config, "hidden_act", None) == "silu"
         and not getattr(config, "sliding_window", None)
+        and "dynamic" not in str(getattr(lm.model.rotary_emb, "rope_type", "dynamic"))
     )
 
 
@@ -51,6 +52,20 @@ class FastLlama:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.eps = config.rms_norm_eps
+        self._cos = self._sin = torch.zeros(0)  # (N, D) rotary tables by position, grown on demand
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, S, D) for these positions, looked up instead of recomputed per step.
+
+        The table comes from the model's own rotary module, so values are bit-identical to HF's.
+        """
+        needed = int(positions.max()) + 1
+        if needed > self._cos.shape[0]:
+            size = max(needed, 2 * self._cos.shape[0], 256)
+            table_positions = torch.arange(size, device=positions.device)[None]
+            cos, sin = self.rotary(x, table_positions)  # (1, N, D)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[positions][:, None], self._sin[positions][:, None]
 
     def _rms(self, x: torch.Tensor, module: Any) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
@@ -69,8 +84,7 @@ class FastLlama:
         b, s = input_ids.shape
         t = mask.shape[1]
         x = self.embed(input_ids)  # (B, S, C)
-        cos, sin = self.rotary(x, positions)  # (B, S, D) each
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, D), broadcast over heads
+        cos, sin = self._rotary(x, positions)  # (B, 1, S, D), broadcast over heads
         allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         if s > 1:  # prefill: causal within the new block; padded queries see themselves (no NaN rows)
             query_at = torch.arange(t - s, t, device=mask.device)[:, None]  # (S, 1)
@@ -79,10 +93,11 @@ class FastLlama:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._rms(x, layer.input_layernorm)
-            q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim)
+            k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim)
             v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H+Hkv, S, D)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
             keys, values = cache.update(k, v, i)  # (B, Hkv, T, D)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=allowed, scale=attn.scaling, enable_gqa=True

@@ -79,6 +79,16 @@ def test_greedy_is_deterministic(policy):
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
 
 
+def test_logprobs_match_with_lora_adapter():
+    """The lean decode path must apply the adapter exactly as the training forward does."""
+    p = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False})
+    gens = p.generate(CHATS, n=2, max_new_tokens=12, seed=0)
+    for g in gens:
+        expected = full_forward_logprobs(p.model, g.prompt_ids, g.response_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-4, rtol=0)
+    p.close()
+
+
 def test_fast_and_hf_paths_agree(policy, hf_path_policy):
     a = policy.generate(CHATS, temperature=0, max_new_tokens=16)
     b = hf_path_policy.generate(CHATS, temperature=0, max_new_tokens=16)
@@ -194,6 +204,13 @@ def test_worker_survives_forward_error(policy, monkeypatch):
         with pytest.raises(RuntimeError, match="boom"):
             policy.generate(CHATS, max_new_tokens=3)
     assert len(policy.generate(CHATS, max_new_tokens=3)) == 3
+
+
+def test_close_then_reuse(policy):
+    policy.close()
+    assert policy.engine._worker is None
+    assert policy.chat("again", max_new_tokens=2)
+    assert policy.engine._worker.daemon
 
 
 def test_reference_disables_adapter():
