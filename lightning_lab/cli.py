@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "build_trainer", "build_parser", "TrainSetup"]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -100,9 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+@dataclass
+class TrainSetup:
+    """What ``cmd_train`` (and ``lightning_lab.tracking``'s sweeps) build from the train options."""
+
+    env: Any
+    policy: Any
+    agent: Any
+    train_tasks: list[Any]
+    dev_tasks: list[Any]
+    trainer: Any
+    resumed: bool = False
+
+
+def build_trainer(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> TrainSetup:
+    """Environment, tasks, policy, agent and PPOTrainer from ``lightning-lab train`` options.
+
+    Shared with sweeps so a swept run is exactly the run the CLI would have made.
+    """
+    from . import credit as credit_lib
     from . import envs
-    from .evaluate import evaluate
     from .trainer import PPOConfig, PPOTrainer
 
     env = envs.get(args.env)
@@ -118,6 +136,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = PPOConfig(tasks_per_step=args.tasks_per_step, group_size=args.group_size, seed=args.seed,
                        trainable_agents=tuple(args.trainable_agents.split(","))
                        if args.trainable_agents else None, **overrides)
+    ckpt_dir = Path(args.out) / "checkpoints"
+    strategy = credit_lib.get(args.credit, **credit_params)
+    resumed = bool(args.resume and ckpt_dir.exists())
+    if resumed:
+        trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, callbacks=callbacks)
+    else:
+        trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config,
+                             callbacks=callbacks)
+    for cb in callbacks:  # callbacks that want the whole trainer (config, checkpoints) get it
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
+    return TrainSetup(env, policy, agent, train_tasks, dev_tasks, trainer, resumed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     callbacks: list[Any] = []
@@ -125,21 +160,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .tracking import WandbCallback
 
         callbacks.append(WandbCallback(project="lightning-lab", config={"env": args.env, "model": args.model}))
-    from . import credit as credit_lib
-
-    strategy = credit_lib.get(args.credit, **credit_params)
-    if args.resume and ckpt_dir.exists():
-        trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, callbacks=callbacks)
+    setup = build_trainer(args, callbacks)
+    env, policy, agent, dev_tasks, trainer = (setup.env, setup.policy, setup.agent, setup.dev_tasks,
+                                              setup.trainer)
+    if setup.resumed:
         print(f"resumed from {ckpt_dir} at step {trainer.step_count}")
-    else:
-        trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config,
-                             callbacks=callbacks)
     out.mkdir(parents=True, exist_ok=True)
 
     def dev_eval(tag: str) -> dict[str, float]:
         batch, metrics = evaluate(agent, dev_tasks, summarize=env.summarize)
         batch.save_jsonl(out / f"eval_{tag}.jsonl")
         print(f"[eval {tag}] " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        for cb in callbacks:
+            if hasattr(cb, "log_eval"):
+                cb.log_eval(metrics)
         return metrics
 
     before = dev_eval(f"step{trainer.step_count:04d}")
@@ -166,6 +200,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"before": before, "after": after, "history": [h["reward_mean"] for h in trainer.history]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
+    for cb in callbacks:
+        if hasattr(cb, "finish"):
+            cb.finish()
     return 0
 
 
