@@ -87,20 +87,20 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
 
-    def models_body() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": backend.name, "object": "model",
+    async def models_body() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": await backend.model_name(), "object": "model",
                                             "created": 0, "owned_by": "lightning-lab"}]}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_auth(request)
-        return models_body()
+        return await models_body()
 
     @app.get("/rollout/{rollout_id}/v1/models")
     async def rollout_models(rollout_id: str, request: Request) -> dict[str, Any]:
         check_auth(request)
         lookup(rollout_id)
-        return models_body()
+        return await models_body()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -209,8 +209,8 @@ class _Call:
                                                   self.max_tokens)
         if self.entry is not None:
             for i, c in enumerate(completions):
-                self.registry.record(
-                    self.entry, prompt_ids=self.prepared.prompt_ids,
+                self.registry.record(  # own prompt list per choice: transitions own their lists
+                    self.entry, prompt_ids=list(self.prepared.prompt_ids),
                     prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
                     logprobs=c.logprobs, text=c.text, temperature=self.temperature,
                     finish_reason=c.finish_reason, agent=self.agent,

@@ -56,6 +56,8 @@ class Backend(Protocol):
 
     def token_texts(self, ids: list[int]) -> list[str]: ...
 
+    async def model_name(self) -> str: ...
+
     async def load_adapter(self, name: str, path: str) -> None: ...
 
 
@@ -101,6 +103,9 @@ class LocalBackend:
             raise ProtocolError(str(exc), code="invalid_value") from exc
         return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text) for s in samples]
 
+    async def model_name(self) -> str:
+        return self.name
+
     def token_texts(self, ids: list[int]) -> list[str]:
         decode = self.policy.tokenizer.decode
         return [decode([i]) for i in ids]
@@ -138,7 +143,7 @@ class RemoteBackend:
                                          timeout=timeout_s, limits=limits)
         self._tokens: dict[int, str] = {}
 
-    async def _model(self) -> str:
+    async def model_name(self) -> str:
         if not self.name:
             response = await self._client.get("/models")
             response.raise_for_status()
@@ -151,7 +156,7 @@ class RemoteBackend:
     async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
                        max_tokens: int) -> list[Completion]:
         payload: dict[str, Any] = {
-            "model": await self._model(), "messages": prepared.messages,
+            "model": await self.model_name(), "messages": prepared.messages,
             "temperature": temperature, "top_p": request.top_p, "max_tokens": max_tokens,
             "n": request.n, "logprobs": True, "return_token_ids": True,
         }
