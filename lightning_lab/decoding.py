@@ -115,6 +115,10 @@ class DecodeBatch:
             logits = self._forward(self.next_token[:, None], self.mask, positions, self.cache)
         return self._sample(logits, first=0)
 
+    def drop(self, predicate: Callable[[Row], bool]) -> list[Row]:
+        """Remove (and return) rows matching ``predicate``, e.g. those of abandoned requests."""
+        return self._retire([i for i, row in enumerate(self.rows) if predicate(row)])
+
     def _sample(self, logits: torch.Tensor, first: int) -> list[Row]:
         """Choose tokens for rows ``first:`` from their logits (R, V), then retire finished rows."""
         rows = self.rows[first:]

@@ -208,6 +208,9 @@ class Engine:
         rows = len(batch)
         while waiting and (rows + waiting[0].request.n <= self.config.max_batch_rows or not rows):
             pending = waiting.pop(0)
+            if pending.request.aborted:
+                pending.future.cancel()
+                continue
             if not pending.future.set_running_or_notify_cancel():  # cancelled while queued
                 continue
             chosen.append(pending)
@@ -231,11 +234,8 @@ class Engine:
     @staticmethod
     def _drop_aborted(batch: DecodeBatch) -> None:
         """Free the rows of aborted requests (an HTTP client hung up mid-generation)."""
-        gone = [i for i, row in enumerate(batch.rows) if row.owner.request.aborted]
-        if gone:
-            for i in gone:
-                _fail(batch.rows[i].owner.future, CancelledError("request aborted"))
-            batch._retire(gone)
+        for row in batch.drop(lambda row: row.owner.request.aborted):
+            _fail(row.owner.future, CancelledError("request aborted"))
 
     @staticmethod
     def _resolve(finished: list[Row]) -> None:

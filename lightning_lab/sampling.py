@@ -25,6 +25,11 @@ class SamplingParams:
     seed: int | None = None
     """Seed for this request's sampling noise, so results do not depend on who shares the batch."""
 
+    def __post_init__(self) -> None:
+        stop = self.stop
+        stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+        object.__setattr__(self, "stop", stop)  # accept None / str / list from callers
+
     def validate(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

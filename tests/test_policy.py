@@ -206,6 +206,18 @@ def test_worker_survives_forward_error(policy, monkeypatch):
     assert len(policy.generate(CHATS, max_new_tokens=3)) == 3
 
 
+def test_aborted_request_leaves_the_batch(policy):
+    from concurrent.futures import CancelledError
+
+    ids = policy.tokenizer("go on forever", add_special_tokens=False)["input_ids"]
+    request = Request(ids, SamplingParams(max_new_tokens=1500, stop=None), n=2)
+    future = policy.engine.submit(request)
+    request.aborted = True
+    with pytest.raises(CancelledError):
+        future.result(timeout=30)
+    assert policy.chat("next", max_new_tokens=2)
+
+
 def test_close_then_reuse(policy):
     policy.close()
     assert policy.engine._worker is None
