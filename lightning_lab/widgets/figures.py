@@ -43,7 +43,7 @@ def curves_figure(history: Sequence[dict[str, float]], width: float = 12.0):
                 sd = [h.get("reward_std", 0.0) for h in history]
                 ax.fill_between(steps, [y - s for y, s in zip(ys, sd)],
                                 [y + s for y, s in zip(ys, sd)], alpha=0.2)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.lines:
             ax.legend(fontsize=7)
         ax.set_xlabel("step", fontsize=8)
     if not history:
