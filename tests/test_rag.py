@@ -262,6 +262,7 @@ def test_retrieval_edge_cases():
     ("Answer:\n\nyes\nbecause both", "yes"),
     ("J. R. R. Tolkien", "J. R. R. Tolkien"),
     ("Answer:", ""),
+    ('Answer:: "Lideilia"', "Lideilia"),
 ])
 def test_extract_answer(raw, answer):
     assert extract_answer(raw) == answer

@@ -103,7 +103,8 @@ def _strip_prefixes(text: str) -> str:
     previous = None
     while previous != text:
         previous = text
-        text = _ANSWER_IS.sub("", _PREFIX.sub("", text)).strip(_QUOTES)
+        # lstrip(":"): the model often repeats the prefilled colon ("Answer:: Quendor").
+        text = _ANSWER_IS.sub("", _PREFIX.sub("", text)).lstrip(": ").strip(_QUOTES)
     return text
 
 
