@@ -2,8 +2,10 @@
 
 Why not ``model.generate``: it keeps finished rows in the batch until the slowest one ends, cannot
 take new prompts mid-flight, and recomputes a prompt for each of its n samples. Here a prompt is
-prefilled once and its cache row repeated n times; finished rows leave the batch at once; new
-prompts are prefilled separately and spliced into the running cache (continuous batching).
+prefilled once and its cache row repeated n times; a prefix shared by all prompts admitted together
+(system prompt, few-shot examples) is prefilled once for all of them; finished rows leave the batch
+at once; new prompts are prefilled separately and spliced into the running cache (continuous
+batching).
 
 Rows are left-padded. Every forward gets explicit position ids (``cumsum(mask) - 1``), so a row's
 logits do not depend on how much padding it carries, which is what lets the trainer recompute the
@@ -38,6 +40,23 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+
+
+MIN_SHARED_PREFIX = 8
+"""Shortest common prompt prefix worth a separate prefill (below it, the extra call costs more)."""
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the common prefix of all prompts, leaving each at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for i in range(n):
+        token = first[i]
+        if any(p[i] != token for p in prompts):
+            n = i
+            break
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 class DecodeBatch:
@@ -91,12 +110,20 @@ class DecodeBatch:
         the caller then retries groups one at a time to isolate the culprit.
         """
         prompts = [g[0].prompt_ids for g in groups]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (G, W)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (G, W)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        shared = _shared_prefix(prompts)
         cache = growing_cache()
         with torch.inference_mode():
+            if shared:  # e.g. a common system prompt: compute its KV once, copy it to every row
+                prefix = torch.tensor([prompts[0][:shared]])  # (1, P)
+                self._forward(prefix, torch.ones_like(prefix), torch.arange(shared)[None], cache)
+                cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+            suffixes = [p[shared:] for p in prompts]
+            width = max(len(p) for p in suffixes)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (G, W)
+            new = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in suffixes])  # (G, W)
+            # Padding sits between prefix and suffix; the mask hides it, positions skip it.
+            positions = shared + (new.cumsum(-1) - 1).clamp(min=0)  # (G, W)
+            mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), new], dim=1)
             logits = self._forward(ids, mask, positions, cache)  # (G, V)
             repeat = torch.tensor([len(g) for g in groups])
             if bool((repeat != 1).any()):

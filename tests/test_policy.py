@@ -79,6 +79,24 @@ def test_greedy_is_deterministic(policy):
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
 
 
+@pytest.mark.parametrize("path", ["fast", "hf"])
+def test_logprobs_match_with_shared_prompt_prefix(policy, hf_path_policy, path):
+    """Prompts sharing the default system prompt get its KV computed once; nothing may change."""
+    from lightning_lab.decoding import _shared_prefix
+
+    sampler = policy if path == "fast" else hf_path_policy
+    prompts = [CHATS[0], CHATS[1], [{"role": "user", "content": "Another question, medium size?"}]]
+    ids = [sampler.tokenizer(sampler.prompt_text(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert _shared_prefix(ids) >= 8
+    gens = sampler.generate(prompts, n=2, max_new_tokens=16, seed=3)
+    for g in gens:
+        expected = full_forward_logprobs(sampler.model, g.prompt_ids, g.response_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-4, rtol=0)
+    greedy = sampler.generate(prompts, temperature=0, max_new_tokens=12)
+    alone = [sampler.generate([p], temperature=0, max_new_tokens=12)[0] for p in prompts]
+    assert [g.response_ids for g in greedy] == [g.response_ids for g in alone]
+
+
 def test_logprobs_match_with_lora_adapter():
     """The lean decode path must apply the adapter exactly as the training forward does."""
     p = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False})
