@@ -303,6 +303,12 @@ def test_remote_backend_traces_trainable_tokens(policy, server):
     assert (fwd.logprobs - recorded).abs().max().item() < 1e-4
 
 
+def test_unreachable_remote_backend_is_a_502_not_a_crash(policy):
+    with ll.serve(backend=proxy.RemoteBackend("http://127.0.0.1:9/v1", model="x")) as front:
+        r = post(front, {"messages": USER, "max_tokens": 2})
+    assert r.status_code == 502 and r.json()["error"]["type"] == "backend_error"
+
+
 def test_weights_sync_through_load_lora_adapter(policy, server, tmp_path):
     trainer = ll.PPOTrainer(policy, lambda task: None, [{"task_id": "x"}])
     trainer.save(tmp_path)

@@ -164,7 +164,13 @@ class RemoteBackend:
             payload["stop"] = list(request.stop)
         if request.seed is not None:
             payload["seed"] = request.seed
-        response = await self._client.post("/chat/completions", json=payload)
+        import httpx
+
+        try:
+            response = await self._client.post("/chat/completions", json=payload)
+        except httpx.HTTPError as exc:  # unreachable or timed out: a gateway error, not ours
+            raise ProtocolError(f"remote backend unreachable: {type(exc).__name__}: {exc}",
+                                status=502, type="backend_error") from exc
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -200,17 +206,12 @@ class RemoteBackend:
         self.name = name
 
     def load_lora_adapter(self, name: str, path: str | Path) -> None:
-        """Blocking form for the training loop: push new weights, then sample with them."""
-        asyncio.run(self._load_once(name, str(path)))
-
-    async def _load_once(self, name: str, path: str) -> None:
+        """Blocking form for the training loop (works inside Jupyter's running event loop too)."""
         import httpx
 
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._client.headers,
-                                     timeout=self._client.timeout) as client:
-            response = await client.post("/load_lora_adapter",
-                                         json={"lora_name": name, "lora_path": path})
-            response.raise_for_status()
+        response = httpx.post(f"{self.base_url}/load_lora_adapter", headers=self._client.headers,
+                              json={"lora_name": name, "lora_path": str(path)}, timeout=600)
+        response.raise_for_status()
         self.name = name
 
     async def aclose(self) -> None:
