@@ -193,7 +193,8 @@ def test_offline_sweep_groups_runs_and_returns_dataframe(tmp_path):
     by_id = {r["id"]: r for r in runs}
     for _, row in frame.iterrows():
         run = by_id[row.run_id]
-        assert run["config"]["credit_name"] == row.credit
+        assert run["config"]["credit_name"] == row.credit and run["config"]["sweep"]["credit"] == row.credit
+        assert run["config"]["credit"].startswith(f"{row.credit}(")
         assert run["config"]["ppo"]["tasks_per_step"] == 2
         if row.credit == "discounted":
             assert run["config"]["credit_params"]["gamma"] == row.gamma

@@ -187,8 +187,8 @@ class WandbCallback:
 
             config = self.full_config(state)
             if wandb.run is not None:  # inside wandb.agent or a user's own wandb.init: reuse it
-                self.run = wandb.run
-                self.run.config.update(config, allow_val_change=True)
+                self.run = wandb.run  # never overwrite what the sweep controller set
+                self.run.config.update({k: v for k, v in config.items() if k not in self.run.config})
                 return True
             kwargs = dict(project=self.project, config=config, name=self.name, group=self.group,
                           tags=list(self.tags) or None, dir=self.dir or os.environ.get("WANDB_DIR"),

@@ -141,7 +141,10 @@ def train_run(params: dict[str, Any], callback: WandbCallback) -> dict[str, floa
         args.trainable_agents = ",".join(args.trainable_agents)
     args.resume = False
     args.out = tempfile.mkdtemp(prefix="ll-sweep-")
-    callback.config.update({"env": args.env, "model": args.model, "steps": args.steps, **params})
+    # swept values live under "sweep" so they never shadow the callback's own keys (credit =
+    # the full describe() string); online, wandb.agent also puts them at the top level
+    callback.config.update({"env": args.env, "model": args.model, "steps": args.steps,
+                            "sweep": dict(params)})
     setup = build_trainer(args, [callback])
     rewards = [setup.trainer.step().metrics["reward_mean"] for _ in range(args.steps)]
     _, dev = evaluate(setup.agent, setup.dev_tasks, summarize=setup.env.summarize)
