@@ -27,6 +27,7 @@ _LAZY = {
     "widgets": ("lightning_lab.widgets", None),
     "tracking": ("lightning_lab.tracking", None),
     "serve": ("lightning_lab.proxy", "serve"),
+    "proxy": ("lightning_lab.proxy", None),
 }
 
 __all__ = ["Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",

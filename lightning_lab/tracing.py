@@ -86,18 +86,20 @@ def current_temperature() -> float | None:
     return _temperature.get()
 
 
-def reward(value: float, *, final: bool = False) -> None:
+def reward(value: float, *, final: bool = False, trajectory: Trajectory | None = None) -> None:
     """Add ``value`` to the latest transition's reward (``final=True``: to the last one at the end).
 
     A final reward is kept on the trajectory until it ends, because more LLM calls may follow
-    the ``ll.reward(..., final=True)`` call in the agent's code.
+    the ``ll.reward(..., final=True)`` call in the agent's code. ``trajectory`` targets a given
+    trajectory instead of the open one (the HTTP proxy, whose handlers run outside the agent's
+    context).
     """
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"reward must be finite, got {value}")
-    traj = current()
+    traj = trajectory if trajectory is not None else current()
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
         return
@@ -117,18 +119,20 @@ def _finalize(traj: Trajectory) -> None:
         traj.meta["unassigned_reward"] = extra
 
 
-def record_generation(gen: Any) -> Transition | None:
+def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
+                      agent: str | None = None) -> Transition | None:
     """Append a policy output to the open trajectory (no-op outside a rollout).
 
-    The transition takes ownership of the generation's token lists (no copies): each generation
-    is fresh from the engine and recorded once.
+    ``trajectory``/``agent`` override the context's (the HTTP proxy knows them from the URL and
+    headers, not from contextvars). The transition takes ownership of the generation's token
+    lists (no copies): each generation is fresh from the engine and recorded once.
     """
-    traj = _trajectory.get()
+    traj = trajectory if trajectory is not None else _trajectory.get()
     if traj is None:
         return None
     tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
                     logprobs=gen.logprobs, prompt=gen.prompt_text, response=gen.text,
-                    agent=_agent.get(), step=len(traj.transitions),
+                    agent=_agent.get() if agent is None else agent, step=len(traj.transitions),
                     temperature=float(gen.temperature) if gen.temperature else 1.0,
                     finish_reason=gen.finish_reason)
     if not traj.transitions and "pending_reward" in traj.meta:

@@ -1,15 +1,14 @@
 """Which trajectory an HTTP call belongs to: rollout ids in the URL, mapped to open trajectories.
 
 HTTP handlers run on the server's event loop, not in the agent's thread, so tracing's contextvars
-cannot tell them the rollout; the URL does. Appending reuses ``tracing.record_generation`` (run in
-a fresh ``contextvars.Context`` pointing at the trajectory), so an HTTP call becomes exactly the
+cannot tell them the rollout; the URL does. Appending reuses ``tracing.record_generation`` with the
+trajectory and role passed explicitly, so an HTTP call becomes exactly the
 Transition an in-process ``policy.chat`` would have made. Concurrent calls of one rollout are
 serialised by a per-trajectory lock, so step indices stay dense and in arrival order.
 """
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_lab import tracing
+from lightning_lab.policy import Generation
 from lightning_lab.records import Trajectory, Transition
 
 __all__ = ["OpenRollout", "RolloutRegistry", "TraceStats"]
@@ -44,30 +44,6 @@ class TraceStats:
     @property
     def mean_ms(self) -> float:
         return 1e3 * self.total_s / max(self.calls, 1)
-
-
-@dataclass
-class _Generated:
-    """The attributes ``tracing.record_generation`` reads from a ``Generation``."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]
-    prompt_text: str
-    text: str
-    temperature: float
-    finish_reason: str
-
-
-def _append(traj: Trajectory, agent: str, gen: _Generated) -> Transition | None:
-    tracing._trajectory.set(traj)
-    tracing._agent.set(agent)
-    return tracing.record_generation(gen)
-
-
-def _reward(traj: Trajectory, value: Any, final: bool) -> None:
-    tracing._trajectory.set(traj)
-    tracing.reward(value, final=final)
 
 
 class RolloutRegistry:
@@ -99,10 +75,11 @@ class RolloutRegistry:
                finish_reason: str, agent: str, meta: dict[str, Any]) -> Transition | None:
         """Append one choice as a Transition; returns it (None if the rollout closed meanwhile)."""
         start = time.perf_counter()
-        gen = _Generated(prompt_ids, response_ids, logprobs, prompt_text, text, temperature,
-                         finish_reason)
+        gen = Generation(text=text, prompt_ids=prompt_ids, response_ids=response_ids,
+                         logprobs=logprobs, finish_reason=finish_reason, prompt_text=prompt_text,
+                         temperature=temperature)
         with entry.lock:
-            tr = contextvars.Context().run(_append, entry.trajectory, agent, gen)
+            tr = tracing.record_generation(gen, trajectory=entry.trajectory, agent=agent)
             if tr is not None:
                 tr.meta.update(meta)
         elapsed = time.perf_counter() - start
@@ -115,4 +92,4 @@ class RolloutRegistry:
     def reward(self, entry: OpenRollout, value: Any, final: bool) -> None:
         """``ll.reward`` semantics on this rollout's trajectory; ValueError on a bad value."""
         with entry.lock:
-            contextvars.Context().run(_reward, entry.trajectory, value, final)
+            tracing.reward(value, final=final, trajectory=entry.trajectory)
