@@ -7,9 +7,10 @@ prefilled once and its cache row repeated n times; a prefix shared by all prompt
 at once; new prompts are prefilled separately and spliced into the running cache (continuous
 batching).
 
-Rows are left-padded. Every forward gets explicit position ids (``cumsum(mask) - 1``), so a row's
-logits do not depend on how much padding it carries, which is what lets the trainer recompute the
-same logprobs from the unpadded sequence.
+Rows are padded on the left (or between a shared prefix and their own suffix). Every forward gets
+explicit position ids that count real tokens only (``cumsum(mask) - 1``), so a row's logits do not
+depend on its padding, which is what lets the trainer recompute the same logprobs from the
+unpadded sequence.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class DecodeBatch:
             if shared:  # e.g. a common system prompt: compute its KV once, copy it to every row
                 prefix = torch.tensor([prompts[0][:shared]])  # (1, P)
                 self._forward(prefix, torch.ones_like(prefix), torch.arange(shared)[None], cache)
-                cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+                copies = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+                cache.batch_select_indices(copies)
             suffixes = [p[shared:] for p in prompts]
             width = max(len(p) for p in suffixes)
             ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (G, W)
