@@ -102,7 +102,6 @@ class Engine:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._closed = False
 
     def submit(self, request: Request) -> Future:
         """Queue a request; the future resolves to its n Samples or to the request's own error."""
