@@ -28,7 +28,7 @@ from environments.rag import (
     retrieve,
     summarize,
 )
-from environments.rag.agent import clean_query
+from environments.rag.agent import candidate_names, clean_query, reformulate_prompt
 from environments.rag.retrieval import index_for
 from environments.rag.tasks import Paragraph, attach_corpus
 
@@ -268,6 +268,15 @@ def test_extract_answer(raw, answer):
     assert extract_answer(raw) == answer
 
 
+def test_candidate_names_list_bridge_entities(train):
+    bridge = next(t for t in train if t.kind == "bridge")
+    (first, _), (second, _) = bridge.supporting_facts
+    hits = retrieve(bridge, bridge.question, k=1)
+    names = candidate_names(hits, bridge.question)
+    assert second in names and first not in names and "It" not in names
+    assert f"Names in the passages: " in reformulate_prompt(bridge.question, hits, 300)[0]["content"]
+
+
 def test_clean_query():
     assert clean_query('Query: "founder of Velcor Dynamics"\nsecond line') == \
         "founder of Velcor Dynamics"
@@ -287,7 +296,7 @@ class ScriptedPolicy:
         (first, _), (second, _) = self.task.supporting_facts
         if prompt.startswith("Write a short search query"):
             text = f"Query: {first}"
-        elif "search for next" in prompt:
+        elif "look up next" in prompt:
             text = "NONE" if f"] {second}:" in prompt else second  # already retrieved?
         else:
             text = f" {self.answer if self.answer is not None else self.task.answer}."

@@ -4,6 +4,9 @@ Each LLM call sits in its own `ll.step(...)`, so the trainer sees three roles ("
 "reformulate", "answer") and credit can be assigned per step. Prompts are short and concrete
 because the target model is a 135M instruct model: one instruction, the evidence, a cue for a
 short output, and the answer turn prefilled with "Answer:" so it starts answering at once.
+(Checked on SmolLM2-135M, greedy, generated dev: listing candidate names in the reformulate
+prompt made it name the bridge entity in 5/12 cases instead of 0/12; the answer prompt avoids
+listing answer kinds, since "(a name, place, year or yes/no)" made it say "Yes" or "2022".)
 """
 
 from __future__ import annotations
@@ -69,17 +72,37 @@ def _passage_lines(hits: list[Hit], chars: int) -> str:
     return "\n".join(lines)
 
 
+_NAME = re.compile(r"\b[A-Z][\w'-]+(?:\s+(?:of\s+|de\s+)?[A-Z][\w'-]+)*")
+_NOT_NAMES = frozenset("It The He She Its They His Her A An In On At This That".split())
+
+
+def candidate_names(hits: list[Hit], question: str, limit: int = 8) -> list[str]:
+    """Capitalised spans of the passages that are neither in the question nor already retrieved:
+    the possible bridge entities. Listing them turns "what should we search next?" (which a
+    135M model answers with filler) into "pick one of these" (which it can do)."""
+    seen = {h.title for h in hits}
+    names: list[str] = []
+    for hit in hits:
+        for name in _NAME.findall(hit.paragraph.text):
+            if name in _NOT_NAMES or name in seen or name in question:
+                continue
+            seen.add(name)
+            names.append(name)
+    return names[:limit]
+
+
 def reformulate_prompt(question: str, hits: list[Hit], chars: int) -> list[dict[str, str]]:
+    names = candidate_names(hits, question)
+    listed = f"Names in the passages: {', '.join(names)}.\n" if names else ""
     return [{"role": "user", "content":
-             f"Question: {question}\nPassages found:\n{_passage_lines(hits, chars)}\n"
-             "To answer, which name mentioned in the passages should we search for next? "
-             "Reply with that name only, or NONE if the passages already answer it."}]
+             f"{_passage_lines(hits, chars)}\n\nQuestion: {question}\n{listed}"
+             "Which name should we look up next to answer the question? Reply with one name."}]
 
 
 def answer_prompt(question: str, hits: list[Hit], chars: int) -> list[dict[str, str]]:
     return [{"role": "user", "content":
              f"Passages:\n{_passage_lines(hits, chars)}\n\nQuestion: {question}\n"
-             "Answer with a few words only (a name, place, year or yes/no)."}]
+             "Answer in a few words."}]
 
 
 # --------------------------------------------------------------------------------- extraction
