@@ -94,7 +94,7 @@ class CreditPanel(_View):
         self.lam = w.FloatSlider(value=0.95, min=0.0, max=1.0, step=0.05, description="lam")
         self.baseline = w.Dropdown(options=_BASELINES, value="group", description="baseline")
         self.apply_button = w.Button(description="apply to next step", icon="check",
-                                     disabled=trainer is None)
+                                     disabled=trainer is None, layout=w.Layout(width="190px"))
         self.status = w.HTML()
         self.heatmap = _image()
         self.table = w.HTML()
@@ -240,7 +240,7 @@ class Dashboard(_View):
         self.progress = w.IntProgress(value=0, min=0, max=1, description="idle")
         self.status = w.HTML("ready")
         self.curves = _image(figures.figure_png(figures.curves_figure(trainer.history)))
-        self.credit_panel = CreditPanel(None, trainer)
+        self.credit_panel = CreditPanel(None, trainer, max_rows=16)
         self.inspector = TrajectoryInspector(None)
         self.step_button.on_click(lambda _b: self.run(1, block=False))
         self.run_button.on_click(lambda _b: self.run(self.n_steps.value, block=False))
