@@ -214,3 +214,23 @@ def test_dashboard_without_kernel_warns_and_still_trains(trainer_factory):
         warnings.simplefilter("error")
         dash._ipython_display_()  # prints the reason, no exception
     assert len(dash.run(1)) == 1 and dash.state.step == 1
+
+
+def test_no_ipywidgets_gives_a_clear_reason(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ipywidgets(name, *a, **k):
+        if name == "ipywidgets":
+            raise ImportError("No module named 'ipywidgets'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ipywidgets)
+    ok, reason = dash_mod.widgets_available()
+    assert not ok and "pip install" in reason and "ipywidgets" in reason
+    with pytest.warns(RuntimeWarning, match="ipywidgets is not installed"):
+        panel = dash_mod.CreditPanel(hand_state())
+    assert panel.widget is None
+    cmp = panel.recompute("discounted", gamma=0.5)  # the logic works without the UI
+    assert [tr.advantage for _, tr in cmp.new.batch.transitions()][:2] == pytest.approx([0.25, 0.75])
