@@ -102,7 +102,7 @@ class Policy:
                 logprobs=s.logprobs,
                 finish_reason=s.finish_reason,
                 prompt_text=text,
-                temperature=temperature,
+                temperature=request.params.temperature,
             )
             for text, request, future in zip(texts, requests, futures)
             for s in future.result()

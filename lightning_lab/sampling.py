@@ -10,6 +10,15 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW = 1e-3
+"""Temperatures under this are greedy: logits / T would overflow float32 into inf/NaN logprobs."""
+
+
+def normalize_temperature(temperature: float) -> float:
+    """The temperature actually used (and that recorded logprobs refer to): tiny values mean 0."""
+    return 0.0 if 0 <= temperature < GREEDY_BELOW else float(temperature)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded; every field may differ between rows of one batch."""
@@ -29,6 +38,7 @@ class SamplingParams:
         stop = self.stop
         stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
         object.__setattr__(self, "stop", stop)  # accept None / str / list from callers
+        object.__setattr__(self, "temperature", normalize_temperature(self.temperature))
 
     def validate(self) -> None:
         if self.temperature < 0:

@@ -279,7 +279,7 @@ class PPOTrainer:
 
         if self._ref_model is not None:
             return nullcontext(self._ref_model)
-        return _ReferenceAdapter(self.policy)
+        return self.policy.reference()
 
     def critic_values(self, batch: Batch) -> None:
         """Fill ``Transition.value`` for every transition of the usable trajectories."""
@@ -357,22 +357,6 @@ class PPOTrainer:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(cls, Path(directory), policy, agent, tasks, credit, callbacks)
-
-
-class _ReferenceAdapter:
-    """Context: the policy's model with its LoRA adapter switched off (the KL reference)."""
-
-    def __init__(self, policy: Any):
-        self.policy = policy
-        self._ctx = None
-
-    def __enter__(self):
-        self._ctx = self.policy.model.disable_adapter()
-        self._ctx.__enter__()
-        return self.policy.model
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def _has_adapter(model: Any) -> bool:

@@ -28,10 +28,7 @@ USER = [{"role": "user", "content": "Say something."}]
 
 @pytest.fixture(scope="module")
 def policy():
-    from conftest import sharpen
-
     p = ll.models.load("tiny", lora=True)
-    sharpen(p)
     yield p
     p.close()
 

@@ -137,11 +137,7 @@ def test_lora_reference_is_adapter_off(tiny_lora):
 
 
 def _fresh(seed=0):
-    policy = ll.models.load("tiny", seed=seed)
-    from conftest import sharpen
-
-    sharpen(policy)
-    return policy
+    return ll.models.load("tiny", seed=seed)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

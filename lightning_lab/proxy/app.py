@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..sampling import normalize_temperature
 from .backends import Backend, Completion, Prepared
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
@@ -153,6 +154,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         temperature = chat_request.temperature
         if temperature is None:
             temperature = entry.temperature if entry and entry.temperature is not None else 1.0
+        temperature = normalize_temperature(temperature)
         max_tokens = chat_request.max_tokens or config.default_max_tokens
         agent = (request.headers.get("x-ll-agent") or chat_request.metadata.get("agent")
                  or chat_request.user)
