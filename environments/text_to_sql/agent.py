@@ -103,7 +103,12 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
 
 def make_agent(policy: Any, config: SQLAgentConfig | None = None,
                **options: Any) -> Callable[[SQLTask], None]:
-    """An `agent(task)` for `ll.rollout`; `options` override fields of `SQLAgentConfig`."""
+    """An `agent(task)` for `ll.rollout`; `options` override fields of `SQLAgentConfig`.
+
+    `reward` may be a dict of `RewardConfig` fields (as the CLI's `--agent-option` gives it).
+    """
+    if isinstance(options.get("reward"), dict):
+        options["reward"] = RewardConfig(**options["reward"])
     cfg = replace(config or SQLAgentConfig(), **options)
     if cfg.max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {cfg.max_turns}")
