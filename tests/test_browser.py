@@ -49,7 +49,8 @@ def jupyterlab(tmp_path):
     root = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", root)
     port, token = _free_port(), "ll-test-token"
-    env = dict(os.environ, FAST="1", WANDB_MODE="offline", WANDB_SILENT="true",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "_WANDB"))}
+    env.update(FAST="1", WANDB_MODE="offline", WANDB_SILENT="true",
                JUPYTER_CONFIG_DIR=str(tmp_path / "jcfg"), JUPYTER_DATA_DIR=str(tmp_path / "jdata"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "jrun"),
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -104,14 +105,10 @@ def test_quickstart_dashboard_renders_in_jupyterlab(jupyterlab):
         try:
             page.goto(f"{base}/lab/tree/01_quickstart.ipynb?token={token}", timeout=60_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            # the kernel must be idle before Run All, or the command may be ignored
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                                   timeout=60_000)
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-            # the dashboard cell: its buttons and the curves image (a PNG data/blob URL)
+            _kernel_ready(page)
             dashboard = page.locator(".ll-dashboard")
-            dashboard.wait_for(state="attached", timeout=180_000)
+            _run_all_until(page, dashboard)
+            # the dashboard cell: its buttons and the curves image (a PNG data/blob URL)
             dashboard.scroll_into_view_if_needed()
             for label in ("Step", "Run N", "Pause"):
                 assert dashboard.get_by_role("button", name=label).count() == 1, label
@@ -140,3 +137,41 @@ def test_quickstart_dashboard_renders_in_jupyterlab(jupyterlab):
         finally:
             browser.close()
     assert (OUT / "dashboard.png").stat().st_size > 10_000
+
+
+def _kernel_ready(page, timeout: float = 90.0) -> None:
+    """Wait until the notebook's kernel is idle; accept JupyterLab's "Select Kernel" dialog if it
+    asks (it does when the kernel is slow to start), since Run All is ignored without a kernel."""
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if select.count() and select.is_visible():
+            select.click()
+        elif idle.count():
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the notebook's kernel never became idle")
+
+
+def _run_all_until(page, target, timeout: float = 240.0) -> None:
+    """Run → Run All Cells, then wait for ``target`` to be attached. If JupyterLab pops its
+    "Select Kernel" dialog (seen when the session's kernel is not yet bound), accept it and run
+    all cells again."""
+    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+
+    def run_all() -> None:
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+
+    run_all()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if target.count():
+            return
+        if select.count() and select.is_visible():
+            select.click()
+            _kernel_ready(page)
+            run_all()
+        time.sleep(0.5)
+    raise TimeoutError(f"{target} did not appear within {timeout:.0f} s of Run All")

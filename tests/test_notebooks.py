@@ -54,6 +54,9 @@ def _execute(path: Path, workdir: Path) -> tuple[str, float, str | None]:
 
 
 def test_notebooks_execute_fast(tmp_path, monkeypatch):
+    for key in list(os.environ):  # e.g. WANDB_SERVICE, left by a wandb.init in this process,
+        if key.startswith(("WANDB_", "_WANDB")):  # would point kernels at our wandb-core
+            monkeypatch.delenv(key)
     monkeypatch.setenv("FAST", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
