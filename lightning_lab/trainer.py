@@ -49,6 +49,8 @@ class PPOConfig:
     kl_coef: float = 0.02
     """Weight of the KL penalty to the reference (adapter-off) policy."""
     max_grad_norm: float = 1.0
+    max_tokens_per_forward: int = 2048
+    """Padded tokens per forward pass; minibatches are split (gradient accumulation) to fit."""
     value_lr: float = 1e-3
     """Learning rate of the critic head (used by the ``value`` credit strategy)."""
     value_coef: float = 0.5
@@ -227,50 +229,73 @@ class PPOTrainer:
             self._task_rng.shuffle(order)
             for start in range(0, len(order), cfg.minibatch_size):
                 idx = order[start:start + cfg.minibatch_size]
-                mb = [rows[i] for i in idx]
-                fwd = self._forward(mb, grad=True, hidden=use_critic)
-                old = _flat([tr.logprobs for tr in mb], fwd.logprobs)
-                adv = torch.cat([torch.full((len(tr.response_ids),), float(tr.advantage))
-                                 for tr in mb]).to(fwd.logprobs)
-                ref_lp = torch.cat([ref[i] for i in idx]) if ref is not None else None
-                out = ppo_loss(fwd.logprobs, old, adv, ref_lp, clip_eps=cfg.clip_eps,
-                               kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
-                loss = out.loss
-                value_loss = torch.zeros(())
-                if use_critic:
-                    values = self.critic(fwd.prompt_hidden)
-                    targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype,
-                                           device=values.device)
-                    value_loss = 0.5 * ((values - targets) ** 2).mean()
-                    loss = loss + cfg.value_coef * value_loss
-                if first_err is None:  # before any update: new == behaviour logprobs, up to numerics
-                    first_err = (fwd.logprobs.detach() - old).abs().max().item()
+                mb_tokens = sum(len(rows[i].response_ids) for i in idx)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # Gradient accumulation over micro-batches that fit the token budget; each term is
+                # weighted by its share of the minibatch, so the sum is the minibatch's token-mean.
+                for micro in self._chunks([rows[i] for i in idx]):
+                    mi = [idx[j] for j in micro]
+                    mb = [rows[i] for i in mi]
+                    fwd = self._forward(mb, grad=True, hidden=use_critic)
+                    old = _flat([tr.logprobs for tr in mb], fwd.logprobs)
+                    adv = torch.cat([torch.full((len(tr.response_ids),), float(tr.advantage))
+                                     for tr in mb]).to(fwd.logprobs)
+                    ref_lp = torch.cat([ref[i] for i in mi]) if ref is not None else None
+                    out = ppo_loss(fwd.logprobs, old, adv, ref_lp, clip_eps=cfg.clip_eps,
+                                   kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
+                    weight = len(old) / mb_tokens
+                    loss = out.loss * weight
+                    value_loss = torch.zeros(())
+                    if use_critic:
+                        values = self.critic(fwd.prompt_hidden)
+                        targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype,
+                                               device=values.device)
+                        value_loss = 0.5 * ((values - targets) ** 2).mean()
+                        loss = loss + cfg.value_coef * value_loss * (len(mi) / len(idx))
+                    if first_err is None:  # before any update: new == behaviour, up to numerics
+                        first_err = (fwd.logprobs.detach() - old).abs().max().item()
+                    loss.backward()
+                    for key, val in (("loss", loss / weight), ("policy_loss", out.policy_loss),
+                                     ("kl", out.kl), ("approx_kl", out.approx_kl),
+                                     ("clip_frac", out.clip_frac), ("entropy", fwd.entropy.mean()),
+                                     ("value_loss", value_loss)):
+                        sums[key] = sums.get(key, 0.0) + weight * float(val.detach())
+                    if epoch == cfg.ppo_epochs - 1:
+                        for i, r in zip(mi, out.ratio.split(fwd.lengths)):
+                            ratios[keys[i]] = r.tolist()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups[:1] for p in g["params"]], cfg.max_grad_norm)
                 self.optimizer.step()
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
                 n_mb += 1
-                for key, val in (("loss", loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
-                                 ("approx_kl", out.approx_kl), ("clip_frac", out.clip_frac),
-                                 ("entropy", fwd.entropy.mean()), ("grad_norm", grad_norm),
-                                 ("value_loss", value_loss)):
-                    sums[key] = sums.get(key, 0.0) + float(val.detach() if torch.is_tensor(val) else val)
-                if epoch == cfg.ppo_epochs - 1:
-                    for i, r in zip(idx, out.ratio.split(fwd.lengths)):
-                        ratios[keys[i]] = r.tolist()
         metrics = {k: v / n_mb for k, v in sums.items()}
         metrics["behaviour_logprob_err"] = first_err or 0.0
         if not use_critic:
             metrics.pop("value_loss")
         return metrics, ratios
 
+    def _chunks(self, rows: list[Transition]) -> list[list[int]]:
+        """Split rows (in order) into forward passes of at most ``max_tokens_per_forward`` padded
+        tokens: activation memory grows with tokens, and a 135M model's backward over a few
+        thousand tokens already takes gigabytes."""
+        budget = self.config.max_tokens_per_forward
+        chunks: list[list[int]] = []
+        width = 0
+        for i, tr in enumerate(rows):
+            n = len(tr.prompt_ids) + len(tr.response_ids)
+            if chunks and max(width, n) * (len(chunks[-1]) + 1) <= budget:
+                chunks[-1].append(i)
+                width = max(width, n)
+            else:
+                chunks.append([i])
+                width = n
+        return chunks
+
     def _reference_logprobs(self, rows: list[Transition]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
-        mbs = self.config.minibatch_size
         with torch.no_grad(), self._reference_context() as model:
-            for start in range(0, len(rows), mbs):
-                fwd = self._forward(rows[start:start + mbs], grad=False, model=model)
+            for chunk in self._chunks(rows):
+                fwd = self._forward([rows[i] for i in chunk], grad=False, model=model)
                 out.extend(fwd.logprobs.split(fwd.lengths))
         return out
 
@@ -284,10 +309,9 @@ class PPOTrainer:
     def critic_values(self, batch: Batch) -> None:
         """Fill ``Transition.value`` for every transition of the usable trajectories."""
         rows = [tr for traj, tr in batch.transitions() if traj.usable and tr.response_ids]
-        mbs = self.config.minibatch_size
         with torch.no_grad():
-            for start in range(0, len(rows), mbs):
-                chunk = rows[start:start + mbs]
+            for idx in self._chunks(rows):
+                chunk = [rows[i] for i in idx]
                 fwd = self._forward(chunk, grad=False, hidden=True)
                 for tr, v in zip(chunk, self.critic(fwd.prompt_hidden).tolist()):
                     tr.value = v
