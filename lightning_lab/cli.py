@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"train": cmd_train, "eval": cmd_eval}.get(args.command) or args.handler
     try:
         return handler(args) or 0
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"lightning-lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
