@@ -94,7 +94,9 @@ def test_value_strategy_reads_transition_values():
         ll.credit.get("value").assign(missing)
 
 
-def test_registry_errors_and_user_strategies():
+def test_registry_errors_and_user_strategies(monkeypatch):
+    # register into a throwaway copy, so other tests see only the built-in strategies
+    monkeypatch.setattr(ll.credit.registry, "_REGISTRY", dict(ll.credit.registry._REGISTRY))
     with pytest.raises(KeyError, match="registered: .*discounted.*uniform"):
         ll.credit.get("nope")
     with pytest.raises(TypeError, match="no parameter"):
