@@ -71,6 +71,11 @@ def jupyterlab(tmp_path):
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--ServerApp.open_browser=False", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
          "jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
+         # fresh state per run (no restored workspace), and window.jupyterapp so the test can wait
+         # on the notebook's real session instead of guessing from the DOM
+         f"--LabApp.user_settings_dir={tmp_path / 'jcfg' / 'lab' / 'user-settings'}",
+         f"--LabApp.workspaces_dir={tmp_path / 'jcfg' / 'lab' / 'workspaces'}",
+         "--LabApp.expose_app_in_browser=True",
          *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     base = f"http://127.0.0.1:{port}"
@@ -99,15 +104,17 @@ def test_quickstart_dashboard_renders_in_jupyterlab(jupyterlab):
 
     base, token = jupyterlab
     OUT.mkdir(exist_ok=True)
+    (OUT / "failure.png").unlink(missing_ok=True)  # only this run's failure, if any
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page.goto(f"{base}/lab/tree/01_quickstart.ipynb?token={token}", timeout=60_000)
+            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=60_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            _kernel_ready(page)
+            _wait_kernel_ready(page)
+            _run_all(page)
             dashboard = page.locator(".ll-dashboard")
-            _run_all_until(page, dashboard)
+            _wait_no_dialog(page, dashboard, timeout=240.0)
             # the dashboard cell: its buttons and the curves image (a PNG data/blob URL)
             dashboard.scroll_into_view_if_needed()
             for label in ("Step", "Run N", "Pause"):
@@ -139,39 +146,88 @@ def test_quickstart_dashboard_renders_in_jupyterlab(jupyterlab):
     assert (OUT / "dashboard.png").stat().st_size > 10_000
 
 
-def _kernel_ready(page, timeout: float = 90.0) -> None:
-    """Wait until the notebook's kernel is idle; accept JupyterLab's "Select Kernel" dialog if it
-    asks (it does when the kernel is slow to start), since Run All is ignored without a kernel."""
-    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+NOTEBOOK = "01_quickstart.ipynb"
+
+# The notebook's SessionContext, via window.jupyterapp (--LabApp.expose_app_in_browser).
+_SESSION_JS = """(path) => {
+    const app = window.jupyterapp;
+    if (!app || !app.shell) return null;
+    for (const w of app.shell.widgets('main')) {
+        if (w.sessionContext && w.context && w.context.path === path) return w.sessionContext;
+    }
+    return null;
+}"""
+
+_KERNEL_STATE_JS = f"""(path) => {{
+    const s = ({_SESSION_JS})(path);
+    if (!s) return {{ready: false, why: 'notebook panel not open yet'}};
+    const k = s.session && s.session.kernel;
+    const state = {{name: s.kernelDisplayName, status: s.kernelDisplayStatus,
+                    connection: k ? k.connectionStatus : null, preference: s.kernelPreference}};
+    state.ready = !!(s.isReady && !s.hasNoKernel && k && k.connectionStatus === 'connected'
+                     && k.status === 'idle');
+    return state;
+}}"""
+
+
+def _dialog_text(page) -> str | None:
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.first.is_visible():
+        return " ".join(dialog.first.inner_text().split())
+    return None
+
+
+def _wait_kernel_ready(page, timeout: float = 120.0) -> None:
+    """Wait until the notebook's session has a kernel that is connected and idle.
+
+    Why this matters: JupyterLab renders the cells before it has read the notebook's kernelspec
+    metadata and started its session. A Run All in that window either silently drops the cells
+    (session pending) or, while ``kernelPreference`` is still empty (``hasNoKernel`` with
+    ``autoStartDefault: false``), finds no default kernel and opens the modal "Select Kernel"
+    dialog, which then stays up although the session's own kernel starts fine. The toolbar's
+    ``.jp-Notebook-ExecutionIndicator`` is no readiness signal: it says ``data-status="idle"``
+    before any kernel exists. So ask the SessionContext itself."""
     deadline = time.time() + timeout
+    state: dict | None = None
     while time.time() < deadline:
-        if select.count() and select.is_visible():
-            select.click()
-        elif idle.count():
+        state = page.evaluate(_KERNEL_STATE_JS, NOTEBOOK)
+        if state.get("ready"):
+            # the kernel answers kernel_info (the websocket round trip really works)
+            page.evaluate(f"""async (path) => {{
+                const s = ({_SESSION_JS})(path);
+                await s.ready;
+                await s.session.kernel.info;
+            }}""", NOTEBOOK)
             return
-        time.sleep(0.5)
-    raise TimeoutError("the notebook's kernel never became idle")
+        text = _dialog_text(page)
+        if text:  # nothing has been run yet, so JupyterLab has no reason to ask anything
+            raise AssertionError(f"unexpected JupyterLab dialog while the kernel starts: {text!r}")
+        time.sleep(0.25)
+    raise TimeoutError(f"the notebook's kernel was not connected and idle within {timeout:.0f} s: "
+                       f"{state}")
 
 
-def _run_all_until(page, target, timeout: float = 240.0) -> None:
-    """Run → Run All Cells, then wait for ``target`` to be attached. If JupyterLab pops its
-    "Select Kernel" dialog (seen when the session's kernel is not yet bound), accept it and run
-    all cells again."""
-    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+def _run_all(page) -> None:
+    """Run All Cells on the (active) quickstart notebook through JupyterLab's command, the same
+    command the Run menu calls; not awaited (it resolves only when the last cell is done)."""
+    page.evaluate(f"""(path) => {{
+        const app = window.jupyterapp;
+        const s = ({_SESSION_JS})(path);
+        const panel = Array.from(app.shell.widgets('main')).find(w => w.sessionContext === s);
+        app.shell.activateById(panel.id);
+        void app.commands.execute('notebook:run-all-cells');
+    }}""", NOTEBOOK)
 
-    def run_all() -> None:
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
 
-    run_all()
+def _wait_no_dialog(page, target, timeout: float) -> None:
+    """Wait for ``target`` to be attached; fail at once (with its text) if JupyterLab opens a
+    dialog instead, since nobody would answer it and the run would just hang."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if target.count():
             return
-        if select.count() and select.is_visible():
-            select.click()
-            _kernel_ready(page)
-            run_all()
+        text = _dialog_text(page)
+        if text:
+            raise AssertionError(f"unexpected JupyterLab dialog after Run All: {text!r}")
         time.sleep(0.5)
     raise TimeoutError(f"{target} did not appear within {timeout:.0f} s of Run All")
