@@ -350,8 +350,7 @@ class PPOTrainer:
             logits = logits / temps.to(logits)[:, None]
             logp_all = torch.log_softmax(logits, dim=-1)
             logprobs = logp_all.gather(-1, targets.to(device)[:, None]).squeeze(-1)  # (N,)
-            with torch.no_grad():
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = _entropy(logp_all.detach())
         prompt_hidden = None
         if hidden:
             last = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows], device=device)
@@ -381,6 +380,13 @@ class PPOTrainer:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(cls, Path(directory), policy, agent, tasks, credit, callbacks)
+
+
+def _entropy(logp: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-row entropy of (N, V) log-probabilities, a few rows at a time: the full
+    ``exp(logp) * logp`` would allocate two more (N, V) tensors (~100 MB each at N=512)."""
+    with torch.no_grad():
+        return torch.cat([-(part.exp() * part).sum(-1) for part in logp.split(chunk)])
 
 
 def _has_adapter(model: Any) -> bool:
