@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 import lightning_lab as ll
+from agents import parity_agent as shared_parity_agent
 from lightning_lab import tracking
 
 pytest.importorskip("wandb")
@@ -14,17 +15,8 @@ pytest.importorskip("wandb")
 TASKS = [{"task_id": f"t{i}", "q": f"Question {i} " + "word " * i} for i in range(4)]
 
 
-def parity_agent(policy, roles=("writer", "checker")):
-    """Two calls per rollout; reward = share of response tokens with an id divisible by 3."""
-
-    def agent(task):
-        for role in roles:
-            with ll.step(role):
-                policy.chat(task["q"], max_new_tokens=4)
-            tr = ll.current().transitions[-1]
-            ll.reward(sum(t % 3 == 0 for t in tr.response_ids) / len(tr.response_ids))
-
-    return agent
+def parity_agent(policy):
+    return shared_parity_agent(policy, roles=("writer", "checker"), max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
