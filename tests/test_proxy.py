@@ -7,7 +7,6 @@ server on a loopback port, except the fuzz test, which uses the in-process ASGI 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

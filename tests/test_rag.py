@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -13,7 +13,7 @@ import pytest
 import lightning_lab as ll
 from environments.text_to_sql import (
     SQLTask, SpiderFormatError, SpiderFormatWarning, execution_match, extract_sql,
-    generate_tasks, load_spider, load_tasks, make_agent, parse_verdict, run_sql, schema_text,
+    generate_tasks, load_spider, make_agent, parse_verdict, run_sql, schema_text,
     score_sql, summarize,
 )
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
