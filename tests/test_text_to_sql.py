@@ -14,7 +14,7 @@ import lightning_lab as ll
 from environments.text_to_sql import (
     SQLTask, SpiderFormatError, SpiderFormatWarning, execution_match, extract_sql,
     generate_tasks, load_spider, make_agent, parse_verdict, run_sql, schema_text,
-    score_sql, summarize,
+    score_sql, sql_similarity, summarize,
 )
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
 
@@ -221,6 +221,78 @@ def test_shaping_terms_are_off_by_default_and_reported(toy_db):
     assert bad.parsed and not bad.executed and "nope" in bad.error
 
 
+# Components (see similarity.py) of the gold query used below: table:teachers, column:name,
+# column:salary, clause:where, value:84000. F1 = 2 * shared / (len(pred) + len(gold)).
+_GOLD = "SELECT name FROM teachers WHERE salary > 84000"
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    (_GOLD, _GOLD, 1.0),
+    # aliases, qualification and identifier case do not matter
+    ("SELECT T1.Name FROM Teachers AS T1 WHERE T1.SALARY > 84000", _GOLD, 1.0),
+    # right table, wrong filter column and value: shares teachers, name, where -> 2*3/10
+    ("SELECT name FROM teachers WHERE hire_year > 2011", _GOLD, 0.6),
+    # right table, wrong column: {teachers, salary} vs {teachers, name} -> 2*1/4
+    ("SELECT salary FROM teachers", "SELECT name FROM teachers", 0.5),
+    # other table, only the column `name` shared: {departments, name, budget, order, limit,
+    # value:1} vs gold -> 2*1/11
+    ("SELECT name FROM departments ORDER BY budget DESC LIMIT 1", _GOLD, 2 / 11),
+    ("SELECT count(*) FROM departments", _GOLD, 0.0),
+    # missing aggregate and GROUP BY: 2 of the gold's 4 components -> 2*2/6
+    ("SELECT building FROM departments",
+     "SELECT building, count(*) FROM departments GROUP BY building", 2 / 3),
+    # LIMIT counts and text values are values; text keeps its case
+    ("SELECT name FROM teachers ORDER BY salary LIMIT 3",
+     "SELECT name FROM teachers ORDER BY salary LIMIT 1", 10 / 12),
+    ("SELECT budget FROM departments WHERE name = 'physics'",
+     "SELECT budget FROM departments WHERE name = 'Physics'", 8 / 10),
+    # unparsable or missing on either side
+    ("SELEC name FROM teachers", _GOLD, 0.0),
+    (None, _GOLD, 0.0),
+    ("", _GOLD, 0.0),
+    (_GOLD, "SELECT FROM WHERE", 0.0),
+])
+def test_sql_similarity_hand_checked(pred, gold, expected):
+    assert sql_similarity(pred, gold) == pytest.approx(expected)
+
+
+def test_sql_similarity_never_raises_on_broken_queries():
+    golds = [("SELECT building FROM departments WHERE budget > 300000 INTERSECT SELECT building"
+              " FROM departments WHERE budget < 116000"),
+             ("SELECT count(*) FROM students AS T1 JOIN enrollments AS T2 ON T1.id = T2.student_id"
+              " WHERE T1.city = 'Riverton'"),
+             "WITH x AS (SELECT a FROM t) SELECT a FROM x WHERE EXISTS (SELECT 1)"]
+    for gold in golds:
+        for cut in range(len(gold) + 1):
+            pred = gold[:cut]
+            sim = sql_similarity(pred, gold)
+            assert 0.0 <= sim <= 1.0 and sim == sql_similarity(gold, pred)
+    assert sql_similarity("\x00" + _GOLD, _GOLD) == 0.0
+
+
+def test_partial_credit_only_for_non_matching_results(toy_db):
+    gold = "SELECT a FROM t WHERE b = 'y'"  # table:t, column:a, column:b, clause:where, value:y
+    cfg = RewardConfig(partial_credit=0.3)
+    # wrong column: shares 4 of 5 components and has 4 -> 2*4/9
+    wrong = score_sql(toy_db, "SELECT b FROM t WHERE b = 'y'", gold, cfg)
+    assert wrong.exec_acc == 0.0 and wrong.similarity == pytest.approx(8 / 9)
+    assert wrong.reward == 0.3 * wrong.similarity
+    # a match earns the full match reward, whatever its structure (similarity 2*3/9 here)
+    match = score_sql(toy_db, "SELECT a FROM t WHERE a = 1", gold, cfg)
+    assert match.exec_acc == 1.0 and match.reward == 1.0
+    assert match.similarity == pytest.approx(2 / 3)
+    # off by default, but the similarity is still reported
+    off = score_sql(toy_db, "SELECT b FROM t WHERE b = 'y'", gold)
+    assert off.reward == 0.0 and off.similarity == wrong.similarity
+    assert score_sql(toy_db, "SELEC a FROM t", gold, cfg).reward == 0.0
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.0, 2.0, float("nan")])
+def test_partial_credit_must_be_below_one(weight):
+    with pytest.raises(ValueError, match="partial_credit must be in"):
+        RewardConfig(partial_credit=weight)
+
+
 # ------------------------------------------------------------------------------ sandbox
 @pytest.mark.parametrize("sql", [
     "INSERT INTO t VALUES (9, 'w')", "DELETE FROM t", "UPDATE t SET a = 0", "DROP TABLE t",
@@ -306,7 +378,11 @@ def test_summarize():
     assert s["exec_acc"] == 0.25 and s["n"] == 4
     assert s["parsed_rate"] == 0.5 and s["executed_rate"] == 0.25 and s["no_sql_rate"] == 0.5
     assert s["exec_acc_easy"] == 1.0 and s["exec_acc_hard"] == 0.0
+    assert "similarity" not in s  # logs from before the field
     assert summarize(ll.Batch([]))["n"] == 0
+    metas[0]["similarity"], metas[1]["similarity"] = 1.0, 0.5
+    s = summarize(ll.Batch([ll.Trajectory(task_id=str(i), meta=m) for i, m in enumerate(metas)]))
+    assert s["similarity"] == 0.375  # missing (no SQL) counts as 0
 
 
 # ------------------------------------------------------------------------------ agent (scripted)
@@ -359,6 +435,20 @@ def test_agent_rewrites_after_no_and_after_error(train):
     traj = _run(policy, task, max_turns=2)
     assert [tr.agent for tr in traj.transitions] == ["writer", "rewriter"]  # errors skip the checker
     assert traj.meta["exec_acc"] == 1.0 and traj.meta["verdicts"] == []
+
+
+def test_agent_partial_credit_from_cli_option(train):
+    from lightning_lab.cli import _parse_options
+
+    task = next(t for t in train if t.gold_sql == "SELECT count(*) FROM students")
+    options = _parse_options(['reward={"partial_credit": 0.3}', "max_turns=1"])
+    policy = ScriptedPolicy({"writer": [" count(*) FROM teachers"]})
+    traj = _run(policy, task, **options)
+    # {teachers, count} vs {students, count}: 2*1/4
+    assert traj.meta["exec_acc"] == 0.0 and traj.meta["similarity"] == 0.5
+    assert traj.transitions[-1].reward == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="partial_credit"):
+        make_agent(policy, **_parse_options(['reward={"partial_credit": 1.5}']))
 
 
 def test_agent_without_sql_gets_zero_with_reason(train):

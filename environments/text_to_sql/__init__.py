@@ -17,6 +17,7 @@ from .data import build_databases, generate_tasks
 from .prompts import parse_verdict
 from .reward import RewardConfig, SQLScore, execution_match, results_match, score_sql
 from .schema import schema_text
+from .similarity import sql_similarity
 from .spider import SpiderFormatError, SpiderFormatWarning, load_spider
 from .sql import ExecResult, extract_sql, is_valid_sql, run_sql
 from .task import SQLTask
@@ -26,7 +27,7 @@ __all__ = [
     "SpiderFormatWarning", "build_databases", "execution_match", "extract_sql",
     "generate_tasks", "is_valid_sql", "load_spider", "load_tasks", "make_agent",
     "parse_verdict", "results_match", "run_agent", "run_sql", "schema_text", "score_sql",
-    "summarize",
+    "sql_similarity", "summarize",
 ]
 
 
@@ -65,6 +66,8 @@ def summarize(batch: Any) -> dict[str, float]:
         "rewrites": fmean(float(m.get("rewrites", 0)) for m in metas),
         "failed": float(sum(getattr(t, "status", "ok") != "ok" for t in trajectories)),
     }
+    if any("similarity" in m for m in metas):  # absent in logs older than the field
+        summary["similarity"] = fmean(float(m.get("similarity", 0.0)) for m in metas)
     for level in ("easy", "medium", "hard"):
         scores = [float(m.get("exec_acc", 0.0)) for m in metas if m.get("difficulty") == level]
         if scores:

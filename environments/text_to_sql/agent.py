@@ -91,7 +91,7 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
         "db_id": task.db_id, "difficulty": task.difficulty, "error": score.error,
         "exec_acc": score.exec_acc, "parsed": score.parsed, "executed": score.executed,
         "no_sql": sql is None, "gold_empty": score.gold_empty, "rewrites": rewrites,
-        "verdicts": verdicts,
+        "verdicts": verdicts, "similarity": score.similarity,
     }
     if sql is None:
         meta["no_sql_reason"] = f"no SELECT/WITH query in model output: {raw[:120]!r}"

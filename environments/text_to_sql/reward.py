@@ -4,6 +4,10 @@ Execution accuracy (Yu et al. 2018; Zhong et al. 2020): run predicted and gold S
 database and compare the results as multisets of rows; row order matters only when the gold
 query orders its output. Column order is forgiven (`SELECT a, b` vs `SELECT b, a`), as in the
 test-suite evaluation, because the question rarely fixes it.
+
+Shaping terms (all off by default) only change `SQLScore.reward`, never `exec_acc`. The
+structural similarity to the gold query (`similarity.py`) is always reported, and is added as
+partial credit to non-matching predictions when `RewardConfig.partial_credit` > 0.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .similarity import sql_similarity
 from .sql import ExecResult, parse_query, run_sql
 
 _MAX_PERMUTED_COLUMNS = 6  # 720 permutations; wider results must match column order exactly
@@ -33,6 +38,13 @@ class RewardConfig:
     """Wall-clock limit per query (Spider gold queries take milliseconds)."""
     max_rows: int = 10_000
     """Rows fetched per query; a truncated prediction can only match a truncated gold."""
+    partial_credit: float = 0.0
+    """Weight of the structural similarity given when the result does not match (0 = off)."""
+
+    def __post_init__(self) -> None:
+        # At 1 or more, a near-identical wrong query would earn as much as a correct one.
+        if not 0.0 <= self.partial_credit < 1.0:
+            raise ValueError(f"partial_credit must be in [0, 1), got {self.partial_credit!r}")
 
 
 @dataclass
@@ -48,9 +60,12 @@ class SQLScore:
     error: str | None
     """Error of the prediction (or of the gold query, prefixed 'gold:')."""
     reward: float
-    """exec_acc (or empty_match_reward) plus enabled shaping bonuses."""
+    """exec_acc (or empty_match_reward) plus enabled shaping terms."""
     gold_empty: bool = False
     """The gold query returned no rows (then any empty prediction matches)."""
+    similarity: float = 0.0
+    """Structural similarity to the gold query (`sql_similarity`), computed even when
+    partial credit is off so runs with and without it can be compared."""
 
 
 def gold_orders_rows(gold_sql: str) -> bool:
@@ -121,10 +136,12 @@ def score_sql(db_path: str, pred_sql: str | None, gold_sql: str,
                 pred.rows, gold.rows, ordered=gold_orders_rows(gold_sql)):
             exec_acc = 1.0
     match_reward = cfg.empty_match_reward if gold_empty else 1.0
-    reward = (exec_acc * match_reward + cfg.valid_sql_bonus * parsed
+    similarity = sql_similarity(pred_sql, gold_sql)
+    partial = cfg.partial_credit * similarity if not exec_acc else 0.0
+    reward = (exec_acc * match_reward + partial + cfg.valid_sql_bonus * parsed
               + cfg.executed_bonus * pred.ok)
     return SQLScore(exec_acc=exec_acc, parsed=parsed, executed=pred.ok, error=error,
-                    reward=reward, gold_empty=gold_empty)
+                    reward=reward, gold_empty=gold_empty, similarity=similarity)
 
 
 def execution_match(db_path: str, pred_sql: str | None, gold_sql: str) -> float:
