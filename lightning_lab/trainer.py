@@ -23,6 +23,7 @@ from .critic import ValueHead
 from .ppo import ppo_loss
 from .records import Batch, Transition
 from .rollouts import run_rollouts
+from .scoring import Scores, chunk_rows, score
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
 
@@ -102,14 +103,6 @@ def copy_batch(batch: Batch) -> Batch:
     return Batch([dataclasses.replace(t, transitions=[dataclasses.replace(tr, meta=dict(tr.meta))
                                                       for tr in t.transitions], meta=dict(t.meta))
                   for t in batch.trajectories])
-
-
-@dataclass
-class _Forward:
-    logprobs: torch.Tensor  # (N,) response-token logprobs, all rows concatenated
-    entropy: torch.Tensor  # (N,) detached
-    prompt_hidden: torch.Tensor | None  # (B, H) last hidden state at each row's last prompt token
-    lengths: list[int]  # response tokens per row, to split the flat tensors
 
 
 class PPOTrainer:
@@ -222,11 +215,10 @@ class PPOTrainer:
         use_critic = self.credit.needs_values
         sums: dict[str, float] = {}
         n_mb = 0
-        order = list(range(len(rows)))
         ratios: dict[tuple[str, int], list[float]] = {}
         first_err = None
         for epoch in range(cfg.ppo_epochs):
-            self._task_rng.shuffle(order)
+            order = self._minibatch_order(rows)
             for start in range(0, len(order), cfg.minibatch_size):
                 idx = order[start:start + cfg.minibatch_size]
                 mb_tokens = sum(len(rows[i].response_ids) for i in idx)
@@ -274,22 +266,18 @@ class PPOTrainer:
             metrics.pop("value_loss")
         return metrics, ratios
 
-    def _chunks(self, rows: list[Transition]) -> list[list[int]]:
-        """Split rows (in order) into forward passes of at most ``max_tokens_per_forward`` padded
-        tokens: activation memory grows with tokens, and a 135M model's backward over a few
-        thousand tokens already takes gigabytes."""
-        budget = self.config.max_tokens_per_forward
-        chunks: list[list[int]] = []
-        width = 0
+    def _minibatch_order(self, rows: list[Transition]) -> list[int]:
+        """Rows in shuffled order, those sharing a prompt kept adjacent: minibatches then hold
+        whole groups, whose prompt the forward pass runs once (see ``scoring``)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, tr in enumerate(rows):
-            n = len(tr.prompt_ids) + len(tr.response_ids)
-            if chunks and max(width, n) * (len(chunks[-1]) + 1) <= budget:
-                chunks[-1].append(i)
-                width = max(width, n)
-            else:
-                chunks.append([i])
-                width = n
-        return chunks
+            groups.setdefault(tuple(tr.prompt_ids), []).append(i)
+        shuffled = list(groups.values())
+        self._task_rng.shuffle(shuffled)
+        return [i for group in shuffled for i in group]
+
+    def _chunks(self, rows: list[Transition]) -> list[list[int]]:
+        return chunk_rows(rows, self.config.max_tokens_per_forward)
 
     def _reference_logprobs(self, rows: list[Transition]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -317,46 +305,10 @@ class PPOTrainer:
                     tr.value = v
 
     def _forward(self, rows: list[Transition], *, grad: bool, hidden: bool = False,
-                 model: Any = None) -> _Forward:
-        """Response-token logprobs of ``rows`` under ``model`` (default: the policy).
-
-        Rows are right-padded so every sequence sits at positions 0..L-1, as it did (via explicit
-        position ids) during sampling; logits are computed only at positions that predict response
-        tokens, which keeps the (tokens x vocab) tensor small.
-        """
-        model = model if model is not None else self.policy.model
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        device = self.policy.device
-        pad = 0
-        lengths = [len(tr.prompt_ids) + len(tr.response_ids) for tr in rows]
-        width = max(lengths)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, tr in enumerate(rows):
-            seq = tr.prompt_ids + tr.response_ids
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-        # (row, position) of every position whose next token is a response token
-        pos_b = torch.cat([torch.full((len(tr.response_ids),), b) for b, tr in enumerate(rows)])
-        pos_t = torch.cat([torch.arange(len(tr.prompt_ids) - 1, lengths[b] - 1)
-                           for b, tr in enumerate(rows)])
-        targets = ids[pos_b, pos_t + 1]
-        pos_b, pos_t = pos_b.to(device), pos_t.to(device)
-        temps = torch.cat([torch.full((len(tr.response_ids),), tr.temperature or 1.0) for tr in rows])
-        with torch.set_grad_enabled(grad):
-            states = core.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)
-                                        ).last_hidden_state  # (B, L, H)
-            logits = core.get_output_embeddings()(states[pos_b, pos_t]).float()  # (N, V)
-            logits = logits / temps.to(logits)[:, None]
-            logp_all = torch.log_softmax(logits, dim=-1)
-            logprobs = logp_all.gather(-1, targets.to(device)[:, None]).squeeze(-1)  # (N,)
-            entropy = _entropy(logp_all.detach())
-        prompt_hidden = None
-        if hidden:
-            last = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows], device=device)
-            prompt_hidden = states[torch.arange(len(rows), device=device), last]
-        return _Forward(logprobs=logprobs, entropy=entropy, prompt_hidden=prompt_hidden,
-                        lengths=[len(tr.response_ids) for tr in rows])
+                 model: Any = None) -> Scores:
+        """Response-token logprobs of ``rows`` under ``model`` (default: the policy)."""
+        return score(model if model is not None else self.policy.model, rows,
+                     device=self.policy.device, grad=grad, hidden=hidden)
 
     def _notify(self, state: StepState) -> None:
         for cb in self.callbacks:
@@ -380,13 +332,6 @@ class PPOTrainer:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(cls, Path(directory), policy, agent, tasks, credit, callbacks)
-
-
-def _entropy(logp: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Per-row entropy of (N, V) log-probabilities, a few rows at a time: the full
-    ``exp(logp) * logp`` would allocate two more (N, V) tensors (~100 MB each at N=512)."""
-    with torch.no_grad():
-        return torch.cat([-(part.exp() * part).sum(-1) for part in logp.split(chunk)])
 
 
 def _has_adapter(model: Any) -> bool:

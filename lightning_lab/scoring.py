@@ -1,0 +1,124 @@
+"""Response-token logprobs of recorded transitions under a model: the PPO update's forward pass.
+
+Why prompts are shared: a step samples each task ``group_size`` times, so the transitions of a
+group carry the same prompt, and on agent tasks the prompt (a schema, retrieved passages) is most
+of the tokens. Scoring every row's prompt again costs ``group_size`` times the prompt compute.
+Here each distinct prompt in a chunk runs once; its KV cache is indexed out to the rows that share
+it and only the response tokens run per row. ``index_select`` is differentiable, so the gradient
+through the shared prompt is the sum over its rows: logprobs and gradients are those of scoring
+each row on its own (tests check both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .records import Transition
+
+__all__ = ["Scores", "chunk_rows", "score"]
+
+
+@dataclass
+class Scores:
+    logprobs: torch.Tensor  # (N,) response-token logprobs, all rows concatenated
+    entropy: torch.Tensor  # (N,) detached
+    prompt_hidden: torch.Tensor | None  # (B, H) last hidden state at each row's last prompt token
+    lengths: list[int]  # response tokens per row, to split the flat tensors
+
+
+def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, (len(seqs), width) each."""
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        ids[b, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[b, :len(seq)] = 1
+    return ids, mask
+
+
+def _prompt_groups(rows: Sequence[Transition]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Distinct prompts (in first-seen order) and, per row, the index of its prompt."""
+    index: dict[tuple[int, ...], int] = {}
+    of_row = [index.setdefault(tuple(tr.prompt_ids), len(index)) for tr in rows]
+    return list(index), of_row
+
+
+def padded_tokens(rows: Sequence[Transition]) -> int:
+    """Tokens ``score`` runs for ``rows``: distinct prompts, plus responses, each padded."""
+    prompts, _ = _prompt_groups(rows)
+    longest_response = max((len(tr.response_ids) for tr in rows), default=0)
+    return len(prompts) * max(map(len, prompts), default=0) + len(rows) * longest_response
+
+
+def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
+    """Split rows (in order) into forward passes of at most ``budget`` padded tokens.
+
+    Activation memory grows with tokens (a 135M model's backward over a few thousand tokens
+    already takes gigabytes). Keep rows of a group adjacent so they land in one chunk and share
+    their prompt; a single row over budget gets a chunk of its own.
+    """
+    chunks: list[list[int]] = []
+    for i in range(len(rows)):
+        if chunks and padded_tokens([rows[j] for j in chunks[-1] + [i]]) <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device = "cpu",
+          grad: bool = False, hidden: bool = False) -> Scores:
+    """Logprobs (at each transition's sampling temperature) of every response token of ``rows``.
+
+    Two decoder passes: the distinct prompts, right-padded so every sequence sits at positions
+    0..L-1 as it did during sampling; then each row's response (all but its last token) on top
+    of its prompt's cached keys/values, at positions ``len(prompt) + j``. Logits are computed only
+    at positions that predict response tokens, which keeps the (tokens x vocab) tensor small.
+    """
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = core.get_decoder(), core.get_output_embeddings()
+    prompts, of_row = _prompt_groups(rows)
+    plen = torch.tensor([len(p) for p in prompts])
+    row_prompt = torch.tensor(of_row)
+    lengths = [len(tr.response_ids) for tr in rows]
+    width = max(lengths) - 1  # the last response token predicts nothing
+    with torch.set_grad_enabled(grad):
+        p_ids, p_mask = _padded(prompts, int(plen.max()))
+        first = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
+                        use_cache=width > 0)
+        last_prompt = first.last_hidden_state[row_prompt.to(device),
+                                              (plen[row_prompt] - 1).to(device)]  # (B, H)
+        states = [last_prompt]
+        if width > 0:
+            r_ids, r_mask = _padded([tr.response_ids[:-1] for tr in rows], width)
+            cache = first.cache
+            cache.reorder_cache(row_prompt.to(device))  # (U, ...) -> (B, ...) per layer
+            mask = torch.cat([p_mask[row_prompt], r_mask], dim=1)  # (B, Lp + width)
+            positions = plen[row_prompt][:, None] + torch.arange(width)[None, :]  # (B, width)
+            rest = decoder(input_ids=r_ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), cache=cache,
+                           use_cache=False).last_hidden_state  # (B, width, H)
+            states.append(rest.reshape(-1, rest.shape[-1]))
+        # Row b's token 0 is predicted at last_prompt[b]; its token j >= 1 at rest[b, j - 1].
+        at = torch.tensor([i for b, n in enumerate(lengths) if n > 0
+                           for i in [b] + [len(rows) + b * width + j for j in range(n - 1)]],
+                          dtype=torch.long, device=device)
+        logits = head(torch.cat(states)[at]).float()  # (N, V)
+        temps = torch.cat([torch.full((n,), tr.temperature or 1.0)
+                           for tr, n in zip(rows, lengths)]).to(logits)
+        logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)
+        targets = torch.tensor([t for tr in rows for t in tr.response_ids], device=device)
+        logprobs = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        entropy = _entropy(logp_all.detach())
+    return Scores(logprobs=logprobs, entropy=entropy,
+                  prompt_hidden=last_prompt if hidden else None, lengths=lengths)
+
+
+def _entropy(logp: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-row entropy of (N, V) log-probabilities, a few rows at a time: the full
+    ``exp(logp) * logp`` would allocate two more (N, V) tensors (~100 MB each at N=512)."""
+    with torch.no_grad():
+        return torch.cat([-(part.exp() * part).sum(-1) for part in logp.split(chunk)])

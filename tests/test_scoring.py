@@ -1,0 +1,67 @@
+"""The update's forward pass: prompts shared within a chunk score exactly like separate rows."""
+
+import pytest
+import torch
+
+from lightning_lab.records import Transition
+from lightning_lab.scoring import chunk_rows, padded_tokens, score
+
+
+def row(prompt, response, temperature=1.0):
+    return Transition(prompt_ids=list(prompt), response_ids=list(response),
+                      logprobs=[0.0] * len(response), temperature=temperature)
+
+
+def rows_with_shared_prompts():
+    """Two groups sharing a prompt (of different lengths), a single row, and uneven responses
+    (one of length 1, which has nothing to run past its prompt)."""
+    p1, p2, p3 = [5, 17, 42, 8, 99, 3], [7, 7, 250, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    return [row(p1, [4, 9, 21]), row(p2, [60, 2]), row(p1, [4, 88, 3, 77, 5]), row(p3, [101]),
+            row(p2, [61, 62, 63, 64], temperature=0.7), row(p1, [300])]
+
+
+def test_padded_tokens_count_each_prompt_once():
+    rows = rows_with_shared_prompts()
+    # 3 distinct prompts padded to 9 tokens + 6 responses padded to 5 tokens
+    assert padded_tokens(rows) == 3 * 9 + 6 * 5
+    assert padded_tokens(rows[:1] + rows[2:3]) == 1 * 6 + 2 * 5
+    # budget 38: [r0, r1] costs 2*6 + 2*3 = 18, + r2 -> 2*6 + 3*5 = 27, + r3 -> 3*9 + 4*5 = 47;
+    # [r3, r4] costs 2*9 + 2*4 = 26, + r5 -> 3*9 + 3*4 = 39
+    assert chunk_rows(rows, 38) == [[0, 1, 2], [3, 4], [5]]
+    assert chunk_rows(rows, 39) == [[0, 1, 2], [3, 4, 5]]
+    assert chunk_rows(rows, 1) == [[i] for i in range(6)]  # an oversized row still gets a chunk
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_per_row(tiny_lora, hidden):
+    model = tiny_lora.model
+    rows = rows_with_shared_prompts()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_and_grads(parts):
+        model.zero_grad(set_to_none=True)
+        outs = [score(model, part, grad=True, hidden=hidden) for part in parts]
+        logprobs = torch.cat([o.logprobs for o in outs])
+        total = (logprobs * torch.linspace(-1, 1, len(logprobs))).sum()
+        if hidden:
+            total = total + torch.cat([o.prompt_hidden for o in outs]).sum()
+        total.backward()
+        return logprobs.detach(), [p.grad.clone() for p in lora]
+
+    shared_lp, shared_grads = loss_and_grads([rows])
+    alone_lp, alone_grads = loss_and_grads([[r] for r in rows])
+    assert shared_lp.shape == (sum(len(r.response_ids) for r in rows),)
+    assert (shared_lp - alone_lp).abs().max().item() < 1e-5
+    assert sum(g.abs().sum().item() for g in alone_grads) > 0
+    for a, b in zip(shared_grads, alone_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_temperature_scales_logits(tiny):
+    r1, r2 = row([5, 6, 7], [8, 9]), row([5, 6, 7], [8, 9], temperature=0.5)
+    with torch.no_grad():
+        out = score(tiny.model, [r1, r2])
+    lp1, lp2 = out.logprobs.split(out.lengths)
+    assert out.lengths == [2, 2]
+    assert not torch.allclose(lp1, lp2)  # same tokens, other temperature, other logprobs
+    assert (lp1 <= 0).all() and (lp2 <= 0).all()
