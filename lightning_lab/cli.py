@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated roles that enter the loss (default: all)")
     train.add_argument("--eval-every", type=int, default=0, help="greedy dev eval every N steps (0: start/end only)")
     train.add_argument("--eval-limit", type=int, default=None)
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="stop after the step that passes this wall-clock budget (evals excluded)")
     train.add_argument("--save-every", type=int, default=5)
     train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints")
     train.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline by default)")
@@ -179,8 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = dev_eval(f"step{trainer.step_count:04d}")
     print(f"training {policy.name} on {args.env} with {trainer.credit.describe()} "
           f"for {args.steps} steps -> {out}")
+    started = time.monotonic()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else float("inf")
     with open(out / "metrics.jsonl", "a") as log:
-        while trainer.step_count < args.steps:
+        while trainer.step_count < args.steps and time.monotonic() < deadline:
             t0 = time.perf_counter()
             state = trainer.step()
             m = state.metrics
@@ -195,9 +199,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 trainer.save(ckpt_dir)
             if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
                 dev_eval(f"step{state.step:04d}")
+    train_minutes = (time.monotonic() - started) / 60
+    print(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
     trainer.save(ckpt_dir)
     after = dev_eval(f"step{trainer.step_count:04d}")
-    summary = {"before": before, "after": after, "history": [h["reward_mean"] for h in trainer.history]}
+    summary = {"before": before, "after": after, "train_minutes": train_minutes, "history": [h["reward_mean"] for h in trainer.history]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
     for cb in callbacks:

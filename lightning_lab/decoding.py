@@ -110,7 +110,11 @@ class DecodeBatch:
         A group is the n rows of one prompt. Raises if the forward fails (e.g. a bad token id);
         the caller then retries groups one at a time to isolate the culprit.
         """
-        prompts = [g[0].prompt_ids for g in groups]
+        # Requests with the same prompt (a GRPO group sampled by separate agent threads arrives as
+        # separate requests) are prefilled once and their KV copied, like the n rows of one request.
+        unique: dict[tuple[int, ...], int] = {}
+        of_group = [unique.setdefault(tuple(g[0].prompt_ids), len(unique)) for g in groups]
+        prompts = [list(p) for p in unique]
         shared = _shared_prefix(prompts)
         cache = growing_cache()
         with torch.inference_mode():
@@ -121,15 +125,14 @@ class DecodeBatch:
                 cache.batch_select_indices(copies)
             suffixes = [p[shared:] for p in prompts]
             width = max(len(p) for p in suffixes)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (G, W)
-            new = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in suffixes])  # (G, W)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (U, W)
+            new = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in suffixes])  # (U, W)
             # Padding sits between prefix and suffix; the mask hides it, positions skip it.
-            positions = shared + (new.cumsum(-1) - 1).clamp(min=0)  # (G, W)
+            positions = shared + (new.cumsum(-1) - 1).clamp(min=0)  # (U, W)
             mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), new], dim=1)
-            logits = self._forward(ids, mask, positions, cache)  # (G, V)
-            repeat = torch.tensor([len(g) for g in groups])
-            if bool((repeat != 1).any()):
-                expand = torch.repeat_interleave(torch.arange(len(groups)), repeat)  # (R,)
+            logits = self._forward(ids, mask, positions, cache)  # (U, V)
+            expand = torch.tensor([of_group[i] for i, g in enumerate(groups) for _ in g])  # (R,)
+            if not torch.equal(expand, torch.arange(len(prompts))):
                 cache.batch_select_indices(expand.to(self.device))
                 logits, mask = logits[expand], mask[expand]
         rows = [r for g in groups for r in g]

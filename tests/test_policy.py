@@ -97,6 +97,29 @@ def test_logprobs_match_with_shared_prompt_prefix(policy, hf_path_policy, path):
     assert [g.response_ids for g in greedy] == [g.response_ids for g in alone]
 
 
+def test_identical_prompts_from_separate_requests_prefill_once(policy, monkeypatch):
+    """A GRPO group sampled by separate agent threads is one prompt in several requests: it is
+    prefilled once, and each row still samples (and scores) on its own."""
+    from lightning_lab.decoding import DecodeBatch
+
+    prefill_rows = []
+    forward = DecodeBatch._forward
+
+    def spy(self, input_ids, mask, positions, cache):
+        if input_ids.shape[1] > 1:  # a prefill, not a one-token decode step
+            prefill_rows.append(input_ids.shape[0])
+        return forward(self, input_ids, mask, positions, cache)
+
+    monkeypatch.setattr(DecodeBatch, "_forward", spy)
+    prompts = [CHATS[1], CHATS[1], CHATS[1], CHATS[2]]
+    gens = policy.generate(prompts, max_new_tokens=12, seed=5)
+    assert prefill_rows == [2]  # two distinct prompts in one admission
+    assert len({tuple(g.response_ids) for g in gens[:3]}) > 1  # rows still sample independently
+    for g in gens:
+        expected = full_forward_logprobs(policy.model, g.prompt_ids, g.response_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-4, rtol=0)
+
+
 def test_logprobs_match_with_lora_adapter():
     """The lean decode path must apply the adapter exactly as the training forward does."""
     p = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False})
