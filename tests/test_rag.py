@@ -272,7 +272,7 @@ def test_candidate_names_list_bridge_entities(train):
     hits = retrieve(bridge, bridge.question, k=1)
     names = candidate_names(hits, bridge.question)
     assert second in names and first not in names and "It" not in names
-    assert f"Names in the passages: " in reformulate_prompt(bridge.question, hits, 300)[0]["content"]
+    assert "Names in the passages: " in reformulate_prompt(bridge.question, hits, 300)[0]["content"]
 
 
 def test_clean_query():
