@@ -51,7 +51,8 @@ class PPOConfig:
     """Weight of the KL penalty to the reference (adapter-off) policy."""
     max_grad_norm: float = 1.0
     max_tokens_per_forward: int = 2048
-    """Padded tokens per forward pass; minibatches are split (gradient accumulation) to fit."""
+    """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
+    (gradient accumulation) to fit."""
     value_lr: float = 1e-3
     """Learning rate of the critic head (used by the ``value`` credit strategy)."""
     value_coef: float = 0.5
