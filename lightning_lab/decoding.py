@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from lightning_lab.fast_llama import FastLlama, supports
 from lightning_lab.kvcache import growing_cache
 from lightning_lab.sampling import SamplingParams, choose_tokens
+from lightning_lab.scoring import dedupe_prompts
 
 
 @dataclass
@@ -112,8 +113,7 @@ class DecodeBatch:
         """
         # Requests with the same prompt (a GRPO group sampled by separate agent threads arrives as
         # separate requests) are prefilled once and their KV copied, like the n rows of one request.
-        unique: dict[tuple[int, ...], int] = {}
-        of_group = [unique.setdefault(tuple(g[0].prompt_ids), len(unique)) for g in groups]
+        unique, of_group = dedupe_prompts([g[0].prompt_ids for g in groups])
         prompts = [list(p) for p in unique]
         shared = _shared_prefix(prompts)
         cache = growing_cache()

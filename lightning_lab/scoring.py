@@ -18,7 +18,7 @@ import torch
 
 from .records import Transition
 
-__all__ = ["Scores", "chunk_rows", "score"]
+__all__ = ["Scores", "chunk_rows", "dedupe_prompts", "padded_tokens", "score"]
 
 
 @dataclass
@@ -39,16 +39,16 @@ def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def _prompt_groups(rows: Sequence[Transition]) -> tuple[list[tuple[int, ...]], list[int]]:
-    """Distinct prompts (in first-seen order) and, per row, the index of its prompt."""
+def dedupe_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Distinct prompts (in first-seen order) and, per input, the index of its distinct prompt."""
     index: dict[tuple[int, ...], int] = {}
-    of_row = [index.setdefault(tuple(tr.prompt_ids), len(index)) for tr in rows]
-    return list(index), of_row
+    of_input = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return list(index), of_input
 
 
 def padded_tokens(rows: Sequence[Transition]) -> int:
     """Tokens ``score`` runs for ``rows``: distinct prompts, plus responses, each padded."""
-    prompts, _ = _prompt_groups(rows)
+    prompts, _ = dedupe_prompts([tr.prompt_ids for tr in rows])
     longest_response = max((len(tr.response_ids) for tr in rows), default=0)
     return len(prompts) * max(map(len, prompts), default=0) + len(rows) * longest_response
 
@@ -80,7 +80,7 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     """
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = core.get_decoder(), core.get_output_embeddings()
-    prompts, of_row = _prompt_groups(rows)
+    prompts, of_row = dedupe_prompts([tr.prompt_ids for tr in rows])
     plen = torch.tensor([len(p) for p in prompts])
     row_prompt = torch.tensor(of_row)
     lengths = [len(tr.response_ids) for tr in rows]

@@ -23,7 +23,7 @@ from .critic import ValueHead
 from .ppo import ppo_loss
 from .records import Batch, Transition
 from .rollouts import run_rollouts
-from .scoring import Scores, chunk_rows, score
+from .scoring import Scores, chunk_rows, dedupe_prompts, score
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
 
@@ -270,10 +270,10 @@ class PPOTrainer:
     def _minibatch_order(self, rows: list[Transition]) -> list[int]:
         """Rows in shuffled order, those sharing a prompt kept adjacent: minibatches then hold
         whole groups, whose prompt the forward pass runs once (see ``scoring``)."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, tr in enumerate(rows):
-            groups.setdefault(tuple(tr.prompt_ids), []).append(i)
-        shuffled = list(groups.values())
+        prompts, of_row = dedupe_prompts([tr.prompt_ids for tr in rows])
+        shuffled: list[list[int]] = [[] for _ in prompts]
+        for i, p in enumerate(of_row):
+            shuffled[p].append(i)
         self._task_rng.shuffle(shuffled)
         return [i for group in shuffled for i in group]
 
