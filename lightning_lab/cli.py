@@ -203,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
     trainer.save(ckpt_dir)
     after = dev_eval(f"step{trainer.step_count:04d}")
-    summary = {"before": before, "after": after, "train_minutes": train_minutes, "history": [h["reward_mean"] for h in trainer.history]}
+    summary = {"before": before, "after": after, "train_minutes": train_minutes,
+               "history": [h["reward_mean"] for h in trainer.history]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
     for cb in callbacks:
