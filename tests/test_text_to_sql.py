@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from environments.text_to_sql import (
     generate_tasks, load_spider, make_agent, parse_verdict, run_sql, schema_text,
     score_sql, sql_similarity, summarize,
 )
+from environments.text_to_sql.data import SPIDER_LAYOUT, spider_layout
+from environments.text_to_sql.domains import BUILDERS
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
 
 SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
@@ -83,6 +86,41 @@ def test_split_is_by_database_and_sized(train, dev):
         assert len({t.task_id for t in tasks}) == len(tasks)
     hard = [t.gold_sql.upper() for t in train if t.difficulty == "hard"]
     assert any(" JOIN " in q for q in hard) and any("INTERSECT" in q or "EXCEPT" in q for q in hard)
+
+
+def test_train_words_each_template_several_ways(train, dev):
+    # Train makes several passes over the templates, so one gold query appears under more than
+    # one wording; dev makes one pass, so each template appears once there.
+    wordings: dict[str, set[str]] = {}
+    for t in train:
+        wordings.setdefault(t.gold_sql, set()).add(t.question)
+    assert sum(len(w) > 1 for w in wordings.values()) >= 50
+    openers = {t.question.split()[0] for t in train}
+    assert {"How", "Find", "List", "What", "Which", "Count", "Return"} <= openers
+    assert len({t.gold_sql for t in dev}) == len(dev)
+
+
+def _table_facts(ddl: str) -> tuple:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(ddl)
+    (name,) = conn.execute("SELECT name FROM sqlite_master").fetchone()
+    facts = (name, conn.execute(f'PRAGMA table_info("{name}")').fetchall(),
+             conn.execute(f'PRAGMA foreign_key_list("{name}")').fetchall())
+    conn.close()
+    return facts
+
+
+def test_spider_layout_keeps_the_schema_and_is_used_for_some_dbs(train, dev):
+    ddls = [ddl for build in BUILDERS.values() for ddl in build(random.Random(0)).ddl]
+    for ddl in ddls:  # same columns, types, keys and foreign keys, only laid out differently
+        laid_out = spider_layout(ddl)
+        assert _table_facts(laid_out) == _table_facts(ddl)
+        assert laid_out.startswith('CREATE TABLE "') and "\n" in laid_out
+    assert spider_layout("CREATE TABLE c (p INTEGER REFERENCES t, x TEXT)").endswith(
+        'FOREIGN KEY ("p") REFERENCES "t"\n)')
+    layouts = {t.db_id: t.schema.startswith('CREATE TABLE "') for t in train + dev}
+    assert layouts == {db: db in SPIDER_LAYOUT for db in layouts}
+    assert True in layouts.values() and False in layouts.values()
 
 
 def test_every_gold_query_runs_and_returns_rows(train, dev):
@@ -159,7 +197,7 @@ def test_load_spider_missing_database_and_bad_json(tmp_path):
 def test_schema_text_with_and_without_sample_rows(train):
     db = train[0].db_path
     plain = schema_text(db)
-    assert plain.count("CREATE TABLE") == 5 and "REFERENCES departments(id)" in plain
+    assert plain.count("CREATE TABLE") == 5 and 'REFERENCES "departments"("id")' in plain
     assert "example rows" not in plain
     with_rows = schema_text(db, sample_rows=2)
     assert with_rows.count("/* 2 example rows from") == 5

@@ -20,9 +20,18 @@ from .questions import domain_questions
 from .schema import schema_text
 from .task import SQLTask, cache_root
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 """Bump when domains or templates change; cached databases with another stamp are rebuilt."""
 SPLITS = {"train": TRAIN_DBS, "dev": DEV_DBS}
+ROUNDS = {"train": 3, "dev": 1}
+"""Passes of the templates per database. Each pass draws new filter values and wordings, so
+train sees each template several ways (more like Spider's free-form questions) while dev keeps
+one instance per template and stays quick to evaluate."""
+SPIDER_LAYOUT = frozenset({"school", "shop", "airline"})
+"""Databases whose stored DDL is laid out like Spider's (quoted names, one column per line,
+key clauses at the end); the others keep one-line DDL. The prompt shows the stored DDL, so
+training on both layouts keeps a policy from tying what it learned to one way of writing a
+schema, and Spider's layout is what it meets on the benchmark."""
 _lock = threading.Lock()
 
 
@@ -35,6 +44,27 @@ def _rng(seed: int, db_id: str) -> random.Random:
     return random.Random(f"text_to_sql/{GENERATOR_VERSION}/{seed}/{db_id}")
 
 
+def spider_layout(ddl: str) -> str:
+    """`ddl` (one CREATE TABLE) rewritten in Spider's layout, read back via SQLite's PRAGMAs."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("PRAGMA foreign_keys = OFF")  # referenced tables do not exist here
+        conn.execute(ddl)
+        (table,) = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchone()
+        cols = conn.execute(f'PRAGMA table_info("{table}")').fetchall()
+        fks = conn.execute(f'PRAGMA foreign_key_list("{table}")').fetchall()
+    finally:
+        conn.close()
+    lines = [f'"{c[1]}" {c[2]}' + (" NOT NULL" if c[3] else "") for c in cols]
+    keys = [c[1] for c in sorted(cols, key=lambda c: c[5]) if c[5]]
+    if keys:
+        lines.append("PRIMARY KEY (" + ",".join(f'"{k}"' for k in keys) + ")")
+    # `REFERENCES t` without a column (fk[4] is None) means t's primary key; keep it implicit.
+    lines += [f'FOREIGN KEY ("{fk[3]}") REFERENCES "{fk[2]}"' + (f'("{fk[4]}")' if fk[4] else "")
+              for fk in sorted(fks, key=lambda fk: -fk[0])]  # PRAGMA lists them last-first
+    return f'CREATE TABLE "{table}" (\n' + ",\n".join(lines) + "\n)"
+
+
 def _write_db(domain: Domain, path: Path) -> None:
     """Write `domain` to `path` via a temp file + rename, so readers never see a partial db."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +75,7 @@ def _write_db(domain: Domain, path: Path) -> None:
         with conn:
             conn.execute(f"PRAGMA user_version = {int(GENERATOR_VERSION)}")
             for ddl in domain.ddl:
-                conn.execute(ddl)
+                conn.execute(spider_layout(ddl) if domain.db_id in SPIDER_LAYOUT else ddl)
             for table, rows in domain.rows.items():
                 if rows:
                     marks = ", ".join("?" * len(rows[0]))
@@ -98,7 +128,8 @@ def _tasks(seed: int, split: str, cache_dir: str | None) -> tuple[SQLTask, ...]:
         try:
             seen: set[str] = set()
             schema = schema_text(str(path))
-            for difficulty, question, sql in domain_questions(domain, conn, rng):
+            drafts = [q for _ in range(ROUNDS[split]) for q in domain_questions(domain, conn, rng)]
+            for difficulty, question, sql in drafts:
                 if question in seen:
                     continue
                 try:
