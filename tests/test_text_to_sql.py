@@ -421,6 +421,12 @@ def test_summarize():
     metas[0]["similarity"], metas[1]["similarity"] = 1.0, 0.5
     s = summarize(ll.Batch([ll.Trajectory(task_id=str(i), meta=m) for i, m in enumerate(metas)]))
     assert s["similarity"] == 0.375  # missing (no SQL) counts as 0
+    assert "exec_acc_nonempty_gold" not in s  # logs from before the field
+    for m, empty in zip(metas, (True, False, False, False)):
+        m["gold_empty"] = empty
+    s = summarize(ll.Batch([ll.Trajectory(task_id=str(i), meta=m) for i, m in enumerate(metas)]))
+    assert s["exec_acc"] == 0.25 and s["exec_acc_nonempty_gold"] == 0.0
+    assert s["gold_empty_rate"] == 0.25
 
 
 # ------------------------------------------------------------------------------ agent (scripted)

@@ -66,6 +66,12 @@ def summarize(batch: Any) -> dict[str, float]:
         "rewrites": fmean(float(m.get("rewrites", 0)) for m in metas),
         "failed": float(sum(getattr(t, "status", "ok") != "ok" for t in trajectories)),
     }
+    if any("gold_empty" in m for m in metas):
+        # Spider counts an empty prediction as correct when gold is empty too (16 of the 213
+        # shared dev questions), which a weak model earns by accident; this rate leaves them out.
+        kept = [float(m.get("exec_acc", 0.0)) for m in metas if not m.get("gold_empty", False)]
+        summary["exec_acc_nonempty_gold"] = fmean(kept) if kept else 0.0
+        summary["gold_empty_rate"] = rate("gold_empty")
     if any("similarity" in m for m in metas):  # absent in logs older than the field
         summary["similarity"] = fmean(float(m.get("similarity", 0.0)) for m in metas)
     for level in ("easy", "medium", "hard"):
