@@ -33,7 +33,15 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(trainer: Any, directory: Path) -> Path:
+def save_checkpoint(trainer: Any, directory: Path, keep_last: int | None = None) -> Path:
+    """Write ``<directory>/step-N`` atomically and point ``LATEST`` at it.
+
+    ``keep_last=k`` then deletes all but the newest k complete checkpoints (a 135M LoRA run
+    writes ~6 MB per step, ~700 MB over a 2-hour run otherwise); pruning runs only after the
+    new checkpoint and pointer are in place, so a crash while pruning loses nothing needed.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{trainer.step_count:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=directory))
@@ -66,7 +74,17 @@ def save_checkpoint(trainer: Any, directory: Path) -> Path:
     pointer = directory / f".{_LATEST}.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, directory / _LATEST)
+    if keep_last is not None:
+        _prune(directory, keep_last, final)
     return final
+
+
+def _prune(directory: Path, keep_last: int, newest: Path) -> None:
+    done = sorted((p for p in directory.glob("step-*") if (p / _META).exists()),
+                  key=lambda p: p.name)  # zero-padded step numbers sort by name
+    for old in done[:-keep_last]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve(directory: Path) -> Path:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=None,
                        help="stop after the step that passes this wall-clock budget (evals excluded)")
     train.add_argument("--save-every", type=int, default=5)
+    train.add_argument("--keep-checkpoints", type=int, default=3,
+                       help="keep the newest K checkpoints, delete older ones (0: keep all)")
     train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints")
     train.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline by default)")
     train.add_argument("--out", default="runs/demo")
@@ -196,12 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"tok/s {m['tokens_per_s']:.0f}  failed {int(m['n_failed'])}  "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
             if args.save_every and state.step % args.save_every == 0:
-                trainer.save(ckpt_dir)
+                trainer.save(ckpt_dir, keep_last=args.keep_checkpoints or None)
             if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
                 dev_eval(f"step{state.step:04d}")
     train_minutes = (time.monotonic() - started) / 60
     print(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
-    trainer.save(ckpt_dir)
+    trainer.save(ckpt_dir, keep_last=args.keep_checkpoints or None)
     after = dev_eval(f"step{trainer.step_count:04d}")
     summary = {"before": before, "after": after, "train_minutes": train_minutes,
                "history": [h["reward_mean"] for h in trainer.history]}

@@ -321,10 +321,11 @@ class PPOTrainer:
                               stacklevel=2)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
+        """Atomic checkpoint under `directory`; `keep_last=k` prunes all but the newest k."""
         from .checkpoint import save_checkpoint
 
-        return save_checkpoint(self, Path(directory))
+        return save_checkpoint(self, Path(directory), keep_last)
 
     @classmethod
     def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],

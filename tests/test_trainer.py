@@ -160,6 +160,22 @@ def test_half_written_and_incompatible_checkpoints(tmp_path, tiny, tiny_lora):
     assert ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS).step_count == 1
 
 
+def test_keep_last_prunes_old_checkpoints_only_after_the_new_one_lands(tmp_path, tiny):
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg(group_size=2))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / ".step-000003.tmp-x").mkdir(parents=True)  # a crashed write is not a checkpoint
+    for _ in range(4):
+        trainer.step()
+        last = trainer.save(ckpt, keep_last=2)
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000003", "step-000004"]
+    assert (ckpt / "LATEST").read_text() == last.name == "step-000004"
+    assert ll.PPOTrainer.load(ckpt, tiny, parity_agent(tiny), TASKS).step_count == 4
+    trainer.save(ckpt)  # no keep_last: nothing is deleted
+    assert len(list(ckpt.glob("step-*"))) == 2
+    with pytest.raises(ValueError, match="keep_last"):
+        trainer.save(ckpt, keep_last=0)
+
+
 def test_callbacks_receive_states_and_failures_do_not_stop_training(tiny):
     seen = []
 
