@@ -32,14 +32,17 @@ def _add_env_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many tasks")
     p.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for the environment's agent, e.g. max_turns=2 (repeatable)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the environment's task loader, e.g. levels=hard,extra "
+                        "(repeatable; train applies it to train and dev tasks)")
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
+def _parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--agent-option expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -128,8 +131,11 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Tr
     from .trainer import PPOConfig, PPOTrainer
 
     env = envs.get(args.env)
-    train_tasks = env.load_tasks("train", data=args.data, seed=args.seed, limit=args.limit)
-    dev_tasks = env.load_tasks("dev", data=args.data, seed=args.seed, limit=args.eval_limit)
+    task_options = _parse_options(args.task_option, "--task-option")
+    train_tasks = env.load_tasks("train", data=args.data, seed=args.seed, limit=args.limit,
+                                 **task_options)
+    dev_tasks = env.load_tasks("dev", data=args.data, seed=args.seed, limit=args.eval_limit,
+                               **task_options)
     policy = _load_policy(args)
     agent = env.make_agent(policy, **_parse_options(args.agent_option))
     credit_params = {k: v for k, v in (("gamma", args.gamma), ("lam", args.lam)) if v is not None}
@@ -221,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     env = envs.get(args.env)
-    tasks = env.load_tasks(args.split, data=args.data, seed=args.seed, limit=args.limit)
+    tasks = env.load_tasks(args.split, data=args.data, seed=args.seed, limit=args.limit,
+                           **_parse_options(args.task_option, "--task-option"))
     policy = _load_policy(args)
     if args.checkpoint:
         load_policy_weights(policy, Path(args.checkpoint))

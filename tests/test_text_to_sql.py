@@ -14,11 +14,12 @@ import pytest
 import lightning_lab as ll
 from environments.text_to_sql import (
     SQLTask, SpiderFormatError, SpiderFormatWarning, execution_match, extract_sql,
-    generate_tasks, load_spider, make_agent, parse_verdict, run_sql, schema_text,
+    generate_tasks, load_spider, load_tasks, make_agent, parse_verdict, run_sql, schema_text,
     score_sql, sql_similarity, summarize,
 )
 from environments.text_to_sql.data import SPIDER_LAYOUT, spider_layout
 from environments.text_to_sql.domains import BUILDERS
+from environments.text_to_sql.hardness import LEVELS, spider_hardness
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
 
 SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
@@ -82,9 +83,9 @@ def test_split_is_by_database_and_sized(train, dev):
     assert not {t.db_path for t in train} & {t.db_path for t in dev}
     assert len(train) >= 150 and len(dev) >= 50
     for tasks in (train, dev):
-        assert {t.difficulty for t in tasks} == {"easy", "medium", "hard"}
+        assert {t.difficulty for t in tasks} == set(LEVELS)
         assert len({t.task_id for t in tasks}) == len(tasks)
-    hard = [t.gold_sql.upper() for t in train if t.difficulty == "hard"]
+    hard = [t.gold_sql.upper() for t in train if t.difficulty in ("hard", "extra")]
     assert any(" JOIN " in q for q in hard) and any("INTERSECT" in q or "EXCEPT" in q for q in hard)
 
 
@@ -159,6 +160,38 @@ def test_load_spider_dev():
     assert Path(t.db_path).is_file() and "CREATE TABLE" in t.schema
     assert all(run_sql(x.db_path, x.gold_sql).ok for x in tasks[:40])
     assert execution_match(t.db_path, t.gold_sql, t.gold_sql) == 1.0
+    # The shared slice holds only Spider's two top levels (no record carries a level itself).
+    assert {x.difficulty for x in tasks} == {"hard", "extra"}
+    hard_extra = load_tasks("dev", data=SPIDER, levels="extra", limit=5)
+    assert len(hard_extra) == 5 and {x.difficulty for x in hard_extra} == {"extra"}
+
+
+@pytest.mark.parametrize("sql, level", [
+    ("SELECT count(*) FROM singer", "easy"),                              # nothing but FROM
+    ("SELECT name FROM singer WHERE age > 30", "easy"),                   # one clause
+    ("SELECT name, age FROM singer ORDER BY age DESC", "medium"),         # one clause, 2 columns
+    ("SELECT country, count(*) FROM singer GROUP BY country", "medium"),  # one clause, 2 columns
+    ("SELECT T2.name FROM a AS T1 JOIN b AS T2 ON T1.id = T2.a_id WHERE T1.x = 1", "medium"),
+    ("SELECT year FROM concert GROUP BY year ORDER BY count(*) DESC LIMIT 1", "hard"),  # 3 clauses
+    ("SELECT song_name FROM singer WHERE age > (SELECT avg(age) FROM singer)", "hard"),  # 1 nested
+    ("SELECT c FROM t WHERE x > 4 INTERSECT SELECT c FROM t WHERE x < 3", "hard"),  # set op = nested
+    ("SELECT c FROM t EXCEPT SELECT c FROM t WHERE x > 4", "hard"),
+    ("SELECT T1.a FROM t AS T1 JOIN u AS T2 ON T1.id = T2.t_id WHERE T2.s = 'x' "
+     "INTERSECT SELECT T1.a FROM t AS T1 JOIN u AS T2 ON T1.id = T2.t_id WHERE T2.s = 'y'", "extra"),
+    ("SELECT T1.n FROM t AS T1 JOIN u AS T2 ON T1.id = T2.t_id GROUP BY T1.id "
+     "ORDER BY count(*) DESC LIMIT 1", "extra"),                          # join + 3 clauses
+    ("SELECT a, b, c FROM t WHERE x = 1 AND y = 2 GROUP BY a, b", "hard"),  # 2 clauses, 3 others
+])
+def test_spider_hardness_hand_checked(sql, level):
+    assert spider_hardness(sql) == level
+
+
+def test_levels_filter(train):
+    hard = load_tasks("train", levels=["hard", "extra"])
+    assert hard and {t.difficulty for t in hard} == {"hard", "extra"}
+    assert len(load_tasks("train", levels="hard,extra", limit=3)) == 3
+    with pytest.raises(ValueError, match="unknown levels"):
+        load_tasks("train", levels="impossible")
 
 
 def _spider_copy(tmp_path: Path, records: list) -> Path:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, Sequence
 
 import lightning_lab as ll
 
 from .agent import SQLAgentConfig, make_agent, run_agent
 from .data import build_databases, generate_tasks
+from .hardness import LEVELS, spider_hardness
 from .prompts import parse_verdict
 from .reward import RewardConfig, SQLScore, execution_match, results_match, score_sql
 from .schema import schema_text
@@ -27,24 +28,32 @@ __all__ = [
     "SpiderFormatWarning", "build_databases", "execution_match", "extract_sql",
     "generate_tasks", "is_valid_sql", "load_spider", "load_tasks", "make_agent",
     "parse_verdict", "results_match", "run_agent", "run_sql", "schema_text", "score_sql",
-    "sql_similarity", "summarize",
+    "spider_hardness", "sql_similarity", "summarize",
 ]
 
 
 def load_tasks(split: str = "train", data: str | Path | None = None, seed: int = 0,
-               limit: int | None = None) -> list[SQLTask]:
+               limit: int | None = None, levels: str | Sequence[str] | None = None) -> list[SQLTask]:
     """Tasks of a split: generated (data=None or "generated") or Spider from a folder.
 
     For Spider, `split` picks `dev.json` or `train_spider.json` and `seed` is ignored; `limit`
-    keeps the first tasks in file order (so evaluations on a prefix are comparable).
+    keeps the first tasks in file order (so evaluations on a prefix are comparable). `levels`
+    ("hard,extra" or a list) keeps only questions of those Spider levels, applied before `limit`.
     """
     if data is None or str(data) == "generated":
         tasks = generate_tasks(seed=seed, split=split)
-        return tasks if limit is None else tasks[:limit]
-    path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"text_to_sql: no Spider data at {path} (or pass data='generated')")
-    return load_spider(path, split=split, limit=limit)
+    else:
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"text_to_sql: no Spider data at {path} "
+                                    "(or pass data='generated')")
+        tasks = load_spider(path, split=split, limit=None if levels else limit)
+    if levels:
+        wanted = set(levels.split(",") if isinstance(levels, str) else levels)
+        if not wanted <= set(LEVELS):
+            raise ValueError(f"unknown levels {sorted(wanted - set(LEVELS))}; expected {LEVELS}")
+        tasks = [t for t in tasks if t.difficulty in wanted]
+    return tasks if limit is None else tasks[:limit]
 
 
 def summarize(batch: Any) -> dict[str, float]:
@@ -74,7 +83,7 @@ def summarize(batch: Any) -> dict[str, float]:
         summary["gold_empty_rate"] = rate("gold_empty")
     if any("similarity" in m for m in metas):  # absent in logs older than the field
         summary["similarity"] = fmean(float(m.get("similarity", 0.0)) for m in metas)
-    for level in ("easy", "medium", "hard"):
+    for level in LEVELS:
         scores = [float(m.get("exec_acc", 0.0)) for m in metas if m.get("difficulty") == level]
         if scores:
             summary[f"exec_acc_{level}"] = fmean(scores)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .domains import BUILDERS, DEV_DBS, TRAIN_DBS, Domain
+from .hardness import spider_hardness
 from .questions import domain_questions
 from .schema import schema_text
 from .task import SQLTask, cache_root
@@ -129,7 +130,7 @@ def _tasks(seed: int, split: str, cache_dir: str | None) -> tuple[SQLTask, ...]:
             seen: set[str] = set()
             schema = schema_text(str(path))
             drafts = [q for _ in range(ROUNDS[split]) for q in domain_questions(domain, conn, rng)]
-            for difficulty, question, sql in drafts:
+            for question, sql in drafts:
                 if question in seen:
                     continue
                 try:
@@ -141,7 +142,7 @@ def _tasks(seed: int, split: str, cache_dir: str | None) -> tuple[SQLTask, ...]:
                 seen.add(question)
                 tasks.append(SQLTask(task_id=f"{db_id}-{len(seen) - 1:03d}", question=question,
                                      gold_sql=sql, db_id=db_id, db_path=str(path),
-                                     schema=schema, difficulty=difficulty))
+                                     schema=schema, difficulty=spider_hardness(sql)))
         finally:
             conn.close()
     return tuple(tasks)

@@ -14,6 +14,7 @@ import json
 import warnings
 from pathlib import Path
 
+from .hardness import spider_hardness
 from .schema import schema_text
 from .task import SQLTask
 
@@ -91,7 +92,8 @@ def load_spider(path: str | Path, split: str = "dev", *, strict: bool = False,
         db_path = checked[db_id]
         tasks.append(SQLTask(task_id=f"spider-{split}-{i:04d}", question=record["question"].strip(),
                              gold_sql=record["query"].strip(), db_id=db_id, db_path=str(db_path),
-                             schema=schema_text(str(db_path)), difficulty=record.get("hardness")))
+                             schema=schema_text(str(db_path)), difficulty=record.get("hardness")
+                             or spider_hardness(record["query"])))
         if limit is not None and len(tasks) >= limit:
             break
     return tasks

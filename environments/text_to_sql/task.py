@@ -27,7 +27,7 @@ class SQLTask:
     schema: str
     """CREATE TABLE statements of the database (without sample rows)."""
     difficulty: str | None = None
-    """easy | medium | hard for generated data; None when unknown (Spider)."""
+    """Spider's level of the gold query: easy | medium | hard | extra (`hardness.py`)."""
 
 
 def cache_root() -> Path:
