@@ -42,7 +42,7 @@ def _parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, 
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -30,6 +30,18 @@ def test_train_resume_and_eval_with_checkpoint(tmp_path, capsys):
     assert metrics["n"] == 3 and "one_word" in metrics
 
 
+def test_task_options_reach_the_loader(capsys):
+    assert main(["eval", "--model", "tiny", "--env", "text_to_sql", "--limit", "2",
+                 "--task-option", "levels=extra", "--agent-option", "max_turns=1",
+                 "--agent-option", "max_new_tokens=4"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 2 and "exec_acc_extra" in metrics and "exec_acc_easy" not in metrics
+    assert main(["eval", "--model", "tiny", "--env", "text_to_sql", "--task-option", "levels=x"]) == 2
+    assert "unknown levels ['x']" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny", "--env", "text_to_sql", "--task-option", "levels"]) == 2
+    assert "--task-option expects KEY=VALUE" in capsys.readouterr().err
+
+
 def test_bad_names_give_clear_errors(capsys):
     assert main(["train", "--model", "tiny", "--env", "nope", "--steps", "1"]) == 2
     assert "unknown environment 'nope'" in capsys.readouterr().err
