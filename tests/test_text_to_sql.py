@@ -289,7 +289,10 @@ def test_shaping_terms_are_off_by_default_and_reported(toy_db):
                       RewardConfig(empty_match_reward=0.0))
     assert empty.exec_acc == 1.0 and empty.gold_empty and empty.reward == 0.0
     bad = score_sql(toy_db, "SELECT nope FROM t", "SELECT a FROM t")
-    assert bad.parsed and not bad.executed and "nope" in bad.error
+    assert bad.parsed and not bad.executed and "nope" in bad.error and not bad.gold_empty
+    # gold_empty is a fact about the task, known even when the prediction fails or is missing
+    assert score_sql(toy_db, "SELECT nope FROM t", "SELECT a FROM t WHERE a > 9").gold_empty
+    assert score_sql(toy_db, None, "SELECT a FROM t WHERE a > 9").gold_empty
 
 
 # Components (see similarity.py) of the gold query used below: table:teachers, column:name,

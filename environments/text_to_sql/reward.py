@@ -125,11 +125,12 @@ def score_sql(db_path: str, pred_sql: str | None, gold_sql: str,
     # Missing SQL is not an engine error; keep the reason readable in logs.
     pred = (run_sql(db_path, pred_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
             if pred_sql else ExecResult(error="no SQL found in model output"))
-    exec_acc, gold_empty = 0.0, False
+    # Gold runs even when the prediction failed, so `gold_empty` describes the task alone and
+    # per-task rates built on it compare across checkpoints.
+    gold = run_sql(db_path, gold_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
+    exec_acc, gold_empty = 0.0, gold.ok and not gold.rows
     error = pred.error
     if pred.ok:
-        gold = run_sql(db_path, gold_sql, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
-        gold_empty = gold.ok and not gold.rows
         if not gold.ok:
             error = f"gold: {gold.error}"
         elif pred.truncated == gold.truncated and results_match(
