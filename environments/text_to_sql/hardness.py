@@ -29,13 +29,13 @@ def _counts(tree: exp.Expression) -> tuple[int, int, int]:
     if not isinstance(tree, exp.Select):
         return 0, nested, 0
     where, group = tree.args.get("where"), tree.args.get("group")
-    joins = len(tree.args.get("joins") or [])
     clauses = sum(tree.args.get(k) is not None for k in ("where", "group", "order", "limit"))
-    clauses += joins
+    clauses += len(tree.args.get("joins") or [])
     conditions = 0
     if where is not None:
-        clauses += len(_own(where, exp.Or, tree)) + len(_own(where, exp.Like, tree))
-        conditions = 1 + len(_own(where, exp.Or, tree)) + len(_own(where, exp.And, tree))
+        ors = len(_own(where, exp.Or, tree))
+        clauses += ors + len(_own(where, exp.Like, tree))
+        conditions = 1 + ors + len(_own(where, exp.And, tree))
     nested += sum(1 for s in tree.find_all(exp.Select)
                   if s is not tree and s.parent_select is tree)
     others = sum([
