@@ -55,7 +55,7 @@ def run_trl(steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lightning_lab.models import LORA_TARGETS, smollm2_model_dir
+    from lightning_lab.inference.models import LORA_TARGETS, smollm2_model_dir
 
     path = str(smollm2_model_dir())
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -16,16 +16,16 @@ from .tracing import TracingError, current, reward, rollout, step, traced
 __version__ = "0.1.0"
 
 _LAZY = {
-    "models": ("lightning_lab.models", None),
-    "Policy": ("lightning_lab.policy", "Policy"),
-    "Generation": ("lightning_lab.policy", "Generation"),
-    "PPOTrainer": ("lightning_lab.trainer", "PPOTrainer"),
-    "PPOConfig": ("lightning_lab.trainer", "PPOConfig"),
-    "StepState": ("lightning_lab.trainer", "StepState"),
-    "evaluate": ("lightning_lab.evaluate", "evaluate"),
+    "models": ("lightning_lab.inference.models", None),
+    "Policy": ("lightning_lab.inference.policy", "Policy"),
+    "Generation": ("lightning_lab.inference.policy", "Generation"),
+    "PPOTrainer": ("lightning_lab.train.trainer", "PPOTrainer"),
+    "PPOConfig": ("lightning_lab.train.trainer", "PPOConfig"),
+    "StepState": ("lightning_lab.train.trainer", "StepState"),
+    "evaluate": ("lightning_lab.rollouts", "evaluate"),
     "run_rollouts": ("lightning_lab.rollouts", "run_rollouts"),
-    "widgets": ("lightning_lab.widgets", None),
-    "tracking": ("lightning_lab.tracking", None),
+    "widgets": ("lightning_lab.workbench.widgets", None),
+    "tracking": ("lightning_lab.workbench.tracking", None),
     "serve": ("lightning_lab.proxy", "serve"),
     "proxy": ("lightning_lab.proxy", None),
 }

@@ -51,7 +51,7 @@ def _parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, 
 
 
 def _load_policy(args: argparse.Namespace):
-    from . import models
+    from .inference import models
 
     lora = {"auto": None, "on": True, "off": False}[args.lora]
     return models.load(args.model, lora=lora, device=args.device, seed=args.seed)
@@ -98,19 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("envs", help="list environments")
     sub.add_parser("credit", help="list credit strategies")
 
-    for name, module in (("serve", "proxy"), ("sweep", "tracking")):
-        try:
-            import importlib
+    from .proxy import add_cli as add_serve_cli
+    from .workbench.tracking import add_cli as add_sweep_cli
 
-            importlib.import_module(f"lightning_lab.{module}").add_cli(sub, _add_model_args)
-        except (ImportError, AttributeError):
-            pass
+    add_serve_cli(sub, _add_model_args)
+    add_sweep_cli(sub, _add_model_args)
     return parser
 
 
 @dataclass
 class TrainSetup:
-    """What ``cmd_train`` (and ``lightning_lab.tracking``'s sweeps) build from the train options."""
+    """What ``cmd_train`` (and ``lightning_lab.workbench.tracking``'s sweeps) build from the train options."""
 
     env: Any
     policy: Any
@@ -128,7 +126,7 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Tr
     """
     from . import credit as credit_lib
     from . import envs
-    from .trainer import PPOConfig, PPOTrainer
+    from .train.trainer import PPOConfig, PPOTrainer
 
     env = envs.get(args.env)
     task_options = _parse_options(args.task_option, "--task-option")
@@ -161,13 +159,13 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Tr
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .rollouts.evaluation import evaluate
 
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     callbacks: list[Any] = []
     if args.wandb:
-        from .tracking import WandbCallback
+        from .workbench.tracking import WandbCallback
 
         callbacks.append(WandbCallback(project="lightning-lab", config={"env": args.env, "model": args.model}))
     setup = build_trainer(args, callbacks)
@@ -223,8 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import envs
-    from .checkpoint import load_policy_weights
-    from .evaluate import evaluate
+    from .train.checkpoint import load_policy_weights
+    from .rollouts.evaluation import evaluate
 
     env = envs.get(args.env)
     tasks = env.load_tasks(args.split, data=args.data, seed=args.seed, limit=args.limit,

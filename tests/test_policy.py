@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import lightning_lab as ll
-from lightning_lab import models
-from lightning_lab.engine import EngineConfig, Request
-from lightning_lab.policy import Policy
-from lightning_lab.sampling import SamplingParams
+from lightning_lab.inference import models
+from lightning_lab.inference.engine import EngineConfig, Request
+from lightning_lab.inference.policy import Policy
+from lightning_lab.inference.sampling import SamplingParams
 
 CHATS = [
     [{"role": "user", "content": "hi"}],
@@ -82,7 +82,7 @@ def test_greedy_is_deterministic(policy):
 @pytest.mark.parametrize("path", ["fast", "hf"])
 def test_logprobs_match_with_shared_prompt_prefix(policy, hf_path_policy, path):
     """Prompts sharing the default system prompt get its KV computed once; nothing may change."""
-    from lightning_lab.decoding import _shared_prefix
+    from lightning_lab.inference.decoding import _shared_prefix
 
     sampler = policy if path == "fast" else hf_path_policy
     prompts = [CHATS[0], CHATS[1], [{"role": "user", "content": "Another question, medium size?"}]]
@@ -100,7 +100,7 @@ def test_logprobs_match_with_shared_prompt_prefix(policy, hf_path_policy, path):
 def test_identical_prompts_from_separate_requests_prefill_once(policy, monkeypatch):
     """A GRPO group sampled by separate agent threads is one prompt in several requests: it is
     prefilled once, and each row still samples (and scores) on its own."""
-    from lightning_lab.decoding import DecodeBatch
+    from lightning_lab.inference.decoding import DecodeBatch
 
     prefill_rows = []
     forward = DecodeBatch._forward
@@ -235,7 +235,7 @@ def test_bad_request_fails_alone(policy):
 
 
 def test_worker_survives_forward_error(policy, monkeypatch):
-    from lightning_lab.decoding import DecodeBatch
+    from lightning_lab.inference.decoding import DecodeBatch
 
     def boom(self, groups):
         raise RuntimeError("boom")

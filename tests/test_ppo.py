@@ -2,7 +2,7 @@
 
 import torch
 
-from lightning_lab.ppo import ppo_loss
+from lightning_lab.train.ppo import ppo_loss
 
 
 def test_unclipped_gradient_is_minus_advantage_times_ratio_over_n():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_lab.records import Transition
-from lightning_lab.scoring import chunk_rows, padded_tokens, score
+from lightning_lab.train.scoring import chunk_rows, padded_tokens, score
 
 
 def row(prompt, response, temperature=1.0):

@@ -7,7 +7,7 @@ import torch
 
 import lightning_lab as ll
 from agents import parity_agent
-from lightning_lab.checkpoint import CheckpointError
+from lightning_lab.train.checkpoint import CheckpointError
 
 TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(8)]
 

@@ -10,9 +10,9 @@ import pytest
 import lightning_lab as ll
 from agents import parity_agent as shared_parity_agent
 from lightning_lab import credit
-from lightning_lab.trainer import StepState
-from lightning_lab.widgets import dashboard as dash_mod
-from lightning_lab.widgets import figures, tables
+from lightning_lab.train.trainer import StepState
+from lightning_lab.workbench.widgets import dashboard as dash_mod
+from lightning_lab.workbench.widgets import figures, tables
 
 
 def traj(task, rewards, group="g", status="ok"):

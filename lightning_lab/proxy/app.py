@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..sampling import normalize_temperature
+from ..inference.sampling import normalize_temperature
 from .backends import Backend, Completion, Prepared
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)

@@ -84,8 +84,8 @@ class LocalBackend:
 
     async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
                        max_tokens: int) -> list[Completion]:
-        from lightning_lab.engine import Request
-        from lightning_lab.sampling import SamplingParams
+        from lightning_lab.inference.engine import Request
+        from lightning_lab.inference.sampling import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=request.top_p,
                                 max_new_tokens=max_tokens, stop=request.stop, seed=request.seed)
@@ -112,7 +112,7 @@ class LocalBackend:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a trainer checkpoint's trained weights (LoRA or full) into the served policy."""
-        from lightning_lab.checkpoint import load_policy_weights
+        from lightning_lab.train.checkpoint import load_policy_weights
 
         def load() -> None:
             with self.policy.engine.lock:  # never mid-forward

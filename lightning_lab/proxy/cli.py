@@ -25,7 +25,7 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lightning_lab import models
+    from lightning_lab.inference import models
 
     from .server import ServeConfig, check_bind, serve
 
@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     lora = {"auto": None, "on": True, "off": False}[args.lora]
     policy = models.load(args.model, lora=lora, device=args.device, seed=args.seed)
     if args.checkpoint:
-        from lightning_lab.checkpoint import load_policy_weights
+        from lightning_lab.train.checkpoint import load_policy_weights
 
         load_policy_weights(policy, Path(args.checkpoint))
     server = serve(policy, args.host, args.port, api_key=args.api_key,

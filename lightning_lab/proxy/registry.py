@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_lab import tracing
-from lightning_lab.policy import Generation
+from lightning_lab.inference.policy import Generation
 from lightning_lab.records import Trajectory, Transition
 
 __all__ = ["OpenRollout", "RolloutRegistry", "TraceStats"]

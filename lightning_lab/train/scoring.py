@@ -16,9 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .records import Transition
+from ..inference.prompts import dedupe_prompts
+from ..records import Transition
 
-__all__ = ["Scores", "chunk_rows", "dedupe_prompts", "padded_tokens", "score"]
+__all__ = ["Scores", "chunk_rows", "padded_tokens", "score"]
 
 
 @dataclass
@@ -37,13 +38,6 @@ def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, to
         ids[b, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         mask[b, :len(seq)] = 1
     return ids, mask
-
-
-def dedupe_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[int]]:
-    """Distinct prompts (in first-seen order) and, per input, the index of its distinct prompt."""
-    index: dict[tuple[int, ...], int] = {}
-    of_input = [index.setdefault(tuple(p), len(index)) for p in prompts]
-    return list(index), of_input
 
 
 def padded_tokens(rows: Sequence[Transition]) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from .envs import task_id_of
-from .records import Batch, Trajectory
-from .tracing import rollout
+from ..envs import task_id_of
+from ..records import Batch, Trajectory
+from ..tracing import rollout
 
 __all__ = ["run_rollouts"]
 

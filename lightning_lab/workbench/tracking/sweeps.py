@@ -34,7 +34,7 @@ _NOT_SWEEPABLE = {"command", "wandb", "resume", "handler", "out"}
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from ..cli import build_parser
+    from ...cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["train"]
@@ -59,7 +59,7 @@ def load_sweep_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
 
 def validate(config: dict[str, Any], valid: set[str] | None) -> None:
     """Unknown parameter names, credit strategies or value specs fail here, before any run."""
-    from .. import credit as credit_lib
+    from ... import credit as credit_lib
 
     params = config["parameters"]
     if valid is not None:
@@ -123,7 +123,7 @@ def _sample(name: str, spec: dict[str, Any], rng: random.Random) -> Any:
 def effective_params(params: dict[str, Any]) -> dict[str, Any]:
     """Drop credit parameters the chosen strategy does not take (uniform has no gamma), so a
     credit x gamma grid does not fail and does not repeat identical uniform runs."""
-    from .. import credit as credit_lib
+    from ... import credit as credit_lib
 
     name = params.get("credit", sweep_parameters()["credit"])
     cls = type(credit_lib.get(name))
@@ -133,8 +133,8 @@ def effective_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def train_run(params: dict[str, Any], callback: WandbCallback) -> dict[str, float]:
     """Default sweep run: ``lightning-lab train`` with ``params``, then one greedy dev eval."""
-    from ..cli import build_trainer
-    from ..evaluate import evaluate
+    from ...cli import build_trainer
+    from ...rollouts.evaluation import evaluate
 
     args = argparse.Namespace(**{**vars(_train_parser().parse_args([])), **params})
     if isinstance(args.trainable_agents, (list, tuple)):
@@ -244,7 +244,7 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None] 
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..cli import _parse_options
+    from ...cli import _parse_options
 
     config = load_sweep_config(args.config)
     for key, value in _parse_options(args.set).items():

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from lightning_lab.fast_llama import FastLlama, supports
-from lightning_lab.kvcache import growing_cache
-from lightning_lab.sampling import SamplingParams, choose_tokens
-from lightning_lab.scoring import dedupe_prompts
+from lightning_lab.inference.fast_llama import FastLlama, supports
+from lightning_lab.inference.kvcache import growing_cache
+from lightning_lab.inference.sampling import SamplingParams, choose_tokens
+from lightning_lab.inference.prompts import dedupe_prompts
 
 
 @dataclass

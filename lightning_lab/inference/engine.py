@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from lightning_lab.decoding import DecodeBatch, Row
-from lightning_lab.sampling import SamplingParams
+from lightning_lab.inference.decoding import DecodeBatch, Row
+from lightning_lab.inference.sampling import SamplingParams
 
 
 @dataclass

@@ -75,7 +75,7 @@ class CreditPanel(_View):
     """
 
     def __init__(self, state: Any = None, trainer: Any = None, max_rows: int = 40):
-        from .. import credit as credit_lib
+        from ... import credit as credit_lib
 
         self.state = state
         self.trainer = trainer
@@ -122,7 +122,7 @@ class CreditPanel(_View):
 
     def recompute(self, strategy: str, **params: Any) -> tables.CreditComparison:
         """What a UI change does, callable from code: recompute and keep the comparison."""
-        from .. import credit as credit_lib
+        from ... import credit as credit_lib
 
         needs_values = credit_lib.get(strategy).needs_values
         if needs_values and self._valued is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .records import Batch
-from .rollouts import run_rollouts
+from ..records import Batch
+from .threads import run_rollouts
 
 __all__ = ["evaluate"]
 

@@ -18,12 +18,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import credit as credit_lib
+from .. import credit as credit_lib
 from .critic import ValueHead
 from .ppo import ppo_loss
-from .records import Batch, Transition
-from .rollouts import run_rollouts
-from .scoring import Scores, chunk_rows, dedupe_prompts, score
+from ..records import Batch, Transition
+from ..rollouts.threads import run_rollouts
+from ..inference.prompts import dedupe_prompts
+from .scoring import Scores, chunk_rows, score
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
 

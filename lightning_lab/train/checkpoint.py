@@ -100,7 +100,7 @@ def resolve(directory: Path) -> Path:
 
 def load_checkpoint(cls: type, directory: Path, policy: Any, agent: Callable[[Any], Any],
                     tasks: Sequence[Any], credit: Any, callbacks: Sequence[Any]) -> Any:
-    from . import credit as credit_lib
+    from .. import credit as credit_lib
     from .trainer import PPOConfig
 
     path = resolve(directory)

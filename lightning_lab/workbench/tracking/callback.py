@@ -9,7 +9,7 @@ Offline by default: unless you are logged in (``WANDB_API_KEY`` or a ``~/.netrc`
 ``WANDB_MODE`` yourself, runs are written to ``./wandb`` and never need an API key (``wandb sync``
 uploads them later). If wandb is missing or fails, training goes on with one warning.
 
-wandb is imported inside functions, so ``import lightning_lab.tracking`` stays cheap.
+wandb is imported inside functions, so ``import lightning_lab.workbench.tracking`` stays cheap.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..records import Batch, Trajectory
+from ...records import Batch, Trajectory
 
 __all__ = ["last_user_message", "advantage_table", "filter_trajectories", "trajectory_label",
            "trajectory_html", "CreditComparison", "compare_credit", "strategy_params",
@@ -110,7 +110,7 @@ def trajectory_html(traj: Trajectory, max_chars: int = 4000) -> str:
 
 def strategy_params(name: str) -> dict[str, Any]:
     """A registered strategy's parameters and defaults (what the credit panel lets you edit)."""
-    from .. import credit as credit_lib
+    from ... import credit as credit_lib
 
     return credit_lib.get(name).params()
 

@@ -10,7 +10,7 @@ import io
 import math
 from typing import Any, Sequence
 
-from ..records import Batch
+from ...records import Batch
 
 __all__ = ["CURVES", "curves_figure", "advantage_matrix", "advantage_heatmaps", "figure_png"]
 

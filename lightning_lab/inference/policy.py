@@ -11,8 +11,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
-from lightning_lab.engine import Engine, EngineConfig, Request
-from lightning_lab.sampling import SamplingParams
+from lightning_lab.inference.engine import Engine, EngineConfig, Request
+from lightning_lab.inference.sampling import SamplingParams
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
