@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from . import credit, envs
+from .paths import cache_dir
 from .records import Batch, TraceFormatError, Trajectory, Transition
 from .tracing import TracingError, current, reward, rollout, step, traced
 
@@ -20,7 +21,10 @@ _LAZY = {
     "Policy": ("lightning_lab.inference.policy", "Policy"),
     "Generation": ("lightning_lab.inference.policy", "Generation"),
     "PPOTrainer": ("lightning_lab.train.trainer", "PPOTrainer"),
-    "PPOConfig": ("lightning_lab.train.trainer", "PPOConfig"),
+    "PPOConfig": ("lightning_lab.train.config", "PPOConfig"),
+    "RunConfig": ("lightning_lab.train.config", "RunConfig"),
+    "run": ("lightning_lab.train.run", "run"),
+    "CallbackBase": ("lightning_lab.train.callbacks", "CallbackBase"),
     "StepState": ("lightning_lab.train.trainer", "StepState"),
     "evaluate": ("lightning_lab.rollouts", "evaluate"),
     "run_rollouts": ("lightning_lab.rollouts", "run_rollouts"),
@@ -30,7 +34,7 @@ _LAZY = {
     "proxy": ("lightning_lab.proxy", None),
 }
 
-__all__ = ["Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",
+__all__ = ["cache_dir", "Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",
            "envs", "current", "reward", "rollout", "step", "traced", *_LAZY]
 
 

@@ -7,90 +7,73 @@ the shell and from Jupyter are the same thing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_trainer", "build_parser", "TrainSetup"]
+from .train.config import ConfigError, PPOConfig, RunConfig, field_docs, parse_options
+
+__all__ = ["main", "build_parser"]
+
+MODEL_FIELDS = ("model", "lora", "device", "seed")
+ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options")
+_OPTION_FLAGS = {"agent_options": "--agent-option", "task_options": "--task-option"}
+_SKIP = {"ppo", "seed"}  # ppo: its fields become flags of their own; ppo.seed follows seed
+
+
+def _add_field(p: argparse.ArgumentParser, cls: type, name: str, dest: str, suppress: bool) -> None:
+    """One flag from a dataclass field: type from its annotation, help from its docstring."""
+    hint = typing.get_type_hints(cls)[name]
+    default = argparse.SUPPRESS if suppress else getattr(cls(), name)
+    doc = field_docs(cls).get(name, "")
+    if name in _OPTION_FLAGS:
+        p.add_argument(_OPTION_FLAGS[name], dest=dest, action="append", metavar="KEY=VALUE",
+                       default=argparse.SUPPRESS if suppress else [], help=doc + " (repeatable)")
+        return
+    flag = "--" + name.replace("_", "-")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    if base is bool:
+        action = "store_true" if getattr(cls(), name) is False else argparse.BooleanOptionalAction
+        p.add_argument(flag, dest=dest, action=action, default=default, help=doc)
+        return
+    kind = typing.get_origin(base) or base
+    choices = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
+    p.add_argument(flag, dest=dest, default=default, help=doc, choices=choices,
+                   type=str if kind in (tuple, dict) else kind,
+                   metavar="A,B" if kind is tuple else name.upper())
+
+
+def add_run_fields(p: argparse.ArgumentParser, names: Sequence[str], suppress: bool = False) -> None:
+    for name in names:
+        _add_field(p, RunConfig, name, name, suppress)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | local HF dir")
-    p.add_argument("--lora", choices=["auto", "on", "off"], default="auto",
-                   help="LoRA adapter (auto: on for real models, off for tiny)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _add_env_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="wordplay", help="environment name (folder under environments/)")
-    p.add_argument("--data", default=None,
-                   help="dataset path in the benchmark's own format (default: generated tasks)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many tasks")
-    p.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for the environment's agent, e.g. max_turns=2 (repeatable)")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for the environment's task loader, e.g. levels=hard,extra "
-                        "(repeatable; train applies it to train and dev tasks)")
-
-
-def _parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def _load_policy(args: argparse.Namespace):
-    from .inference import models
-
-    lora = {"auto": None, "on": True, "off": False}[args.lora]
-    return models.load(args.model, lora=lora, device=args.device, seed=args.seed)
+    add_run_fields(p, MODEL_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="PPO-train a model on an environment")
-    _add_model_args(train)
-    _add_env_args(train)
-    train.add_argument("--credit", default="uniform", help="credit strategy (see --list-credit)")
-    train.add_argument("--gamma", type=float, default=None)
-    train.add_argument("--lam", type=float, default=None)
-    train.add_argument("--baseline", default=None, help="none | group | rloo | batch")
-    train.add_argument("--steps", type=int, default=20)
-    train.add_argument("--tasks-per-step", type=int, default=8)
-    train.add_argument("--group-size", type=int, default=4)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--kl-coef", type=float, default=None)
-    train.add_argument("--ppo-epochs", type=int, default=None)
-    train.add_argument("--temperature", type=float, default=None)
-    train.add_argument("--trainable-agents", default=None,
-                       help="comma-separated roles that enter the loss (default: all)")
-    train.add_argument("--eval-every", type=int, default=0, help="greedy dev eval every N steps (0: start/end only)")
-    train.add_argument("--eval-limit", type=int, default=None)
-    train.add_argument("--max-minutes", type=float, default=None,
-                       help="stop after the step that passes this wall-clock budget (evals excluded)")
-    train.add_argument("--save-every", type=int, default=5)
-    train.add_argument("--keep-checkpoints", type=int, default=3,
-                       help="keep the newest K checkpoints, delete older ones (0: keep all)")
-    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints")
-    train.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline by default)")
-    train.add_argument("--out", default="runs/demo")
+    train = sub.add_parser("train", help="PPO-train a model on an environment",
+                           description="Every flag is a RunConfig field (lightning_lab/train/config.py); "
+                                       "flags override --config, and on --resume the run's config.yaml.")
+    train.add_argument("--config", default=None, help="RunConfig YAML (defaults for every flag)")
+    add_run_fields(train, [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SKIP],
+                   suppress=True)
+    _add_field(train, RunConfig, "seed", "seed", suppress=True)
+    for f in dataclasses.fields(PPOConfig):
+        if f.name != "seed":
+            _add_field(train, PPOConfig, f.name, f"ppo.{f.name}", suppress=True)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a model on an environment's tasks")
-    _add_model_args(ev)
-    _add_env_args(ev)
+    add_run_fields(ev, MODEL_FIELDS + ENV_FIELDS)
     ev.add_argument("--split", default="dev")
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     ev.add_argument("--out", default=None, help="write per-example results (.jsonl or .parquet)")
@@ -102,135 +85,60 @@ def build_parser() -> argparse.ArgumentParser:
     from .workbench.tracking import add_cli as add_sweep_cli
 
     add_serve_cli(sub, _add_model_args)
-    add_sweep_cli(sub, _add_model_args)
+    add_sweep_cli(sub)
     return parser
 
 
-@dataclass
-class TrainSetup:
-    """What ``cmd_train`` (and ``lightning_lab.workbench.tracking``'s sweeps) build from the train options."""
-
-    env: Any
-    policy: Any
-    agent: Any
-    train_tasks: list[Any]
-    dev_tasks: list[Any]
-    trainer: Any
-    resumed: bool = False
+def _changes(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The RunConfig fields the command line set explicitly (unset flags are absent)."""
+    out = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config", *skip)}
+    for name, flag in _OPTION_FLAGS.items():
+        if name in out:
+            out[name] = parse_options(out[name], flag)
+    return out
 
 
-def build_trainer(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> TrainSetup:
-    """Environment, tasks, policy, agent and PPOTrainer from ``lightning-lab train`` options.
+def train_config(args: argparse.Namespace) -> RunConfig:
+    """The run ``lightning-lab train`` makes: flags over --config (or over the saved config on
+    --resume) over RunConfig's defaults."""
+    from .train.config import load_config, override
+    from .train.run import resume_config
 
-    Shared with sweeps so a swept run is exactly the run the CLI would have made.
-    """
-    from . import credit as credit_lib
-    from . import envs
-    from .train.trainer import PPOConfig, PPOTrainer
-
-    env = envs.get(args.env)
-    task_options = _parse_options(args.task_option, "--task-option")
-    train_tasks = env.load_tasks("train", data=args.data, seed=args.seed, limit=args.limit,
-                                 **task_options)
-    dev_tasks = env.load_tasks("dev", data=args.data, seed=args.seed, limit=args.eval_limit,
-                               **task_options)
-    policy = _load_policy(args)
-    agent = env.make_agent(policy, **_parse_options(args.agent_option))
-    credit_params = {k: v for k, v in (("gamma", args.gamma), ("lam", args.lam)) if v is not None}
-    if args.baseline is not None:
-        credit_params["baseline"] = None if args.baseline == "none" else args.baseline
-    overrides = {k: v for k, v in dict(lr=args.lr, kl_coef=args.kl_coef, ppo_epochs=args.ppo_epochs,
-                                       temperature=args.temperature).items() if v is not None}
-    config = PPOConfig(tasks_per_step=args.tasks_per_step, group_size=args.group_size, seed=args.seed,
-                       trainable_agents=tuple(args.trainable_agents.split(","))
-                       if args.trainable_agents else None, **overrides)
-    ckpt_dir = Path(args.out) / "checkpoints"
-    strategy = credit_lib.get(args.credit, **credit_params)
-    resumed = bool(args.resume and ckpt_dir.exists())
-    if resumed:
-        trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, callbacks=callbacks)
-    else:
-        trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config,
-                             callbacks=callbacks)
-    for cb in callbacks:  # callbacks that want the whole trainer (config, checkpoints) get it
-        if hasattr(cb, "attach"):
-            cb.attach(trainer)
-    return TrainSetup(env, policy, agent, train_tasks, dev_tasks, trainer, resumed)
+    changes = _changes(args)
+    if changes.get("resume"):
+        if args.config:
+            raise ConfigError("--resume continues <out>/config.yaml; drop --config")
+        return resume_config(changes.get("out", RunConfig.out), changes)
+    base = load_config(args.config) if args.config else RunConfig()
+    return override(base, changes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .rollouts.evaluation import evaluate
+    from .train.run import run
 
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
+    config = train_config(args)
     callbacks: list[Any] = []
-    if args.wandb:
+    if config.wandb:
         from .workbench.tracking import WandbCallback
 
-        callbacks.append(WandbCallback(project="lightning-lab", config={"env": args.env, "model": args.model}))
-    setup = build_trainer(args, callbacks)
-    env, policy, agent, dev_tasks, trainer = (setup.env, setup.policy, setup.agent, setup.dev_tasks,
-                                              setup.trainer)
-    if setup.resumed:
-        print(f"resumed from {ckpt_dir} at step {trainer.step_count}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    def dev_eval(tag: str) -> dict[str, float]:
-        batch, metrics = evaluate(agent, dev_tasks, summarize=env.summarize)
-        batch.save_jsonl(out / f"eval_{tag}.jsonl")
-        print(f"[eval {tag}] " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-        for cb in callbacks:
-            if hasattr(cb, "log_eval"):
-                cb.log_eval(metrics)
-        return metrics
-
-    before = dev_eval(f"step{trainer.step_count:04d}")
-    print(f"training {policy.name} on {args.env} with {trainer.credit.describe()} "
-          f"for {args.steps} steps -> {out}")
-    started = time.monotonic()
-    deadline = started + 60 * args.max_minutes if args.max_minutes else float("inf")
-    with open(out / "metrics.jsonl", "a") as log:
-        while trainer.step_count < args.steps and time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            state = trainer.step()
-            m = state.metrics
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            state.batch.save_jsonl(out / "trajectories.jsonl", append=True)
-            print(f"step {state.step:3d}  reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}  "
-                  f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  loss {m['policy_loss']:+.4f}  "
-                  f"tok/s {m['tokens_per_s']:.0f}  failed {int(m['n_failed'])}  "
-                  f"{time.perf_counter() - t0:.1f}s", flush=True)
-            if args.save_every and state.step % args.save_every == 0:
-                trainer.save(ckpt_dir, keep_last=args.keep_checkpoints or None)
-            if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
-                dev_eval(f"step{state.step:04d}")
-    train_minutes = (time.monotonic() - started) / 60
-    print(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
-    trainer.save(ckpt_dir, keep_last=args.keep_checkpoints or None)
-    after = dev_eval(f"step{trainer.step_count:04d}")
-    summary = {"before": before, "after": after, "train_minutes": train_minutes,
-               "history": [h["reward_mean"] for h in trainer.history]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
-    for cb in callbacks:
-        if hasattr(cb, "finish"):
-            cb.finish()
+        callbacks.append(WandbCallback(project="lightning-lab"))
+    run(config, callbacks, log=lambda line: print(line, flush=True))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import envs
+    from .rollouts import evaluate
     from .train.checkpoint import load_policy_weights
-    from .rollouts.evaluation import evaluate
+    from .train.config import override
+    from .train.run import load_env, load_policy, load_tasks, make_agent
 
-    env = envs.get(args.env)
-    tasks = env.load_tasks(args.split, data=args.data, seed=args.seed, limit=args.limit,
-                           **_parse_options(args.task_option, "--task-option"))
-    policy = _load_policy(args)
+    config = override(RunConfig(), _changes(args, skip=("split", "checkpoint", "out")))
+    env = load_env(config)
+    tasks = load_tasks(env, config, args.split, config.limit)
+    policy = load_policy(config)
     if args.checkpoint:
         load_policy_weights(policy, Path(args.checkpoint))
-    agent = env.make_agent(policy, **_parse_options(args.agent_option))
+    agent = make_agent(env, policy, config)
     t0 = time.perf_counter()
     batch, metrics = evaluate(agent, tasks, summarize=env.summarize, progress=True)
     metrics["seconds"] = time.perf_counter() - t0
@@ -241,6 +149,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {len(batch)} results to {out}")
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .train.checkpoint import CheckpointError
+
+    # FileNotFoundError: a --data / --checkpoint / --config path that is not there
+    return (ConfigError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"train": cmd_train, "eval": cmd_eval}.get(args.command) or args.handler
     try:
         return handler(args) or 0
-    except (KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except _usage_errors() as exc:  # what the user can fix; anything else keeps its traceback
         print(f"lightning-lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

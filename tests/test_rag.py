@@ -27,7 +27,7 @@ from environments.rag import (
     summarize,
 )
 from environments.rag.agent import candidate_names, clean_query, reformulate_prompt
-from environments.rag.retrieval import index_for
+from environments.rag.retrieval import corpus_index, index_for
 from environments.rag.tasks import Paragraph, attach_corpus
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hotpotqa"
@@ -229,7 +229,7 @@ def test_open_setting_searches_all_tasks_and_caches(train):
         hits = retrieve(task, second_hop, k=1, setting="open")
         assert hits[0].title == second_hop
     assert time.perf_counter() - start < 2.0
-    assert corpus.index is corpus.index  # built once
+    assert corpus_index(corpus) is corpus_index(corpus)  # built once
     assert index_for(train[0].paragraphs) is index_for(list(train[0].paragraphs))
     with pytest.raises(ValueError, match="setting"):
         retrieve(train[0], "x", setting="web")

@@ -19,7 +19,7 @@ from environments.text_to_sql import (
     generate_tasks, load_spider, load_tasks, make_agent, parse_verdict, run_sql, schema_text,
     score_sql, sql_similarity, summarize,
 )
-from environments.text_to_sql.data import SPIDER_LAYOUT, spider_layout
+from environments.text_to_sql.data import SPIDER_LAYOUT, build_databases, spider_layout
 from environments.text_to_sql.domains import BUILDERS
 from environments.text_to_sql.hardness import LEVELS, spider_hardness
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
@@ -144,12 +144,14 @@ def test_databases_have_foreign_keys_and_realistic_size(train):
         assert fks >= 2 and 200 <= rows <= 2000, (path, fks, rows)
 
 
-def test_generation_is_fast_and_honours_cache_env(tmp_path, monkeypatch):
+def test_generation_honours_cache_env_and_reuses_its_databases(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_LAB_CACHE", str(tmp_path))
-    start = time.perf_counter()
     tasks = generate_tasks(seed=7, split="train") + generate_tasks(seed=7, split="dev")
-    assert time.perf_counter() - start < 2.0
     assert all(Path(t.db_path).parent == tmp_path / "text_to_sql" / "7" for t in tasks)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "text_to_sql" / "7").glob("*.sqlite")}
+    assert len(written) == 6
+    build_databases(seed=7)  # already current: nothing is rebuilt
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
 
 # ------------------------------------------------------------------------------ Spider
@@ -521,17 +523,17 @@ def test_agent_rewrites_after_no_and_after_error(train):
 
 
 def test_agent_partial_credit_from_cli_option(train):
-    from lightning_lab.cli import _parse_options
+    from lightning_lab.train.config import parse_options
 
     task = next(t for t in train if t.gold_sql == "SELECT count(*) FROM students")
-    options = _parse_options(['reward={"partial_credit": 0.3}', "max_turns=1"])
+    options = parse_options(['reward={"partial_credit": 0.3}', "max_turns=1"])
     policy = ScriptedPolicy({"writer": [" count(*) FROM teachers"]})
     traj = _run(policy, task, **options)
     # {teachers, count} vs {students, count}: 2*1/4
     assert traj.meta["exec_acc"] == 0.0 and traj.meta["similarity"] == 0.5
     assert traj.transitions[-1].reward == pytest.approx(0.15)
     with pytest.raises(ValueError, match="partial_credit"):
-        make_agent(policy, **_parse_options(['reward={"partial_credit": 1.5}']))
+        make_agent(policy, **parse_options(['reward={"partial_credit": 1.5}']))
 
 
 def test_agent_without_sql_gets_zero_with_reason(train):

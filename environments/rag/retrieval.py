@@ -16,7 +16,7 @@ from typing import Sequence
 
 import bm25s
 
-from .tasks import Paragraph, RagTask
+from .tasks import Corpus, Paragraph, RagTask
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 _STOPWORDS = frozenset(
@@ -94,6 +94,15 @@ def index_for(paragraphs: Sequence[Paragraph]) -> BM25Index:
     return index
 
 
+def corpus_index(corpus: Corpus) -> BM25Index:
+    """The corpus's BM25 index, built on first use and kept on the corpus."""
+    if corpus.bm25 is None:
+        with corpus.lock:
+            if corpus.bm25 is None:
+                corpus.bm25 = BM25Index(corpus.paragraphs)
+    return corpus.bm25
+
+
 def retrieve(task: RagTask, query: str, k: int = 2, setting: str = "distractor") -> list[Hit]:
     """Search the task's own paragraphs ("distractor") or the corpus of all loaded tasks ("open")."""
     if setting == "distractor":
@@ -104,5 +113,5 @@ def retrieve(task: RagTask, query: str, k: int = 2, setting: str = "distractor")
                 f"task {task.task_id} has no corpus for the open setting; load tasks with "
                 "load_tasks/generate_tasks/load_hotpotqa, or call tasks.attach_corpus(tasks)"
             )
-        return task.corpus.index.search(query, k)
+        return corpus_index(task.corpus).search(query, k)
     raise ValueError(f"unknown setting {setting!r}; expected 'distractor' or 'open'")

@@ -27,10 +27,11 @@ class Paragraph:
 
 
 class Corpus:
-    """A de-duplicated set of paragraphs with a lazily built BM25 index.
+    """A de-duplicated set of paragraphs, shared by every task of one load.
 
-    Built once per load and shared by every task of that load, so the (comparatively costly)
-    open-setting index is computed once, on first use, even when agents run in many threads.
+    Its BM25 index (``retrieval.corpus_index``) is built once, on first use, and kept here, so
+    the (comparatively costly) open-setting index is computed once even when agents run in many
+    threads.
     """
 
     def __init__(self, paragraphs: Iterable[Paragraph]):
@@ -38,25 +39,15 @@ class Corpus:
         for p in paragraphs:
             seen.setdefault((p.title, p.text), p)
         self.paragraphs: tuple[Paragraph, ...] = tuple(seen.values())
-        self._index = None
-        self._lock = threading.Lock()
+        self.bm25 = None
+        """Its BM25 index once ``retrieval.corpus_index`` has built it."""
+        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.paragraphs)
 
     def __repr__(self) -> str:
         return f"Corpus({len(self)} paragraphs)"
-
-    @property
-    def index(self):
-        """The BM25 index over this corpus (built on first access, then cached)."""
-        if self._index is None:
-            with self._lock:
-                if self._index is None:
-                    from .retrieval import BM25Index
-
-                    self._index = BM25Index(self.paragraphs)
-        return self._index
 
 
 @dataclass

@@ -15,11 +15,13 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import lightning_lab as ll
+
 from .domains import BUILDERS, DEV_DBS, TRAIN_DBS, Domain
 from .hardness import spider_hardness
 from .questions import domain_questions
 from .schema import schema_text
-from .task import SQLTask, cache_root
+from .task import SQLTask
 
 GENERATOR_VERSION = "2"
 """Bump when domains or templates change; cached databases with another stamp are rebuilt."""
@@ -37,7 +39,7 @@ _lock = threading.Lock()
 
 
 def default_cache_dir(seed: int) -> Path:
-    return cache_root() / "text_to_sql" / str(seed)
+    return ll.cache_dir() / "text_to_sql" / str(seed)
 
 
 def _rng(seed: int, db_id: str) -> random.Random:

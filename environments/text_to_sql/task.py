@@ -1,9 +1,7 @@
 """The task record shared by the generated data and the Spider loader."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,3 @@ class SQLTask:
     """Spider's level of the gold query: easy | medium | hard | extra (`hardness.py`)."""
 
 
-def cache_root() -> Path:
-    """Root cache directory: `$LIGHTNING_LAB_CACHE` or `~/.cache/lightning-lab`."""
-    env = os.environ.get("LIGHTNING_LAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning-lab"

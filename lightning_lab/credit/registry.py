@@ -7,7 +7,7 @@ from typing import Any, Callable, TypeVar
 
 from ..records import Batch
 
-__all__ = ["CreditStrategy", "register", "get", "names"]
+__all__ = ["CreditStrategy", "register", "get", "names", "param_names"]
 
 
 class CreditStrategy:
@@ -47,17 +47,25 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def param_names(name: str) -> list[str]:
+    """The parameters a registered strategy takes (its dataclass fields)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown credit strategy {name!r}; registered: {', '.join(names())}")
+    cls = _REGISTRY[name]
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
 def get(name: str | CreditStrategy, **params: Any) -> CreditStrategy:
     """Build a registered strategy; unknown names and parameters fail with the valid choices."""
     if isinstance(name, CreditStrategy):
         return dataclasses.replace(name, **params) if params else name
     if name not in _REGISTRY:
         raise KeyError(f"unknown credit strategy {name!r}; registered: {', '.join(names())}")
-    cls = _REGISTRY[name]
-    if dataclasses.is_dataclass(cls):
-        valid = {f.name for f in dataclasses.fields(cls)}
-        bad = set(params) - valid
-        if bad:
-            raise TypeError(f"credit strategy {name!r} has no parameter(s) {sorted(bad)}; "
-                            f"valid: {sorted(valid)}")
-    return cls(**params)
+    valid = set(param_names(name))
+    bad = set(params) - valid
+    if bad:
+        raise TypeError(f"credit strategy {name!r} has no parameter(s) {sorted(bad)}; "
+                        f"valid: {sorted(valid)}")
+    if params.get("baseline") == "none":  # the CLI's and the widgets' spelling of None
+        params["baseline"] = None
+    return _REGISTRY[name](**params)

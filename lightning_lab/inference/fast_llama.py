@@ -17,17 +17,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .adapters import base_model
+
 SUPPORTED = {"LlamaForCausalLM"}
-
-
-def _causal_lm(model: Any) -> Any:
-    """The HF ``*ForCausalLM`` under an optional peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def supports(model: Any) -> bool:
     """True for plain Llama models (no sliding window, default attention and MLP shapes)."""
-    lm = _causal_lm(model)
+    lm = base_model(model)
     config = getattr(lm, "config", None)
     return (
         type(lm).__name__ in SUPPORTED
@@ -41,7 +38,7 @@ class FastLlama:
     """``forward(ids, positions, mask, cache) -> last-position logits`` for a Llama model."""
 
     def __init__(self, model: Any):
-        lm = _causal_lm(model)
+        lm = base_model(model)
         self.embed = lm.model.embed_tokens
         self.layers = lm.model.layers
         self.norm = lm.model.norm

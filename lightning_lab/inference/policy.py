@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
+from lightning_lab.inference.adapters import has_adapter
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
 from lightning_lab.inference.sampling import SamplingParams
 
@@ -154,7 +155,7 @@ class Policy:
         from the reference by accident; do not call ``chat``/``generate`` inside this block.
         """
         with self.engine.lock:
-            if hasattr(self.model, "disable_adapter"):
+            if has_adapter(self.model):
                 with self.model.disable_adapter():
                     yield self.model
             else:

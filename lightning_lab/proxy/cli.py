@@ -26,13 +26,17 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lightning_lab.inference import models
+    from lightning_lab.errors import ConfigError
+    from lightning_lab.inference.adapters import lora_flag
 
     from .server import ServeConfig, check_bind, serve
 
     # Validate the bind before spending seconds loading a model.
-    check_bind(ServeConfig(host=args.host, api_key=args.api_key, allow_remote=args.allow_remote))
-    lora = {"auto": None, "on": True, "off": False}[args.lora]
-    policy = models.load(args.model, lora=lora, device=args.device, seed=args.seed)
+    try:
+        check_bind(ServeConfig(host=args.host, api_key=args.api_key, allow_remote=args.allow_remote))
+    except ValueError as exc:
+        raise ConfigError(f"--host: {exc}") from exc
+    policy = models.load(args.model, lora=lora_flag(args.lora), device=args.device, seed=args.seed)
     if args.checkpoint:
         from lightning_lab.train.checkpoint import load_policy_weights
 

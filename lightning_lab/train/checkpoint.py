@@ -7,34 +7,30 @@ previous checkpoint and pointer untouched, and a half-written directory is never
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META, _STATE, _LATEST = "meta.json", "state.pt", "LATEST"
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "resolve", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, half-written or does not fit the current policy/config."""
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(trainer: Any, directory: Path, keep_last: int | None = None) -> Path:
-    """Write ``<directory>/step-N`` atomically and point ``LATEST`` at it.
+def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, model: str = "",
+                    keep_last: int | None = None) -> Path:
+    """Write ``state`` (a trainer's ``state_dict()``) as ``<directory>/step-N`` atomically and
+    point ``LATEST`` at it.
 
     ``keep_last=k`` then deletes all but the newest k complete checkpoints (a 135M LoRA run
     writes ~6 MB per step, ~700 MB over a 2-hour run otherwise); pruning runs only after the
@@ -43,27 +39,13 @@ def save_checkpoint(trainer: Any, directory: Path, keep_last: int | None = None)
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{trainer.step_count:06d}"
+    final = directory / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=directory))
     try:
-        params = _trainable(trainer.policy.model)
-        torch.save({
-            "params": {n: p.detach().cpu() for n, p in params.items()},
-            "critic": trainer.critic.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": np.random.get_state(), "tasks": trainer._task_rng.getstate(),
-                    "task_queue": list(trainer._task_queue)},
-            "history": trainer.history,
-        }, tmp / _STATE)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": trainer.step_count,
-            "model": getattr(trainer.policy, "name", ""),
-            "config": dataclasses.asdict(trainer.config),
-            "credit": {"name": trainer.credit.name, "params": trainer.credit.params()},
-            "params": {n: list(p.shape) for n, p in params.items()},
-        }
+        torch.save(state, tmp / _STATE)
+        meta = {"format_version": FORMAT_VERSION, "step": step, "model": model,
+                "config": state.get("config"), "credit": state.get("credit"),
+                "params": {n: list(t.shape) for n, t in state["params"].items()}}
         (tmp / _META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
         if final.exists():
             shutil.rmtree(final)
@@ -98,60 +80,39 @@ def resolve(directory: Path) -> Path:
     return directory / latest.read_text().strip()
 
 
-def load_checkpoint(cls: type, directory: Path, policy: Any, agent: Callable[[Any], Any],
-                    tasks: Sequence[Any], credit: Any, callbacks: Sequence[Any]) -> Any:
-    from .. import credit as credit_lib
-    from .trainer import PPOConfig
-
+def load_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``directory`` names and its state dict, loaded without unpickling code
+    (``weights_only=True``: tensors and plain containers only)."""
     path = resolve(directory)
     try:
         meta = json.loads((path / _META).read_text())
-        state = torch.load(path / _STATE, weights_only=False)
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable or half-written: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format_version')}, "
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"checkpoint {path} has format {version}, "
                               f"this version reads {FORMAT_VERSION}")
-    config = PPOConfig(**meta["config"])
-    if credit is None:
-        credit = credit_lib.get(meta["credit"]["name"], **meta["credit"]["params"])
-    trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks)
-    params = _trainable(policy.model)
-    expected = {n: list(p.shape) for n, p in params.items()}
-    if expected != meta["params"]:
-        missing = sorted(set(meta["params"]) ^ set(expected))[:3]
-        shapes = [n for n in expected if n in meta["params"] and expected[n] != meta["params"][n]][:3]
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this policy (saved from model {meta['model']!r}): "
-            f"parameters only on one side {missing}, shape mismatches {shapes}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["params"][name])
-    trainer.critic.load_state_dict(state["critic"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    trainer._task_rng.setstate(rng["tasks"])
-    trainer._task_queue = list(rng["task_queue"])
-    trainer.step_count = meta["step"]
-    trainer.history = list(state["history"])
-    return trainer
+    try:
+        state = torch.load(path / _STATE, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable, half-written or not a plain "
+                              f"weights file: {exc}") from exc
+    missing = [k for k in ("step", "config", "credit", "params", "critic", "optimizer", "rng",
+                           "task_queue", "history") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}/{_STATE} lacks {missing}")
+    return path, state
 
 
 def load_policy_weights(policy: Any, directory: Path) -> Path:
     """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
-    path = resolve(directory)
-    try:
-        state = torch.load(path / _STATE, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable or half-written: {exc}") from exc
-    params = _trainable(policy.model)
-    missing = sorted(set(params) ^ set(state["params"]))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not fit this policy; e.g. {missing[:3]}")
+    path, state = load_checkpoint(directory)
+    params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
+    saved = state["params"]
+    mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not fit this policy; e.g. {mismatch[:3]}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(state["params"][name])
+            p.copy_(saved[name])
     return path

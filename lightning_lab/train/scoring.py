@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..inference.adapters import base_model
 from ..inference.prompts import dedupe_prompts
 from ..records import Transition
 
@@ -72,7 +73,7 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     of its prompt's cached keys/values, at positions ``len(prompt) + j``. Logits are computed only
     at positions that predict response tokens, which keeps the (tokens x vocab) tensor small.
     """
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = base_model(model)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
     prompts, of_row = dedupe_prompts([tr.prompt_ids for tr in rows])
     plen = torch.tensor([len(p) for p in prompts])

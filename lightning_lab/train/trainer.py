@@ -19,58 +19,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import credit as credit_lib
+from .callbacks import Callback, as_callback
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import PPOConfig
 from .critic import ValueHead
 from .ppo import ppo_loss
 from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
+from ..inference.adapters import has_adapter
 from ..inference.prompts import dedupe_prompts
 from .scoring import Scores, chunk_rows, score
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
-
-
-@dataclass
-class PPOConfig:
-    tasks_per_step: int = 8
-    """Distinct tasks sampled per step."""
-    group_size: int = 4
-    """Rollouts per task per step (the group for GRPO-style baselines)."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts (the logprobs and the loss use the same value)."""
-    ppo_epochs: int = 1
-    """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
-    minibatch_size: int = 16
-    """Transitions per optimizer step."""
-    lr: float = 2e-4
-    """AdamW learning rate of the policy parameters (LoRA adapter or full model)."""
-    weight_decay: float = 0.0
-    clip_eps: float = 0.2
-    """PPO clip range for the ratio pi/pi_behaviour."""
-    clip_eps_high: float | None = None
-    """Upper clip range if different (DAPO's clip-higher); None = clip_eps."""
-    kl_coef: float = 0.02
-    """Weight of the KL penalty to the reference (adapter-off) policy."""
-    max_grad_norm: float = 1.0
-    max_tokens_per_forward: int = 2048
-    """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
-    (gradient accumulation) to fit."""
-    value_lr: float = 1e-3
-    """Learning rate of the critic head (used by the ``value`` credit strategy)."""
-    value_coef: float = 0.5
-    trainable_agents: tuple[str, ...] | None = None
-    """Only transitions of these agent/role names enter the loss; None = all."""
-    skip_zero_advantage: bool = True
-    """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
-    rollout_workers: int = 32
-    """Agents run concurrently; their LLM calls are batched by the policy's engine."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.trainable_agents is not None:
-            self.trainable_agents = tuple(self.trainable_agents)
-        for name in ("tasks_per_step", "group_size", "ppo_epochs", "minibatch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -83,16 +43,28 @@ class StepState:
     credit: credit_lib.CreditStrategy
     ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     """Per-token ratio pi/pi_behaviour after the last epoch, keyed by (traj_id, step)."""
-    value_fn: Callable[[Batch], None] | None = field(default=None, repr=False)
+    trainer: "PPOTrainer | None" = field(default=None, repr=False)
+    """The trainer that made this step: its critic fills values for ``recompute("value")`` while
+    this is still its latest step (after that the critic and the policy have moved on)."""
 
     def recompute(self, strategy: str | credit_lib.CreditStrategy, **params: Any) -> "StepState":
-        """Advantages of the same rollouts under another strategy (a copy; this state is kept)."""
+        """Advantages of the same rollouts under another strategy (a copy; this state is kept).
+
+        A value-based strategy needs critic values: those recorded at training time are reused;
+        otherwise they come from the trainer's critic as it is after this step's update, which
+        only exists while this is the trainer's latest step (older states refuse).
+        """
         strategy = credit_lib.get(strategy, **params)
         batch = copy_batch(self.batch)
         if strategy.needs_values and any(tr.value is None for _, tr in batch.transitions()):
-            if self.value_fn is None:
-                raise ValueError("this batch has no critic values; recompute with a trainer's state")
-            self.value_fn(batch)
+            if self.trainer is None:
+                raise ValueError("this batch has no critic values and no trainer to compute them")
+            if self.trainer.step_count != self.step:
+                raise ValueError(
+                    f"step {self.step}'s batch has no critic values, and the critic has moved on "
+                    f"(the trainer is at step {self.trainer.step_count}); recompute a value strategy "
+                    "on the latest StepState, or train with it so values are recorded")
+            self.trainer.critic_values(batch)
         strategy.assign(batch)
         return dataclasses.replace(self, batch=batch, credit=strategy)
 
@@ -120,12 +92,18 @@ class PPOTrainer:
         self.tasks = list(tasks)
         self.config = config or PPOConfig()
         self.credit = credit_lib.get(credit)
-        self.callbacks = list(callbacks)
+        self._callbacks: list[Callback] = []
+        for cb in callbacks:
+            self.add_callback(cb)
         self.step_count = 0
         self.history: list[dict[str, float]] = []
         torch.manual_seed(self.config.seed)
-        self._task_rng = random.Random(self.config.seed)
-        self._task_queue: list[int] = []
+        # Two streams, so the tasks a step sees never depend on how many loss rows earlier
+        # steps had (that number depends on the credit strategy): runs that compare strategies
+        # on one seed train on the same tasks at every step.
+        self.task_rng = random.Random(f"tasks/{self.config.seed}")
+        self.minibatch_rng = random.Random(f"minibatches/{self.config.seed}")
+        self.task_queue: list[int] = []
         model = policy.model
         self.critic = ValueHead(model.config.hidden_size).to(policy.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +115,7 @@ class PPOTrainer:
         ])
         # Without an adapter, "disable the adapter" is impossible: keep a frozen copy for the KL.
         self._ref_model = None
-        if self.config.kl_coef > 0 and not _has_adapter(model):
+        if self.config.kl_coef > 0 and not has_adapter(model):
             self._ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ the loop
@@ -166,7 +144,7 @@ class PPOTrainer:
         self.step_count += 1
         metrics["step"] = self.step_count
         state = StepState(step=self.step_count, batch=batch, metrics=metrics, credit=self.credit,
-                          ratios=ratios, value_fn=self.critic_values)
+                          ratios=ratios, trainer=self)
         self.history.append(metrics)
         self._notify(state)
         return state
@@ -189,10 +167,10 @@ class PPOTrainer:
         """Walk through shuffled passes over the tasks, so every task is seen once per epoch."""
         out = []
         while len(out) < min(self.config.tasks_per_step, len(self.tasks)):
-            if not self._task_queue:
-                self._task_queue = list(range(len(self.tasks)))
-                self._task_rng.shuffle(self._task_queue)
-            out.append(self._task_queue.pop())
+            if not self.task_queue:
+                self.task_queue = list(range(len(self.tasks)))
+                self.task_rng.shuffle(self.task_queue)
+            out.append(self.task_queue.pop())
         return out
 
     def _loss_rows(self, batch: Batch) -> tuple[list[tuple[str, int]], list[Transition]]:
@@ -212,61 +190,76 @@ class PPOTrainer:
 
     def _update(self, rows: list[Transition], keys: list[tuple[str, int]]
                 ) -> tuple[dict[str, float], dict]:
+        """PPO epochs over minibatches: minibatch -> loss (accumulated) -> clip -> step."""
         cfg = self.config
         ref = self._reference_logprobs(rows) if cfg.kl_coef > 0 else None
-        use_critic = self.credit.needs_values
+        policy_params = self.optimizer.param_groups[0]["params"]
         sums: dict[str, float] = {}
-        n_mb = 0
         ratios: dict[tuple[str, int], list[float]] = {}
-        first_err = None
+        n_mb = 0
         for epoch in range(cfg.ppo_epochs):
             order = self._minibatch_order(rows)
             for start in range(0, len(order), cfg.minibatch_size):
-                idx = order[start:start + cfg.minibatch_size]
-                mb_tokens = sum(len(rows[i].response_ids) for i in idx)
+                mb_idx = order[start:start + cfg.minibatch_size]
                 self.optimizer.zero_grad(set_to_none=True)
-                # Gradient accumulation over micro-batches that fit the token budget; each term is
-                # weighted by its share of the minibatch, so the sum is the minibatch's token-mean.
-                for micro in self._chunks([rows[i] for i in idx]):
-                    mi = [idx[j] for j in micro]
-                    mb = [rows[i] for i in mi]
-                    fwd = self._forward(mb, grad=True, hidden=use_critic)
-                    old = _flat([tr.logprobs for tr in mb], fwd.logprobs)
-                    adv = torch.cat([torch.full((len(tr.response_ids),), float(tr.advantage))
-                                     for tr in mb]).to(fwd.logprobs)
-                    ref_lp = torch.cat([ref[i] for i in mi]) if ref is not None else None
-                    out = ppo_loss(fwd.logprobs, old, adv, ref_lp, clip_eps=cfg.clip_eps,
-                                   kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
-                    weight = len(old) / mb_tokens
-                    loss = out.loss * weight
-                    value_loss = torch.zeros(())
-                    if use_critic:
-                        values = self.critic(fwd.prompt_hidden)
-                        targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype,
-                                               device=values.device)
-                        value_loss = 0.5 * ((values - targets) ** 2).mean()
-                        loss = loss + cfg.value_coef * value_loss * (len(mi) / len(idx))
-                    if first_err is None:  # before any update: new == behaviour, up to numerics
-                        first_err = (fwd.logprobs.detach() - old).abs().max().item()
-                    loss.backward()
-                    for key, val in (("loss", loss / weight), ("policy_loss", out.policy_loss),
-                                     ("kl", out.kl), ("approx_kl", out.approx_kl),
-                                     ("clip_frac", out.clip_frac), ("entropy", fwd.entropy.mean()),
-                                     ("value_loss", value_loss)):
-                        sums[key] = sums.get(key, 0.0) + weight * float(val.detach())
-                    if epoch == cfg.ppo_epochs - 1:
-                        for i, r in zip(mi, out.ratio.split(fwd.lengths)):
-                            ratios[keys[i]] = r.tolist()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups[:1] for p in g["params"]], cfg.max_grad_norm)
+                stats, mb_ratios = self._accumulate(rows, mb_idx, ref)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
                 self.optimizer.step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                stats["grad_norm"] = float(grad_norm)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if epoch == cfg.ppo_epochs - 1:
+                    ratios.update({keys[i]: r for i, r in mb_ratios.items()})
+                if n_mb == 0:
+                    first_err = stats["behaviour_logprob_err"]
                 n_mb += 1
         metrics = {k: v / n_mb for k, v in sums.items()}
-        metrics["behaviour_logprob_err"] = first_err or 0.0
-        if not use_critic:
+        metrics["behaviour_logprob_err"] = first_err  # before any update: numerics only
+        if not self.credit.needs_values:
             metrics.pop("value_loss")
         return metrics, ratios
+
+    def _accumulate(self, rows: list[Transition], mb_idx: list[int],
+                    ref: list[torch.Tensor] | None) -> tuple[dict[str, float], dict[int, list[float]]]:
+        """Backward of one minibatch's loss in micro-batches that fit the token budget.
+
+        Each micro-batch's loss is weighted by its share of the minibatch's response tokens, so
+        the accumulated gradient is that of the minibatch's token-mean loss. Returns the
+        minibatch's stats (token-weighted means) and per-row token ratios.
+        """
+        cfg = self.config
+        use_critic = self.credit.needs_values
+        mb_tokens = sum(len(rows[i].response_ids) for i in mb_idx)
+        stats: dict[str, float] = {}
+        ratios: dict[int, list[float]] = {}
+        err = 0.0
+        for micro in self._chunks([rows[i] for i in mb_idx]):
+            idx = [mb_idx[j] for j in micro]
+            mb = [rows[i] for i in idx]
+            fwd = self._forward(mb, grad=True, hidden=use_critic)
+            old_logprobs = _flat([tr.logprobs for tr in mb], fwd.logprobs)
+            advantages = torch.cat([torch.full((len(tr.response_ids),), float(tr.advantage))
+                                    for tr in mb]).to(fwd.logprobs)
+            ref_logprobs = torch.cat([ref[i] for i in idx]) if ref is not None else None
+            out = ppo_loss(fwd.logprobs, old_logprobs, advantages, ref_logprobs,
+                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
+            weight = len(old_logprobs) / mb_tokens
+            loss = out.loss * weight
+            value_loss = torch.zeros(())
+            if use_critic:
+                values = self.critic(fwd.prompt_hidden)
+                targets = torch.tensor([tr.ret for tr in mb], dtype=values.dtype, device=values.device)
+                value_loss = 0.5 * ((values - targets) ** 2).mean()
+                loss = loss + cfg.value_coef * value_loss * (len(idx) / len(mb_idx))
+            loss.backward()
+            err = max(err, (fwd.logprobs.detach() - old_logprobs).abs().max().item())
+            for key, val in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
+                             ("approx_kl", out.approx_kl), ("clip_frac", out.clip_frac),
+                             ("entropy", fwd.entropy.mean()), ("value_loss", value_loss)):
+                stats[key] = stats.get(key, 0.0) + weight * float(val.detach())
+            ratios.update({i: r.tolist() for i, r in zip(idx, out.ratio.split(fwd.lengths))})
+        stats["behaviour_logprob_err"] = err
+        return stats, ratios
 
     def _minibatch_order(self, rows: list[Transition]) -> list[int]:
         """Rows in shuffled order, those sharing a prompt kept adjacent: minibatches then hold
@@ -275,7 +268,7 @@ class PPOTrainer:
         shuffled: list[list[int]] = [[] for _ in prompts]
         for i, p in enumerate(of_row):
             shuffled[p].append(i)
-        self._task_rng.shuffle(shuffled)
+        self.minibatch_rng.shuffle(shuffled)
         return [i for group in shuffled for i in group]
 
     def _chunks(self, rows: list[Transition]) -> list[list[int]]:
@@ -312,33 +305,106 @@ class PPOTrainer:
         return score(model if model is not None else self.policy.model, rows,
                      device=self.policy.device, grad=grad, hidden=hidden)
 
+    @property
+    def callbacks(self) -> tuple[Callback, ...]:
+        return tuple(self._callbacks)
+
+    def add_callback(self, callback: Any) -> Callback:
+        """Register ``callback`` (a ``Callback`` or a function ``fn(state)``) once."""
+        if any(cb is callback or getattr(cb, "fn", None) is callback for cb in self._callbacks):
+            return callback
+        cb = as_callback(callback)
+        self._callbacks.append(cb)
+        return cb
+
     def _notify(self, state: StepState) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, "on_step", cb)
+        for cb in self._callbacks:
             try:
-                fn(state)
+                cb.on_step(state)
             except Exception as exc:  # noqa: BLE001 - a broken logger must not stop training
                 warnings.warn(f"callback {cb!r} failed ({type(exc).__name__}: {exc}); training goes on",
                               stacklevel=2)
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
-        """Atomic checkpoint under `directory`; `keep_last=k` prunes all but the newest k."""
-        from .checkpoint import save_checkpoint
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as tensors and plain data (loads with ``weights_only``).
 
-        return save_checkpoint(self, Path(directory), keep_last)
+        Weights are the trainable parameters only (the LoRA adapter, or the whole model when it
+        is trained in full); RNG states cover task order, minibatch order and torch's sampling.
+        """
+        return {
+            "step": self.step_count,
+            "config": dataclasses.asdict(self.config),
+            "credit": {"name": self.credit.name, "params": self.credit.params()},
+            "params": {n: p.detach().cpu() for n, p in trainable_parameters(self.policy.model).items()},
+            "critic": self.critic.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "tasks": _rng_state(self.task_rng),
+                    "minibatches": _rng_state(self.minibatch_rng)},
+            "task_queue": list(self.task_queue),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s state. The trainer's own config and credit stay: a resumed
+        run may change them (learning rates are re-applied over the optimizer's saved ones)."""
+        params = trainable_parameters(self.policy.model)
+        saved = state["params"]
+        if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
+            only = sorted(set(params) ^ set(saved))[:3]
+            shapes = [n for n in params if n in saved and params[n].shape != saved[n].shape][:3]
+            raise ValueError(f"does not fit this policy: parameters on one side only {only}, "
+                             f"shape mismatches {shapes}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, (self.config.lr, self.config.value_lr)):
+            group["lr"] = lr
+        torch.set_rng_state(state["rng"]["torch"])
+        _set_rng_state(self.task_rng, state["rng"]["tasks"])
+        _set_rng_state(self.minibatch_rng, state["rng"]["minibatches"])
+        self.task_queue = [int(i) for i in state["task_queue"]]
+        self.step_count = int(state["step"])
+        self.history = [dict(h) for h in state["history"]]
+
+    def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
+        """Atomic checkpoint under ``directory``; ``keep_last=k`` prunes all but the newest k."""
+        return save_checkpoint(self.state_dict(), Path(directory), self.step_count,
+                               model=getattr(self.policy, "name", ""), keep_last=keep_last)
 
     @classmethod
     def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],
              tasks: Sequence[Any], *, credit: str | credit_lib.CreditStrategy | None = None,
-             callbacks: Sequence[Any] = ()) -> "PPOTrainer":
-        from .checkpoint import load_checkpoint
+             config: PPOConfig | None = None, callbacks: Sequence[Any] = ()) -> "PPOTrainer":
+        """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones."""
+        path, state = load_checkpoint(Path(directory))
+        if config is None:
+            config = PPOConfig(**state["config"])
+        if credit is None:
+            credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
+        trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks)
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path} {exc}") from exc
+        return trainer
 
-        return load_checkpoint(cls, Path(directory), policy, agent, tasks, credit, callbacks)
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _has_adapter(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+def _rng_state(rng: random.Random) -> list[Any]:
+    """``random.Random`` state as plain lists (safe to load without unpickling)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list[Any]) -> None:
+    version, internal, gauss = state
+    rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 
 
 def _flat(lists: list[list[float]], like: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...train.callbacks import CallbackBase
+
 __all__ = ["WandbCallback", "wandb_mode", "split_metrics", "transition_rows", "LOSS_KEYS"]
 
 LOSS_KEYS = ("loss", "policy_loss", "value_loss", "kl", "approx_kl", "clip_frac", "entropy",
@@ -52,7 +54,7 @@ def _netrc_has_wandb() -> bool:
 
 
 @dataclass
-class WandbCallback:
+class WandbCallback(CallbackBase):
     """Log PPO steps to W&B: ``train/*`` and ``losses/*`` per step, a transitions table every
     ``table_every`` steps, optional checkpoint artifacts, eval summaries via ``log_eval``.
 
@@ -77,6 +79,9 @@ class WandbCallback:
     """``online`` | ``offline`` | ``disabled``; None = offline unless logged in (see ``wandb_mode``)."""
     entity: str | None = None
     init_kwargs: dict[str, Any] = field(default_factory=dict)
+    finish_with_run: bool = True
+    """Close the W&B run when the training run ends (``on_finish``); a sweep, which adds the
+    run's summary afterwards, sets False and calls ``finish()`` itself."""
 
     def __post_init__(self) -> None:
         self.run: Any = None
@@ -89,8 +94,7 @@ class WandbCallback:
     def attach(self, trainer: Any) -> "WandbCallback":
         """Register on ``trainer`` (idempotent) and remember it for config and checkpoints."""
         self.trainer = trainer
-        if not any(cb is self for cb in trainer.callbacks):
-            trainer.callbacks.append(self)
+        trainer.add_callback(self)
         return self
 
     def full_config(self, state: Any = None) -> dict[str, Any]:
@@ -126,7 +130,12 @@ class WandbCallback:
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._disable(exc)
 
-    __call__ = on_step
+    def on_eval(self, metrics: dict[str, float], step: int) -> None:
+        self.log_eval(metrics)
+
+    def on_finish(self) -> None:
+        if self.finish_with_run:
+            self.finish()
 
     def log_table(self, state: Any) -> None:
         import wandb

@@ -2,9 +2,9 @@
 
 A sweep config is the W&B format (``method``: grid | random | bayes; ``parameters``: name ->
 ``{value}`` | ``{values}`` | ``{min, max, distribution}``). With the default ``train_fn`` the
-parameter names are the options of ``lightning-lab train`` (``credit``, ``gamma``, ``lr``,
-``kl_coef``, ``env``, ``model``, ``steps``, ...), so a swept run is exactly the run the CLI would
-make (both go through ``cli.build_trainer``). Names are checked before any run starts.
+parameter names are ``RunConfig`` fields by dotted name (``credit``, ``gamma``, ``ppo.lr`` or just
+``lr``, ``env``, ``model``, ``steps``, ...), and each run is ``run(config)``: exactly what
+``lightning-lab train`` does with the same values. Names are checked before any run starts.
 
 Offline (the default without a W&B login) the same config runs in-process: grid or random
 (bayes falls back to random with a warning), every run logged to W&B offline under one ``group``.
@@ -14,6 +14,7 @@ Both paths return a pandas DataFrame: one row per run, its parameters and final 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import random
@@ -24,26 +25,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ...train.config import ConfigError, RunConfig, flatten, override, parse_options
 from .callback import WandbCallback, wandb_mode
 
 __all__ = ["sweep", "expand_sweep", "load_sweep_config", "sweep_parameters", "train_run", "add_cli"]
 
 TrainFn = Callable[[dict[str, Any], WandbCallback], dict[str, float]]
 _CREDIT_PARAMS = ("gamma", "lam", "baseline")
-_NOT_SWEEPABLE = {"command", "wandb", "resume", "handler", "out"}
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    from ...cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["train"]
+_NOT_SWEEPABLE = {"wandb", "resume", "out", "ppo.seed"}
 
 
 def sweep_parameters() -> dict[str, Any]:
-    """Sweepable names with their defaults: the options of ``lightning-lab train``."""
-    defaults = vars(_train_parser().parse_args([]))
-    return {k: v for k, v in defaults.items() if k not in _NOT_SWEEPABLE}
+    """Sweepable names with their defaults: ``RunConfig`` fields by dotted name, and the PPO
+    fields also by their short name (``lr`` = ``ppo.lr``)."""
+    names = {k: v for k, v in flatten(RunConfig()).items() if k not in _NOT_SWEEPABLE}
+    short = {k[4:]: v for k, v in names.items() if k.startswith("ppo.") and k[4:] not in names}
+    return {**names, **short}
 
 
 def load_sweep_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -53,7 +50,7 @@ def load_sweep_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
         with open(config, encoding="utf-8") as f:
             config = yaml.safe_load(f)
     if not isinstance(config, dict) or not isinstance(config.get("parameters"), dict):
-        raise ValueError("a sweep config needs a 'parameters' mapping")
+        raise ConfigError("a sweep config needs a 'parameters' mapping")
     return config
 
 
@@ -65,19 +62,19 @@ def validate(config: dict[str, Any], valid: set[str] | None) -> None:
     if valid is not None:
         unknown = sorted(set(params) - valid)
         if unknown:
-            raise ValueError(f"unknown sweep parameter(s) {unknown}; valid: {sorted(valid)}")
+            raise ConfigError(f"unknown sweep parameter(s) {unknown}; valid: {sorted(valid)}")
     for name, spec in params.items():
         if not isinstance(spec, dict) or not ({"value", "values", "min", "max"} & set(spec)):
-            raise ValueError(f"sweep parameter {name!r} needs value, values or min/max; got {spec!r}")
+            raise ConfigError(f"sweep parameter {name!r} needs value, values or min/max; got {spec!r}")
     if "credit" in params:
         spec = params["credit"]
         for name in spec.get("values", [spec.get("value")]):
             if name not in credit_lib.names():
-                raise ValueError(f"unknown credit strategy {name!r} in sweep; registered: "
+                raise ConfigError(f"unknown credit strategy {name!r} in sweep; registered: "
                                  f"{', '.join(credit_lib.names())}")
     method = config.get("method", "grid")
     if method not in ("grid", "random", "bayes"):
-        raise ValueError(f"sweep method must be grid, random or bayes, got {method!r}")
+        raise ConfigError(f"sweep method must be grid, random or bayes, got {method!r}")
 
 
 def expand_sweep(config: dict[str, Any], count: int | None = None, seed: int = 0
@@ -92,7 +89,7 @@ def expand_sweep(config: dict[str, Any], count: int | None = None, seed: int = 0
         axes = {}
         for name, spec in params.items():
             if "min" in spec or "max" in spec:
-                raise ValueError(f"grid search needs 'values' for {name!r}, not a min/max range")
+                raise ConfigError(f"grid search needs 'values' for {name!r}, not a min/max range")
             axes[name] = spec["values"] if "values" in spec else [spec["value"]]
         runs = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
         return runs[:count] if count else runs
@@ -117,7 +114,7 @@ def _sample(name: str, spec: dict[str, Any], rng: random.Random) -> Any:
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))
     if dist == "log_uniform":
         return math.exp(rng.uniform(lo, hi))
-    raise ValueError(f"distribution {dist!r} of {name!r} is not supported offline")
+    raise ConfigError(f"distribution {dist!r} of {name!r} is not supported offline")
 
 
 def effective_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -125,34 +122,33 @@ def effective_params(params: dict[str, Any]) -> dict[str, Any]:
     credit x gamma grid does not fail and does not repeat identical uniform runs."""
     from ... import credit as credit_lib
 
-    name = params.get("credit", sweep_parameters()["credit"])
-    cls = type(credit_lib.get(name))
-    fields = set(getattr(cls, "__dataclass_fields__", {}))
-    return {k: v for k, v in params.items() if k not in _CREDIT_PARAMS or k in fields}
+    takes = set(credit_lib.param_names(params.get("credit", RunConfig.credit)))
+    return {k: v for k, v in params.items() if k not in _CREDIT_PARAMS or k in takes}
 
 
 def train_run(params: dict[str, Any], callback: WandbCallback) -> dict[str, float]:
-    """Default sweep run: ``lightning-lab train`` with ``params``, then one greedy dev eval."""
-    from ...cli import build_trainer
-    from ...rollouts.evaluation import evaluate
+    """Default sweep run: ``run(config)`` with ``params`` over RunConfig's defaults, in a
+    temporary run folder; returns the final train reward and the final dev evaluation."""
+    from ...train.run import run
 
-    args = argparse.Namespace(**{**vars(_train_parser().parse_args([])), **params})
-    if isinstance(args.trainable_agents, (list, tuple)):
-        args.trainable_agents = ",".join(args.trainable_agents)
-    args.resume = False
-    args.out = tempfile.mkdtemp(prefix="ll-sweep-")
+    config = override(RunConfig(out=tempfile.mkdtemp(prefix="ll-sweep-")), params)
     # swept values live under "sweep" so they never shadow the callback's own keys (credit =
     # the full describe() string); online, wandb.agent also puts them at the top level
-    callback.config.update({"env": args.env, "model": args.model, "steps": args.steps,
-                            "sweep": dict(params)})
-    setup = build_trainer(args, [callback])
-    rewards = [setup.trainer.step().metrics["reward_mean"] for _ in range(args.steps)]
-    _, dev = evaluate(setup.agent, setup.dev_tasks, summarize=setup.env.summarize)
-    callback.log_eval(dev)
+    callback.config.update({"run": _jsonable_config(config), "env": config.env,
+                            "model": config.model, "steps": config.steps, "sweep": dict(params)})
+    summary = run(config, [callback], log=lambda _line: None)
+    rewards = summary["history"]
     out = {"reward_mean": rewards[-1] if rewards else float("nan"),
            "reward_mean_max": max(rewards) if rewards else float("nan")}
-    out.update({f"eval_{k}": float(v) for k, v in dev.items()})
+    out.update({f"eval_{k}": float(v) for k, v in summary["after"].items()})
     return out
+
+
+def _jsonable_config(config: RunConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    agents = data["ppo"]["trainable_agents"]
+    data["ppo"]["trainable_agents"] = list(agents) if agents is not None else None
+    return data
 
 
 def sweep(config: dict[str, Any] | str | Path, train_fn: TrainFn | None = None, *,
@@ -181,7 +177,7 @@ def sweep(config: dict[str, Any] | str | Path, train_fn: TrainFn | None = None, 
     def one_run(i: int, params: dict[str, Any]) -> None:
         cb = WandbCallback(project=project, group=group, name=f"{group}-{i}", mode=resolved,
                            dir=str(dir) if dir else None, table_every=table_every,
-                           config={"sweep_group": group})
+                           config={"sweep_group": group}, finish_with_run=False)
         row: dict[str, Any] = {"run": i, **params}
         t0 = time.perf_counter()
         try:
@@ -227,9 +223,9 @@ def sweep(config: dict[str, Any] | str | Path, train_fn: TrainFn | None = None, 
 
 
 # ---------------------------------------------------------------------- CLI
-def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+def add_cli(sub: Any) -> None:
     """``lightning-lab sweep sweep.yaml``. Model/env/steps come from the YAML (fixed ``value``s)
-    or ``--set key=value``, so ``add_model_args`` is not used: one source of truth per run."""
+    or ``--set key=value``: one source of truth per run."""
     p = sub.add_parser("sweep", help="run a W&B sweep config (offline locally unless logged in)")
     p.add_argument("config", help="W&B sweep config (YAML)")
     p.add_argument("--count", type=int, default=None, help="max runs (random search: runs to sample)")
@@ -244,10 +240,8 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None] 
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ...cli import _parse_options
-
     config = load_sweep_config(args.config)
-    for key, value in _parse_options(args.set).items():
+    for key, value in parse_options(args.set, "--set").items():
         config["parameters"][key] = {"value": value}
     frame = sweep(config, project=args.project, count=args.count, group=args.group, dir=args.dir,
                   mode=args.mode)

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from ...train.callbacks import CallbackBase
 from . import figures, tables
 
 __all__ = ["Dashboard", "CreditPanel", "TrajectoryInspector", "widgets_available"]
@@ -110,7 +111,7 @@ class CreditPanel(_View):
         """The panel's values for the parameters the chosen strategy has."""
         accepted = tables.strategy_params(self.strategy.value)
         values = {"gamma": self.gamma.value, "lam": self.lam.value,
-                  "baseline": None if self.baseline.value == "none" else self.baseline.value}
+                  "baseline": self.baseline.value}  # credit.get reads "none" as None
         for name, control in (("gamma", self.gamma), ("lam", self.lam), ("baseline", self.baseline)):
             control.disabled = name not in accepted
         return {k: v for k, v in values.items() if k in accepted}
@@ -213,7 +214,7 @@ class TrajectoryInspector(_View):
                              else "<i>no trajectory matches the filters</i>")
 
 
-class Dashboard(_View):
+class Dashboard(_View, CallbackBase):
     """Step / Run N / Pause a ``PPOTrainer``, live curves, credit panel and trajectory inspector.
 
     ``dash = ll.widgets.Dashboard(trainer); dash`` in a cell. ``dash.run(n)`` from code runs
@@ -226,8 +227,9 @@ class Dashboard(_View):
         self.state: Any = None
         self._pause = threading.Event()
         self._thread: threading.Thread | None = None
-        if not any(cb is self for cb in trainer.callbacks):
-            trainer.callbacks.append(self)  # steps run from code update the views too
+        self.error: BaseException | None = None
+        """The exception of the last failed step (shown in the status line), None after a success."""
+        trainer.add_callback(self)  # steps run from code update the views too
         if not self._check():
             return
         import ipywidgets as w
@@ -259,16 +261,20 @@ class Dashboard(_View):
         return self._thread is not None and self._thread.is_alive()
 
     def run(self, n: int = 1, block: bool = True) -> list[Any]:
-        """Run ``n`` steps one at a time, stopping early if paused. ``block=False``: in a thread."""
+        """Run ``n`` steps one at a time, stopping early if paused. ``block=False``: in a thread.
+
+        A failed step stops the run and shows its error in the status line; a blocking run also
+        raises it (so an executed notebook fails), a background run keeps it in ``self.error``.
+        """
         if self.running:
             return []
         self._pause.clear()
         if not block:
-            self._thread = threading.Thread(target=self._loop, args=(n,), daemon=True,
+            self._thread = threading.Thread(target=self._loop, args=(n, False), daemon=True,
                                             name="ll-dashboard")
             self._thread.start()
             return []
-        return self._loop(n)
+        return self._loop(n, True)
 
     def pause(self) -> None:
         """Stop after the step in progress (steps are never interrupted half-way)."""
@@ -279,8 +285,9 @@ class Dashboard(_View):
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _loop(self, n: int) -> list[Any]:
+    def _loop(self, n: int, raise_errors: bool) -> list[Any]:
         states = []
+        self.error = None
         self._busy(True, n)
         try:
             for i in range(n):
@@ -297,8 +304,9 @@ class Dashboard(_View):
                 if self.available:
                     self.progress.value = i + 1
         except Exception as exc:  # noqa: BLE001 - in a thread nobody would see it otherwise
+            self.error = exc
             self._set_status(f"<span style='color:#b00'>step failed: {type(exc).__name__}: {exc}</span>")
-            if not self.available:
+            if raise_errors:
                 raise
         finally:
             self._busy(False, n)

@@ -1,0 +1,26 @@
+"""Small facts about PEFT-wrapped models, in one place (loading, sampling, scoring, training)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["base_model", "has_adapter", "lora_flag"]
+
+_LORA_FLAGS = {"auto": None, "on": True, "off": False}
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def has_adapter(model: Any) -> bool:
+    """True when the model carries a PEFT adapter that can be switched off (the reference)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def lora_flag(value: str) -> bool | None:
+    """The CLI's ``--lora auto|on|off`` as ``models.load(lora=...)``: None lets the model decide."""
+    if value not in _LORA_FLAGS:
+        raise ValueError(f"--lora must be one of {', '.join(_LORA_FLAGS)}, got {value!r}")
+    return _LORA_FLAGS[value]

@@ -1,0 +1,279 @@
+"""Run configuration: ``PPOConfig`` (the update) inside ``RunConfig`` (a whole run).
+
+``RunConfig`` is the single source of a run, in the style of cleanrl's ``Args``: the CLI's
+``train`` flags are generated from its fields (each field's docstring is the flag's help), it
+loads from and saves to YAML, sweeps override its fields by (dotted) name, and
+``lightning_lab.train.run.run(config)`` executes it. Every run writes its resolved config next to
+its checkpoints, so a run is reproducible from its folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["PPOConfig", "RunConfig", "ConfigError", "field_docs", "override", "flatten",
+           "parse_options", "load_config", "save_config", "FROZEN_ON_RESUME"]
+
+
+@dataclass
+class PPOConfig:
+    tasks_per_step: int = 8
+    """Distinct tasks sampled per step."""
+    group_size: int = 4
+    """Rollouts per task per step (the group for GRPO-style baselines)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (the logprobs and the loss use the same value)."""
+    ppo_epochs: int = 1
+    """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
+    minibatch_size: int = 16
+    """Transitions per optimizer step."""
+    lr: float = 2e-4
+    """AdamW learning rate of the policy parameters (LoRA adapter or full model)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the policy parameters."""
+    clip_eps: float = 0.2
+    """PPO clip range for the ratio pi/pi_behaviour."""
+    clip_eps_high: float | None = None
+    """Upper clip range if different (DAPO's clip-higher); None = clip_eps."""
+    kl_coef: float = 0.02
+    """Weight of the KL penalty to the reference (adapter-off) policy."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip of the policy parameters."""
+    max_tokens_per_forward: int = 2048
+    """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
+    (gradient accumulation) to fit."""
+    value_lr: float = 1e-3
+    """Learning rate of the critic head (used by the ``value`` credit strategy)."""
+    value_coef: float = 0.5
+    """Weight of the critic's regression loss."""
+    trainable_agents: tuple[str, ...] | None = None
+    """Only transitions of these agent/role names enter the loss; None = all."""
+    skip_zero_advantage: bool = True
+    """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
+    rollout_workers: int = 32
+    """Agents run concurrently; their LLM calls are batched by the policy's engine."""
+    seed: int = 0
+    """Seeds the task order, the minibatch order and torch's sampling RNG."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trainable_agents, str):
+            self.trainable_agents = tuple(a for a in self.trainable_agents.split(",") if a)
+        elif self.trainable_agents is not None:
+            self.trainable_agents = tuple(self.trainable_agents)
+        for name in ("tasks_per_step", "group_size", "ppo_epochs", "minibatch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """One training run: model, environment, credit, PPO, evaluation, budget, checkpoints."""
+
+    model: str = "smollm2-135m"
+    """tiny | smollm2-135m | a local Hugging Face model directory."""
+    lora: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
+    device: str = "cpu"
+    """Torch device of the policy."""
+    seed: int = 0
+    """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
+    env: str = "wordplay"
+    """Environment name (a folder under environments/)."""
+    data: str | None = None
+    """Dataset path in the benchmark's own format (default: generated tasks)."""
+    limit: int | None = None
+    """Use at most this many training tasks."""
+    agent_options: dict[str, Any] = field(default_factory=dict)
+    """Options for the environment's agent, e.g. {max_turns: 2} (CLI: --agent-option KEY=VALUE)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Options for the task loader, train and dev, e.g. {levels: hard,extra} (CLI: --task-option)."""
+    credit: str = "uniform"
+    """Credit strategy (lightning-lab credit lists them)."""
+    gamma: float | None = None
+    """Discount of the credit strategy (None: the strategy's default)."""
+    lam: float | None = None
+    """GAE lambda of the value strategy (None: the strategy's default)."""
+    baseline: str | None = None
+    """none | group | rloo | batch (None: the strategy's default)."""
+    steps: int = 20
+    """Train until the trainer has done this many steps (resumed steps count)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """The update's hyper-parameters (CLI flags without prefix, e.g. --lr, --group-size)."""
+    eval_every: int = 0
+    """Greedy dev evaluation every N steps (0: before and after training only)."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many dev tasks."""
+    max_minutes: float | None = None
+    """Stop after the step that passes this wall-clock budget (evaluations excluded)."""
+    save_every: int = 5
+    """Checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest K checkpoints, delete older ones (0: keep all)."""
+    resume: bool = False
+    """Continue from <out>/checkpoints, with <out>/config.yaml as the base config."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless logged in)."""
+    out: str = "runs/demo"
+    """Run folder: config.yaml, metrics.jsonl, trajectories.jsonl, evals, checkpoints/, summary.json."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ppo, Mapping):
+            self.ppo = PPOConfig(**self.ppo)
+        self.ppo.seed = self.seed  # one seed per run; PPOConfig.seed is for library users
+        if self.lora not in ("auto", "on", "off"):
+            raise ConfigError(f"lora must be auto, on or off, got {self.lora!r}")
+
+    def credit_params(self) -> dict[str, Any]:
+        """Parameters given for the credit strategy (unset ones keep the strategy's defaults)."""
+        params = {k: v for k, v in (("gamma", self.gamma), ("lam", self.lam)) if v is not None}
+        if self.baseline is not None:
+            params["baseline"] = self.baseline
+        return params
+
+
+FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed")
+"""Fields a resumed run cannot change: they decide the weights' shapes or the task list that
+the saved task order indexes."""
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (cleanrl-style; becomes the flag's help)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """Dotted name -> value (``ppo.lr``), the form sweeps, diffs and W&B configs use."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type (YAML and sweeps give ints for floats, lists for tuples)."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    if type(None) in args:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if origin is str and isinstance(value, str):
+        return value
+    if origin is tuple and isinstance(value, (list, tuple, str)):
+        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    if origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    raise ConfigError(f"{name} must be {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def override(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``config`` with fields replaced by dotted name (``ppo.lr``); a PPO field may also
+    be named alone (``lr``). Unknown names fail with the valid ones; values are type-checked."""
+    top = dataclasses.asdict(config)
+    run_hints, ppo_hints = _hints(RunConfig), _hints(PPOConfig)
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "ppo" and isinstance(value, Mapping):
+            flat.update({f"ppo.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if key.startswith("ppo.") or (key not in run_hints and key in ppo_hints):
+            name = key.removeprefix("ppo.")
+            if name == "seed":
+                raise ConfigError("ppo.seed follows the run's seed; set seed instead")
+            if name not in ppo_hints:
+                raise ConfigError(f"unknown config field {key!r}; PPO fields: {sorted(ppo_hints)}")
+            top["ppo"][name] = _coerce(f"ppo.{name}", value, ppo_hints[name])
+        elif key in run_hints and key != "ppo":
+            top[key] = _coerce(key, value, run_hints[key])
+        else:
+            raise ConfigError(f"unknown config field {key!r}; valid: "
+                              f"{sorted(k for k in run_hints if k != 'ppo')} and ppo.<field>")
+    return RunConfig(**top)
+
+
+def parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; values are JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from YAML (nested ``ppo:`` mapping or dotted keys), over ``base``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read run config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {path} must be a mapping of field names, got {type(data).__name__}")
+    try:
+        return override(base or RunConfig(), data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    import os
+
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dataclasses.asdict(config)
+    del data["ppo"]["seed"]  # follows the run's seed
+    if data["ppo"]["trainable_agents"] is not None:
+        data["ppo"]["trainable_agents"] = list(data["ppo"]["trainable_agents"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

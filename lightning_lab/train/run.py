@@ -1,0 +1,199 @@
+"""``run(config)``: one training run, the same from the CLI, a sweep or a notebook.
+
+Greedy dev evaluation before, PPO steps until ``steps`` or the wall-clock budget (with evaluations
+every ``eval_every`` steps and checkpoints every ``save_every``), a final checkpoint and
+evaluation, and ``summary.json``. The run folder holds everything needed to look at it or go on:
+``config.yaml`` (the resolved config), ``metrics.jsonl``, ``trajectories.jsonl``,
+``eval_stepNNNN.jsonl``, ``checkpoints/`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import credit as credit_lib
+from .. import envs
+from .callbacks import Callback, as_callback
+from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, flatten, load_config, override,
+                     save_config)
+
+__all__ = ["RunSetup", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
+           "make_agent", "credit_strategy"]
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunSetup:
+    """What a run is made of; ``build(config)`` returns it without training."""
+
+    config: RunConfig
+    env: Any
+    policy: Any
+    agent: Any
+    train_tasks: list[Any]
+    dev_tasks: list[Any]
+    trainer: Any
+    callbacks: list[Callback]
+    resumed: bool = False
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks."""
+        from ..rollouts import evaluate
+
+        batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize)
+        batch.save_jsonl(self.out / f"eval_{tag}.jsonl")
+        for cb in self.callbacks:
+            cb.on_eval(metrics, self.trainer.step_count)
+        return metrics
+
+
+def resume_config(out: str | Path, changes: dict[str, Any], log: Callable[[str], None] = print
+                  ) -> RunConfig:
+    """The config of a resumed run: the saved ``config.yaml`` with ``changes`` applied.
+
+    Changes to fields that decide weights or the task list (``FROZEN_ON_RESUME``) are refused;
+    every other change is applied and logged, never silently dropped.
+    """
+    path = Path(out) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"cannot resume: {path} does not exist (no run in {out})")
+    saved = load_config(path)
+    if "credit" in changes:  # a new strategy keeps only the saved parameters it takes
+        takes = credit_lib.param_names(changes["credit"])
+        changes = {**{k: None for k in ("gamma", "lam", "baseline") if k not in takes}, **changes}
+    config = override(saved, changes)
+    old, new = flatten(saved), flatten(config)
+    changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k] and k != "resume"}
+    frozen = sorted(k for k in changed if k in FROZEN_ON_RESUME)
+    if frozen:
+        raise ConfigError("cannot resume with a different " + ", ".join(
+            f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in frozen)
+            + f"; start a new run (another out) instead")
+    for k, (a, b) in sorted(changed.items()):
+        log(f"resume: {k} changed {a!r} -> {b!r}")
+    return dataclasses.replace(config, resume=True)
+
+
+def load_env(config: RunConfig) -> Any:
+    try:
+        return envs.get(config.env)
+    except KeyError as exc:
+        raise ConfigError(f"--env: {exc.args[0]}") from exc
+
+
+def load_tasks(env: Any, config: RunConfig, split: str, limit: int | None) -> list[Any]:
+    """``env.load_tasks`` with the run's data/seed/task options; bad options are usage errors."""
+    try:
+        return env.load_tasks(split, data=config.data, seed=config.seed, limit=limit,
+                              **config.task_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.env} tasks ({split}; --data / --task-option): {exc}") from exc
+
+
+def make_agent(env: Any, policy: Any, config: RunConfig) -> Any:
+    try:
+        return env.make_agent(policy, **config.agent_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.env} agent (--agent-option): {exc}") from exc
+
+
+def load_policy(config: RunConfig) -> Any:
+    from ..inference import models
+    from ..inference.adapters import lora_flag
+
+    return models.load(config.model, lora=lora_flag(config.lora), device=config.device,
+                       seed=config.seed)
+
+
+def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
+    try:
+        return credit_lib.get(config.credit, **config.credit_params())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--credit {config.credit}: {exc.args[0]}") from exc
+
+
+def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
+    """Environment, tasks, policy, agent and trainer of ``config`` (resumed if it says so)."""
+    from .trainer import PPOTrainer
+
+    env = load_env(config)
+    train_tasks = load_tasks(env, config, "train", config.limit)
+    dev_tasks = load_tasks(env, config, "dev", config.eval_limit)
+    strategy = credit_strategy(config)
+    policy = load_policy(config)
+    agent = make_agent(env, policy, config)
+    cbs = [as_callback(cb) for cb in callbacks]
+    ckpt_dir = Path(config.out) / "checkpoints"
+    resumed = config.resume and ckpt_dir.exists()
+    if resumed:
+        trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
+                                  config=config.ppo, callbacks=cbs)
+    else:
+        trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
+                             callbacks=cbs)
+    for cb in cbs:
+        cb.attach(trainer)
+    return RunSetup(config, env, policy, agent, train_tasks, dev_tasks, trainer, cbs, resumed)
+
+
+def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], None] = print
+        ) -> dict[str, Any]:
+    """Train as ``config`` says; returns (and writes) the run's summary."""
+    setup = build(config, callbacks)
+    out, trainer = setup.out, setup.trainer
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / CONFIG_FILE)
+    ckpt_dir = out / "checkpoints"
+    keep = config.keep_checkpoints or None
+    if setup.resumed:
+        log(f"resumed from {ckpt_dir} at step {trainer.step_count}")
+    try:
+        before = setup.evaluate(f"step{trainer.step_count:04d}")
+        log(f"[eval step{trainer.step_count:04d}] " + _fmt(before))
+        log(f"training {setup.policy.name} on {config.env} with {trainer.credit.describe()} "
+            f"for {config.steps} steps -> {out}")
+        started = time.monotonic()
+        deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
+        with open(out / "metrics.jsonl", "a") as metrics_log:
+            while trainer.step_count < config.steps and time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                state = trainer.step()
+                m = state.metrics
+                metrics_log.write(json.dumps(m) + "\n")
+                metrics_log.flush()
+                state.batch.save_jsonl(out / "trajectories.jsonl", append=True)
+                log(f"step {state.step:3d}  reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}  "
+                    f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  loss {m['policy_loss']:+.4f}  "
+                    f"tok/s {m['tokens_per_s']:.0f}  failed {int(m['n_failed'])}  "
+                    f"{time.perf_counter() - t0:.1f}s")
+                if config.save_every and state.step % config.save_every == 0:
+                    trainer.save(ckpt_dir, keep_last=keep)
+                if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
+                    log(f"[eval step{state.step:04d}] " + _fmt(setup.evaluate(f"step{state.step:04d}")))
+        train_minutes = (time.monotonic() - started) / 60
+        log(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
+        trainer.save(ckpt_dir, keep_last=keep)
+        after = setup.evaluate(f"step{trainer.step_count:04d}")
+        log(f"[eval step{trainer.step_count:04d}] " + _fmt(after))
+        summary = {"before": before, "after": after, "train_minutes": train_minutes,
+                   "history": [h["reward_mean"] for h in trainer.history]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
+    finally:
+        for cb in setup.callbacks:
+            cb.on_finish()
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items())
