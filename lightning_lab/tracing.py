@@ -8,13 +8,12 @@ runs them) or in asyncio tasks never see each other's rollout. The policy calls
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
-from .records import Trajectory, Transition
+from .records import Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
            "current_temperature", "TracingError"]
@@ -35,24 +34,38 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
     ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
-    With ``catch=True`` an exception from the body marks the trajectory ``failed`` with the error
-    text and is swallowed, so a batch of rollouts survives one bad agent; otherwise it propagates
-    (after marking the trajectory).
+    With ``catch=True`` anything the body raises marks the trajectory ``failed`` with the error
+    text and is swallowed, so a batch of rollouts survives one bad agent: ``Exception`` and also
+    ``SystemExit`` (an agent calling ``sys.exit()``) or any other ``BaseException``, except the
+    caller's own control flow: ``KeyboardInterrupt`` on the main thread (the user's Ctrl-C must
+    stop the run), ``GeneratorExit`` and ``asyncio.CancelledError`` (cancellation, e.g. a
+    timeout) are recorded and re-raised. Without ``catch`` everything propagates (after marking
+    the trajectory).
     """
     traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
     tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
     try:
         yield traj
-    except Exception as exc:  # noqa: BLE001 - recorded on the trajectory, re-raised unless catch
+    except BaseException as exc:  # noqa: BLE001 - recorded on the trajectory, see docstring
         traj.status = "failed"
         traj.error = f"{type(exc).__name__}: {exc}"
-        if not catch:
+        if not catch or _is_interruption(exc):
             raise
     finally:
         _finalize(traj)
         _temperature.reset(tokens[2])
         _agent.reset(tokens[1])
         _trajectory.reset(tokens[0])
+
+
+def _is_interruption(exc: BaseException) -> bool:
+    """Exceptions that are the caller's control flow, never an agent's fault to contain."""
+    import asyncio
+    import threading
+
+    if isinstance(exc, KeyboardInterrupt):
+        return threading.current_thread() is threading.main_thread()
+    return isinstance(exc, (GeneratorExit, asyncio.CancelledError))
 
 
 class step:
@@ -96,9 +109,15 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     """
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
+    if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"reward must be finite, got {value!r}") from None
+    problem = reward_problem(value)
+    if problem:
+        raise ValueError(problem)
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"reward must be finite, got {value}")
     traj = trajectory if trajectory is not None else current()
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
@@ -110,13 +129,22 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
 
 
 def _finalize(traj: Trajectory) -> None:
-    """Move final/pending rewards onto the last transition; flag rollouts with no LLM call."""
+    """Move final/pending rewards onto the last transition; flag rollouts with no LLM call.
+
+    Each reward was checked on its own; their sums are checked here, so a trajectory whose
+    rewards add up past ``MAX_ABS_REWARD`` fails with the reason instead of reaching the trainer.
+    """
     extra = traj.meta.pop("final_reward", 0.0) + traj.meta.pop("pending_reward", 0.0)
     if traj.transitions:
         traj.transitions[-1].reward += extra
     elif traj.status == "ok":
         traj.meta["no_llm_calls"] = True
         traj.meta["unassigned_reward"] = extra
+    sums = [tr.reward for tr in traj.transitions] + [traj.total_reward, extra]
+    problem = next(filter(None, map(reward_problem, sums)), None)
+    if problem and traj.status == "ok":
+        traj.status = "failed"
+        traj.error = f"RewardError: rewards summed out of range: {problem}"
 
 
 def record_generation(gen: Any, *, trajectory: Trajectory | None = None,

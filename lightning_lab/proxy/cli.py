@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any, Callable
 
+from .limits import Limits
+
 __all__ = ["add_cli"]
 
 
@@ -19,6 +21,14 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
                    help="allow a non-loopback --host (requires --api-key)")
     p.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens per request")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="enable POST /v1/load_lora_adapter for checkpoints under DIR "
+                        "(repeatable; requires --api-key)")
+    p.add_argument("--max-queued-tokens", type=int, default=Limits.max_queued_tokens,
+                   help="tokens (prompt + n x max_tokens) all requests in flight may cost; "
+                        "more get 429")
+    p.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
+                   help="tokens one request may cost; more get 400")
     p.set_defaults(handler=_serve)
 
 
@@ -36,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
         check_bind(ServeConfig(host=args.host, api_key=args.api_key, allow_remote=args.allow_remote))
     except ValueError as exc:
         raise ConfigError(f"--host: {exc}") from exc
+    if args.adapter_dir and not args.api_key:
+        raise ConfigError("--adapter-dir enables load_lora_adapter, which needs --api-key")
     policy = models.load(args.model, lora=lora_flag(args.lora), device=args.device, seed=args.seed)
     if args.checkpoint:
         from lightning_lab.train.checkpoint import load_policy_weights
@@ -43,7 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
         load_policy_weights(policy, Path(args.checkpoint))
     server = serve(policy, args.host, args.port, api_key=args.api_key,
                    allow_remote=args.allow_remote, default_max_tokens=args.max_tokens,
-                   log_level="info")
+                   log_level="info", adapter_dirs=tuple(args.adapter_dir),
+                   limits=Limits(max_queued_tokens=args.max_queued_tokens,
+                                 max_request_tokens=args.max_request_tokens))
     print(f"serving {policy.name} at {server.base_url}  (traced: {server.url}/rollout/<id>/v1)",
           flush=True)
     try:

@@ -26,7 +26,8 @@ def _run_one(agent: Callable[[Any], Any], task: Any, task_id: str, group_id: str
 def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_size: int = 1,
                  temperature: float | None = None, max_workers: int = 32,
                  group_prefix: str = "") -> Batch:
-    """Run ``agent`` ``group_size`` times per task; exceptions become ``failed`` trajectories.
+    """Run ``agent`` ``group_size`` times per task; whatever an agent raises (``sys.exit()``
+    included) becomes a ``failed`` trajectory; only the user's Ctrl-C stops the batch.
 
     Order of the returned trajectories is deterministic (task-major, then sample), whatever order
     the threads finished in.
@@ -39,6 +40,12 @@ def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_siz
     workers = max(1, min(max_workers, len(jobs)))
     if workers == 1:
         return Batch([_run_one(agent, t, tid, gid, temperature) for t, tid, gid in jobs])
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ll-agent") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ll-agent")
+    try:
         futures = [pool.submit(_run_one, agent, t, tid, gid, temperature) for t, tid, gid in jobs]
-        return Batch([f.result() for f in futures])
+        batch = Batch([f.result() for f in futures])
+    except BaseException:  # Ctrl-C while waiting: drop queued rollouts, do not wait for them
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return batch
