@@ -307,8 +307,10 @@ def _from_data(data: Any) -> Trajectory:
         if len(logprobs) not in (0, len(tr.get("response_ids", []))):
             raise ValueError(f"{what}: {len(logprobs)} logprobs for "
                              f"{len(tr.get('response_ids', []))} response tokens")
-        problem = reward_problem(tr.get("reward", 0.0))
-        if problem:
+        reward = tr.get("reward", 0.0)
+        problem = reward_problem(reward)
+        if problem and (data.get("status") != "failed" or not _real(reward)
+                        or not math.isfinite(reward)):  # a failed one may hold its huge sum
             raise ValueError(f"{what}: {problem}")
         temperature = tr.get("temperature", 1.0)
         if not _real(temperature) or not 0 < temperature < math.inf:
