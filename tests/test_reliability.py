@@ -112,13 +112,15 @@ def test_orphans_are_cleaned_and_a_lost_latest_falls_back(tmp_path, tiny):
     for i in range(10):  # defect 4: what 15 kills during saves left behind
         (directory / f".step-00000{i % 3}.tmp-{i}").mkdir()
     (directory / ".step-000001.stale-x").mkdir()
-    (directory / "LATEST").unlink()  # defect 3's cousin: the pointer is gone
-    with pytest.warns(UserWarning, match="names"):
-        (directory / "LATEST").write_text("step-000099")  # dangling
-        assert latest_checkpoint(directory).name == "step-000002"
-    loaded = ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS)
+    (directory / "LATEST").unlink()  # the pointer is gone: the newest complete one is used
+    assert latest_checkpoint(directory).name == "step-000002"
+    (directory / "LATEST").write_text("step-000099")  # dangling
+    with pytest.warns(UserWarning, match="not a complete checkpoint"):
+        loaded = ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS)
     assert loaded.step_count == 2
-    assert not [p for p in directory.iterdir() if p.name.startswith(".step-")]
+    assert len([p for p in directory.iterdir() if p.name.startswith(".step-")]) == 11  # a reader
+    loaded.save(directory)  # the writer cleans up
+    assert sorted(p.name for p in directory.iterdir()) == ["LATEST", "step-000001", "step-000002"]
 
 
 def test_checkpoint_files_are_fsynced(tmp_path, monkeypatch, tiny):
@@ -134,12 +136,11 @@ def test_checkpoint_files_are_fsynced(tmp_path, monkeypatch, tiny):
     assert str(final.parent) in synced  # the rename and the pointer swap are durable
 
 
-def test_meta_json_errors_name_the_file(tmp_path, tiny):
+def test_meta_json_and_config_errors_name_the_file(tmp_path, tiny):
     trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=_config())
     path = trainer.save(tmp_path / "ckpt")
     meta = json.loads((path / "meta.json").read_text())
     for broken, message in ((dict(meta, config=None), "'config' missing"),
-                            (dict(meta, config={**meta["config"], "bogus": 1}), "bogus"),
                             (dict(meta, format_version=1), "format 1")):
         (path / "meta.json").write_text(json.dumps(broken))
         with pytest.raises(CheckpointError, match=message) as info:
@@ -148,6 +149,13 @@ def test_meta_json_errors_name_the_file(tmp_path, tiny):
     (path / "meta.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(CheckpointError, match="meta.json"):
         ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS)
+    (path / "meta.json").write_text(json.dumps(meta))
+    state = torch.load(path / "state.pt", weights_only=True)
+    state["config"]["bogus"] = 1  # written by another version
+    torch.save(state, path / "state.pt")
+    with pytest.raises(CheckpointError, match="bogus") as info:
+        ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS)
+    assert str(path) in str(info.value)
 
 
 def test_resume_with_the_default_rollout_workers(tmp_path):
@@ -171,6 +179,77 @@ def test_resume_with_the_default_rollout_workers(tmp_path):
     assert [TASKS[i]["task_id"] for i in resumed._next_task_indices()] == expected_tasks
     state = resumed.step()
     assert state.step == 3 and state.metrics["n_failed"] == 0
+
+
+# ---------------------------------------------------------------- 3, 5: resume in a run folder
+RUN = dict(model="tiny", env="wordplay", eval_limit=2, save_every=2,
+           ppo={"tasks_per_step": 2, "group_size": 2, "rollout_workers": 4})
+
+
+def _logged_steps(out: Path) -> tuple[list[int], list[str]]:
+    metrics = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    groups = [json.loads(line)["group_id"].split("/")[0]
+              for line in (out / "trajectories.jsonl").open()]
+    return metrics, groups
+
+
+def test_resume_rolls_logs_back_and_survives_a_crashed_first_save(tmp_path):
+    from lightning_lab.train.config import RunConfig, override
+    from lightning_lab.train.run import run
+
+    out = tmp_path / "run"
+    config = override(RunConfig(), {**RUN, "steps": 3, "out": str(out)})
+    run(config, log=lambda _: None)
+    ckpts = out / "checkpoints"
+    shutil.rmtree(ckpts / "step-000003")  # killed after step 3 was logged, before its save
+    (ckpts / "LATEST").write_text("step-000002")
+    lines: list[str] = []
+    run(override(config, {"resume": True}), log=lines.append)
+    assert any("dropped 1 line(s) of metrics.jsonl, 4 line(s) of trajectories.jsonl" in x
+               for x in lines), lines
+    metrics, groups = _logged_steps(out)
+    assert metrics == [1, 2, 3]  # defect 5: step 3 was logged twice
+    assert groups == ["s0"] * 4 + ["s1"] * 4 + ["s2"] * 4
+
+    # defect 3: the first save crashed, only its temp dir exists; --resume used to exit 2 forever
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints" / ".step-000002.tmp-abc").mkdir(parents=True)
+    lines = []
+    run(override(config, {"out": str(fresh), "resume": True, "steps": 2}), log=lines.append)
+    assert any("starting at step 0" in x for x in lines)
+    assert sorted(p.name for p in (fresh / "checkpoints").iterdir()) == ["LATEST", "step-000002"]
+
+
+def test_ctrl_c_during_rollouts_saves_the_last_step_and_resumes(tmp_path, monkeypatch):
+    from lightning_lab.train import trainer as trainer_mod
+    from lightning_lab.train.config import RunConfig, override
+    from lightning_lab.train.run import run
+
+    real, calls = trainer_mod.run_rollouts, []
+
+    def interrupted_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt()  # what Ctrl-C raises in the main thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "run_rollouts", interrupted_in_step_2)
+    out = tmp_path / "run"
+    config = override(RunConfig(), {**RUN, "steps": 3, "save_every": 0, "out": str(out)})
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run(config, log=lines.append)
+    assert any("interrupted: saved" in x for x in lines)
+    assert (out / "checkpoints" / "LATEST").read_text() == "step-000001"
+    state = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
+    assert len(state["task_queue"]) == len(_wordplay_train_tasks()) - 2  # step 2 drew none
+    monkeypatch.setattr(trainer_mod, "run_rollouts", real)
+    run(override(config, {"resume": True}), log=lambda _: None)
+    assert _logged_steps(out)[0] == [1, 2, 3]
+
+
+def _wordplay_train_tasks() -> list:
+    return ll.envs.get("wordplay").load_tasks("train")
 
 
 # ---------------------------------------------------------------- 6: reward sums

@@ -13,8 +13,8 @@ between each pair of steps):
 Re-saving a step that exists (a finished run run again) points ``LATEST`` at the new temp
 directory before the old ``step-N`` is moved aside. Leftover temp/stale directories are removed
 by the writer (each save, and a run when it resumes), never by a reader, which could be looking
-at a directory another process is still writing. When ``LATEST`` is missing or names nothing, loading falls back to the
-newest complete ``step-*`` directory. Nothing is unpickled: ``state.pt`` holds only tensors and
+at a directory another process is still writing. When ``LATEST`` is missing or names nothing,
+loading falls back to the newest complete ``step-*`` directory. Nothing is unpickled: ``state.pt`` holds only tensors and
 plain Python values, read with ``torch.load(weights_only=True)``.
 """
 

@@ -380,10 +380,14 @@ class PPOTrainer:
              config: PPOConfig | None = None, callbacks: Sequence[Any] = ()) -> "PPOTrainer":
         """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones."""
         path, state = load_checkpoint(Path(directory))
-        if config is None:
-            config = PPOConfig(**state["config"])
-        if credit is None:
-            credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
+        try:
+            if config is None:
+                config = PPOConfig(**state["config"])
+            if credit is None:
+                credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
+        except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks
+            raise CheckpointError(f"checkpoint {path}: its config does not fit this version: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks)
         try:
             trainer.load_state_dict(state)
