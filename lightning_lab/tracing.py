@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 from .records import Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
-           "current_temperature", "TracingError"]
+           "current_temperature", "call_seed", "derive_seed", "TracingError"]
 
 
 class TracingError(RuntimeError):
@@ -30,10 +30,14 @@ _temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=No
 
 @contextmanager
 def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
-            catch: bool = False, meta: dict[str, Any] | None = None) -> Iterator[Trajectory]:
+            catch: bool = False, meta: dict[str, Any] | None = None,
+            seed: int | None = None) -> Iterator[Trajectory]:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
     ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
+    ``seed`` (kept as ``meta["sampling_seed"]``) makes the rollout's samples independent of what
+    else shares the engine's batch: its k-th LLM call that sends no seed of its own samples with
+    ``derive_seed(seed, k)``, so concurrent rollouts draw the same numbers in any thread order.
     With ``catch=True`` anything the body raises marks the trajectory ``failed`` with the error
     text and is swallowed, so a batch of rollouts survives one bad agent: ``Exception`` and also
     ``SystemExit`` (an agent calling ``sys.exit()``) or any other ``BaseException``, except the
@@ -43,6 +47,8 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
     the trajectory).
     """
     traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
+    if seed is not None:
+        traj.meta["sampling_seed"] = int(seed)
     tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
     try:
         yield traj
@@ -97,6 +103,23 @@ def current() -> Trajectory:
 
 def current_temperature() -> float | None:
     return _temperature.get()
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 62-bit seed from ``parts`` (stable across processes and Python versions)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (1 << 62)
+
+
+def call_seed(trajectory: Trajectory | None = None) -> int | None:
+    """The seed for the next LLM call of ``trajectory`` (default: the open one), or None when it
+    was opened without ``seed``."""
+    traj = trajectory if trajectory is not None else _trajectory.get()
+    if traj is None or traj.meta.get("sampling_seed") is None:
+        return None
+    return derive_seed(traj.meta["sampling_seed"], len(traj.transitions))
 
 
 def reward(value: float, *, final: bool = False, trajectory: Trajectory | None = None) -> None:

@@ -158,27 +158,41 @@ def test_meta_json_and_config_errors_name_the_file(tmp_path, tiny):
     assert str(path) in str(info.value)
 
 
-def test_resume_with_the_default_rollout_workers(tmp_path):
-    """Defect 12: what is exact on resume with 32 concurrent agents (see README)."""
-    config = _config(seed=5)
+def _samples(states) -> list[list[list[int]]]:
+    return [[tr.response_ids for tr in traj.transitions] for s in states for traj in s.batch]
+
+
+def _weights(policy) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in policy.model.parameters() if p.requires_grad])
+
+
+def test_same_seed_same_run_and_resume_with_the_default_rollout_workers(tmp_path):
+    """Defect 12: with 32 concurrent agents two same-seed runs sampled differently from step 1.
+    Rollouts are now seeded per call, so thread order no longer decides the samples."""
+    config = _config(tasks_per_step=4, group_size=4, lr=3e-3, seed=5)
     assert config.rollout_workers == 32
     policy = ll.models.load("tiny", seed=0)
+    straight = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
+    straight_states = straight.fit(3, progress=False)
+    straight_weights = _weights(policy)
+
+    policy = ll.models.load("tiny", seed=0)
     first = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
-    first.fit(2, progress=False)
+    first_states = first.fit(2, progress=False)
+    assert _samples(first_states) == _samples(straight_states[:2])
     first.save(tmp_path / "ckpt")
-    expected_weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()
-                        if p.requires_grad}
-    expected_tasks = [TASKS[i]["task_id"] for i in first._next_task_indices()]
+    saved = _weights(policy)
 
     policy = ll.models.load("tiny", seed=0)
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
     assert resumed.step_count == 2 and resumed.history == first.history
-    for name, p in policy.model.named_parameters():
-        if p.requires_grad:
-            assert torch.equal(p, expected_weights[name]), name
-    assert [TASKS[i]["task_id"] for i in resumed._next_task_indices()] == expected_tasks
+    assert torch.equal(_weights(policy), saved)  # the checkpoint itself is exact
     state = resumed.step()
-    assert state.step == 3 and state.metrics["n_failed"] == 0
+    assert _samples([state]) == _samples(straight_states[2:])
+    # Weights agree up to float rounding: batched decoding rounds the recorded logprobs a little
+    # differently when the batch is composed differently (~1e-9 relative on this model).
+    diff = (_weights(policy) - straight_weights).norm() / straight_weights.norm()
+    assert diff < 1e-5, diff
 
 
 # ---------------------------------------------------------------- 3, 5: resume in a run folder

@@ -76,8 +76,13 @@ class Policy:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
         ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls).
+        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
+        with ``seed`` it defaults to that rollout's per-call seed.
         """
+        from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
+
+        if seed is None:  # inside a seeded rollout: its per-call seed
+            seed = tracing.call_seed()
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         texts = [self.prompt_text(p, prefill) for p in prompts]
         requests = [
@@ -108,8 +113,6 @@ class Policy:
             for text, request, future in zip(texts, requests, futures)
             for s in future.result()
         ]
-        from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
-
         for generation in generations:
             tracing.record_generation(generation)
         return generations

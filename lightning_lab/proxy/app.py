@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from .. import tracing
 from ..inference.sampling import normalize_temperature
 from .backends import Backend, Completion, Prepared
 from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudget, decode_json,
@@ -202,6 +203,8 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
 
     async def respond(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
                       prepared: Prepared, ticket: Ticket):
+        if chat_request.seed is None and entry is not None:  # a seeded rollout's k-th call
+            chat_request.seed = tracing.call_seed(entry.trajectory)
         temperature = chat_request.temperature
         if temperature is None:
             temperature = entry.temperature if entry and entry.temperature is not None else 1.0

@@ -26,6 +26,7 @@ from .critic import ValueHead
 from .ppo import ppo_loss
 from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
+from ..tracing import derive_seed
 from ..inference.adapters import has_adapter
 from ..inference.prompts import dedupe_prompts
 from .scoring import Scores, chunk_rows, score
@@ -125,7 +126,8 @@ class PPOTrainer:
         tasks = [self.tasks[i] for i in self._next_task_indices()]
         batch = run_rollouts(self.agent, tasks, group_size=cfg.group_size,
                              temperature=cfg.temperature, max_workers=cfg.rollout_workers,
-                             group_prefix=f"s{self.step_count}/")
+                             group_prefix=f"s{self.step_count}/",
+                             seed=derive_seed("rollouts", cfg.seed, self.step_count))
         rollout_s = time.perf_counter() - t0
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
