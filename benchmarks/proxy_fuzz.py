@@ -46,7 +46,8 @@ def _json(body: object) -> bytes:
 def _request(rng: random.Random, url: str, traced: str) -> tuple[str, str, bytes, dict]:
     """(method, url, body, headers) of one fuzz case."""
     chat, headers = url + "/v1/chat/completions", {"content-type": "application/json"}
-    user = [{"role": "user", "content": "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))}]
+    text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
+    user = [{"role": "user", "content": text}]
     kind = rng.random()
     if kind < 0.35:  # valid
         body = {"messages": user, "max_tokens": rng.randint(1, 3), "n": rng.randint(1, 2),
@@ -62,8 +63,10 @@ def _request(rng: random.Random, url: str, traced: str) -> tuple[str, str, bytes
             body["messages"] = [{"role": "user", "content": rng.choice(JUNK)}]
         return "POST", chat, _json(body), headers
     if kind < 0.7:  # reward endpoint
-        value = rng.choice(["1", "1e308", "-1e13", "1" + "0" * 400, '"x"', "NaN", "Infinity", "0.5"])
-        return "POST", traced.removesuffix("/v1") + "/reward", f'{{"reward": {value}}}'.encode(), headers
+        value = rng.choice(["1", "1e308", "-1e13", "1" + "0" * 400, '"x"', "NaN", "Infinity",
+                            "0.5"])
+        reward_url = traced.removesuffix("/v1") + "/reward"
+        return "POST", reward_url, f'{{"reward": {value}}}'.encode(), headers
     if kind < 0.76:
         depth = rng.choice([1000, 100_000])
         return "POST", chat, b"[" * depth + b"]" * depth, headers
@@ -107,17 +110,17 @@ def main() -> int:
             httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user",
                        "content": "hi"}], "max_tokens": 2}, timeout=60)
         rss_before, _ = _rss_mb(child.pid)
-        rng = random.Random(args.seed)
-        cases = [_request(rng, url, traced) for _ in range(args.requests)]
         statuses: Counter = Counter()
         failures: list[str] = []
         lock = threading.Lock()
         local = threading.local()
 
-        def send(case: tuple[str, str, bytes, dict]) -> None:
+        def send(i: int) -> None:
             if not hasattr(local, "client"):
                 local.client = httpx.Client(timeout=120)
-            method, target, body, headers = case
+            # built when sent, from its own seeded RNG: the same cases every run, few in memory
+            method, target, body, headers = _request(random.Random(f"{args.seed}/{i}"), url,
+                                                     traced)
             try:
                 status = local.client.request(method, target, content=body or None,
                                               headers=headers).status_code
@@ -130,7 +133,7 @@ def main() -> int:
 
         start = time.perf_counter()
         with ThreadPoolExecutor(args.threads) as pool:
-            list(pool.map(send, cases))
+            list(pool.map(send, range(args.requests)))
         elapsed = time.perf_counter() - start
         rss_after, rss_peak = _rss_mb(child.pid)
         n_5xx = sum(n for s, n in statuses.items() if not isinstance(s, int) or s >= 500)

@@ -195,10 +195,12 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         entry = lookup(rollout_id)
         chat_request, prepared, cost = await _off_loop(parse_and_prepare, await raw_body(request))
         ticket = budget.admit(cost)
+        response = None
         try:
-            return await respond(request, entry, chat_request, prepared, ticket)
-        finally:
-            if not chat_request.stream:
+            response = await respond(request, entry, chat_request, prepared, ticket)
+            return response
+        finally:  # a stream releases its ticket itself, when it ends
+            if not isinstance(response, StreamingResponse):
                 ticket.release()
 
     async def respond(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
