@@ -347,7 +347,7 @@ def db(tmp_path) -> str:
 def test_single_function_queries_stop_within_2s_and_512mb(db):
     from environments.text_to_sql.sql import run_sql
 
-    # Bounds, not performance: each stops in ~0.01 s or at the 1.5 s limit, far from 2 s.
+    # Bounds, not performance: each stops in ~0.01 s, or at the 1.5 s limit + 0.1 s grace.
     for sql, error in (("SELECT zeroblob(900000000) FROM singer", "too big"),
                        ("SELECT printf('%.*c', 999999999, 'x')", "time limit"),
                        ("SELECT zeroblob(900000000)", "memory")):

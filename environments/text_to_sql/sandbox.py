@@ -25,7 +25,7 @@ __all__ = ["execute", "MAX_WORKERS", "MEMORY_BYTES", "GRACE_S"]
 MAX_WORKERS = 4
 MEMORY_BYTES = 512 << 20
 """Address-space cap of a worker: allocations beyond it fail inside the worker."""
-GRACE_S = 0.3
+GRACE_S = 0.1
 """How long past ``timeout_s`` a worker may take before it is killed."""
 _WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
 
