@@ -8,14 +8,15 @@ tracing's contextvars attribute it to the right trajectory and step.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 from lightning_lab.inference.adapters import has_adapter
+from lightning_lab.inference.chat import ChatPlan, plan_chat
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
 from lightning_lab.inference.sampling import SamplingParams
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Prompt = Union[str, list[Message]]
 
 
@@ -35,6 +36,11 @@ class Generation:
     """``"stop"`` or ``"length"``."""
     prompt_text: str
     temperature: float
+    message: dict[str, Any] | None = None
+    """The OpenAI assistant message (``content``, ``tool_calls``) for chat prompts."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Facts copied into the transition's meta: ``constrained``, ``tool_calls``,
+    ``tool_parse_error``, ``json_valid``, ``tool_format``."""
 
 
 class Policy:
@@ -47,19 +53,28 @@ class Policy:
         device: str = "cpu",
         name: str = "",
         engine_config: EngineConfig | None = None,
+        tool_format: str = "auto",
     ):
         self.model, self.tokenizer, self.device, self.name = model, tokenizer, device, name
         self.engine = Engine(model, tokenizer, engine_config)
+        self.tool_format = tool_format
+        """How tools are rendered and parsed (``ll.inference.tools.format_names()``)."""
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, device={self.device!r})"
 
-    def prompt_text(self, prompt: Prompt, prefill: str = "") -> str:
+    def plan(self, messages: list[Message], prefill: str = "", **tool_options: Any) -> ChatPlan:
+        """Prompt text and constraint of one chat turn (``tools``, ``tool_choice``,
+        ``parallel_tool_calls``, ``response_format`` as in OpenAI's API); ValueError on bad input."""
+        return plan_chat(self.tokenizer, messages, tool_format=self.tool_format, prefill=prefill,
+                         compile_grammar=self.engine.compile_grammar, **tool_options)
+
+    def prompt_text(self, prompt: Prompt, prefill: str = "", **tool_options: Any) -> str:
         """Chat messages get the chat template with the generation prompt; strings stay as they are."""
         if isinstance(prompt, str):
             return prompt + prefill
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return text + prefill
+        return plan_chat(self.tokenizer, prompt, tool_format=self.tool_format, prefill=prefill,
+                         **tool_options).prompt_text
 
     def generate(
         self,
@@ -72,19 +87,25 @@ class Policy:
         stop: list[str] | str | None = None,
         prefill: str = "",
         seed: int | None = None,
+        **tool_options: Any,
     ) -> list[Generation]:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
         ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
         else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
-        with ``seed`` it defaults to that rollout's per-call seed.
+        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
+        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
+        prompts only); each generation then carries its parsed ``message``.
         """
         from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
 
         if seed is None:  # inside a seeded rollout: its per-call seed
             seed = tracing.call_seed()
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        texts = [self.prompt_text(p, prefill) for p in prompts]
+        plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
+                 for p in prompts]
+        texts = [p + prefill if plan is None else plan.prompt_text
+                 for p, plan in zip(prompts, plans)]
         requests = [
             Request(
                 prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"],
@@ -94,23 +115,16 @@ class Policy:
                     max_new_tokens=max_new_tokens,
                     stop=stops,
                     seed=None if seed is None else (seed * 1_000_003 + i) % 2**62,
+                    grammar=None if plan is None else plan.grammar,
                 ),
                 n=n,
             )
-            for i, text in enumerate(texts)
+            for i, (text, plan) in enumerate(zip(texts, plans))
         ]
         futures = [self.engine.submit(r) for r in requests]
         generations = [
-            Generation(
-                text=s.text,
-                prompt_ids=list(request.prompt_ids),
-                response_ids=s.response_ids,
-                logprobs=s.logprobs,
-                finish_reason=s.finish_reason,
-                prompt_text=text,
-                temperature=request.params.temperature,
-            )
-            for text, request, future in zip(texts, requests, futures)
+            _generation(s, text, request, plan)
+            for text, request, plan, future in zip(texts, requests, plans, futures)
             for s in future.result()
         ]
         for generation in generations:
@@ -126,11 +140,18 @@ class Policy:
         top_p: float | None = None,
         stop: list[str] | str | None = None,
         prefill: str = "",
-    ) -> str:
-        """One assistant turn; returns ``prefill + generated text``.
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: dict[str, Any] | None = None,
+    ) -> Any:
+        """One assistant turn; returns ``prefill + generated text``, or with ``tools`` the
+        OpenAI assistant message ``{"role", "content", "tool_calls"?}`` (append it to
+        ``messages``, then the ``{"role": "tool", "tool_call_id", "content"}`` results).
 
         A string becomes one user message. ``temperature=None`` uses the open rollout's default
-        (evaluation sets 0), else 1.0.
+        (evaluation sets 0), else 1.0. ``tool_choice="required"``/a named function and
+        ``response_format`` constrain decoding to a valid call / JSON (see ``inference.chat``).
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
@@ -145,7 +166,13 @@ class Policy:
             max_new_tokens=max_new_tokens,
             stop=stop,
             prefill=prefill,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format,
         )[0]
+        if tools is not None:
+            return generation.message
         return prefill + generation.text
 
     @contextlib.contextmanager
@@ -167,3 +194,15 @@ class Policy:
     def close(self) -> None:
         """Stop the engine's worker thread (it is a daemon, so this is only for tidiness)."""
         self.engine.close()
+
+
+def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None) -> Generation:
+    gen = Generation(text=sample.text, prompt_ids=list(request.prompt_ids),
+                     response_ids=sample.response_ids, logprobs=sample.logprobs,
+                     finish_reason=sample.finish_reason, prompt_text=text,
+                     temperature=request.params.temperature)
+    if plan is not None:
+        parsed, gen.finish_reason, gen.meta = plan.reply(
+            sample.text, sample.finish_reason, sample.constrained, sample.constraint_error)
+        gen.message = parsed.message()
+    return gen

@@ -262,6 +262,13 @@ def _allowed_path(raw: str, roots: list[Path]) -> Path:
     return path
 
 
+def _message(c: Completion) -> dict[str, Any]:
+    """The choice's assistant message: parsed calls, or the text as content."""
+    if c.message is None:
+        return {"role": "assistant", "content": c.text}
+    return dict(c.message)
+
+
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
     """Await ``coro``; if the client hangs up first, cancel it (freeing its batch slots)."""
     task = asyncio.ensure_future(coro)
@@ -298,7 +305,7 @@ class _Call:
                     prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
                     logprobs=c.logprobs, text=c.text, temperature=self.temperature,
                     finish_reason=c.finish_reason, agent=self.agent,
-                    meta={"request_id": self.id, "choice": i, "via": "http"})
+                    meta={**c.meta, "request_id": self.id, "choice": i, "via": "http"})
         return completions
 
     def record_abort(self) -> None:
@@ -322,8 +329,7 @@ class _Call:
     def response(self, completions: list[Completion]) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(completions):
-            choice = {"index": i, "message": {"role": "assistant", "content": c.text,
-                                              "refusal": None},
+            choice = {"index": i, "message": {**_message(c), "refusal": None},
                       "logprobs": self._choice_logprobs(c), "finish_reason": c.finish_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = c.response_ids
@@ -368,8 +374,13 @@ class _Call:
             yield "data: [DONE]\n\n"
             return
         for i, c in enumerate(completions):
-            yield sse([{"index": i, "delta": {"content": c.text}, "logprobs": self._choice_logprobs(c),
-                        "finish_reason": None}])
+            message = _message(c)
+            if message["content"]:
+                yield sse([{"index": i, "delta": {"content": message["content"]},
+                            "logprobs": self._choice_logprobs(c), "finish_reason": None}])
+            for k, call in enumerate(message.get("tool_calls", [])):  # one delta per whole call
+                yield sse([{"index": i, "delta": {"tool_calls": [{"index": k, **call}]},
+                            "logprobs": None, "finish_reason": None}])
         yield sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)])
         if self.request.include_usage:
