@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import credit, envs
+from . import credit, envs, tracing
 from .paths import cache_dir
 from .records import Batch, TraceFormatError, Trajectory, Transition
 from .tracing import TracingError, current, reward, rollout, step, traced
@@ -32,6 +32,7 @@ _LAZY = {
     "tracking": ("lightning_lab.workbench.tracking", None),
     "serve": ("lightning_lab.proxy", "serve"),
     "proxy": ("lightning_lab.proxy", None),
+    "LangGraphRoles": ("lightning_lab.integrations.langchain", "LangGraphRoles"),
 }
 
 __all__ = ["cache_dir", "Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",

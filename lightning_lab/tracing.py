@@ -19,7 +19,7 @@ __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation"
            "current_temperature", "call_seed", "derive_seed", "TracingError"]
 
 
-DEFAULT_ROLE = "agent"
+DEFAULT_ROLE = "main"
 """Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
 ``trainable_agents`` and per-role tables can always select it."""
 

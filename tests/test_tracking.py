@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 import lightning_lab as ll
-from agents import parity_agent as shared_parity_agent
+from shared_agents import parity_agent as shared_parity_agent
 from lightning_lab import tracking
 
 pytest.importorskip("wandb")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_lab as ll
-from agents import parity_agent
+from shared_agents import parity_agent
 from lightning_lab.train.checkpoint import CheckpointError
 
 TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(8)]

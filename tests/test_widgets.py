@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import lightning_lab as ll
-from agents import parity_agent as shared_parity_agent
+from shared_agents import parity_agent as shared_parity_agent
 from lightning_lab import credit
 from lightning_lab.train.trainer import StepState
 from lightning_lab.workbench.widgets import dashboard as dash_mod

@@ -308,6 +308,17 @@ def _arguments_json(arguments: str) -> Any:
         return arguments
 
 
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """An object schema that does not say ``additionalProperties`` gets ``false`` for forced calls.
+
+    Like OpenAI's strict mode: a constrained call fills in the declared arguments only, instead
+    of inventing extra keys the tool would reject (a weak model can pad one for hundreds of tokens).
+    """
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
 class HermesFormat:
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, rendered without template help."""
 
@@ -388,7 +399,7 @@ class HermesFormat:
 
     def call_grammar(self, tools: list[Tool], parallel: bool) -> str:
         options = [{"type": "object", "properties": {"name": {"const": t.name},
-                                                     "arguments": t.parameters},
+                                                     "arguments": closed(t.parameters)},
                     "required": ["name", "arguments"], "additionalProperties": False}
                    for t in tools]
         schema = {"anyOf": options, "x-guidance": JSON_STYLE}

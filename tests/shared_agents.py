@@ -1,4 +1,4 @@
-"""Agents shared by the tests that train the tiny model."""
+"""Agents shared by the tests that train the tiny model (not `agents`: that is the OpenAI Agents SDK)."""
 
 import lightning_lab as ll
 

@@ -1,0 +1,140 @@
+"""OpenAI tools through the proxy with the official ``openai`` client: round trips, streaming,
+recording, and 400s in OpenAI's error shape naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+import lightning_lab as ll
+
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {
+    "name": "clock", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+USER = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    p = ll.models.load("tiny", lora=True)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def server(policy):
+    with ll.serve(policy, default_max_tokens=40) as s:
+        yield s
+
+
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_required_named_and_auto_round_trip_and_are_recorded(server):
+    with server.rollout(task_id="tools") as r:
+        c = client(r.base_url)
+        forced = c.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, CLOCK],
+                                           tool_choice="required", temperature=1.0, seed=1, max_tokens=80)
+        choice = forced.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert calls and all(call.type == "function" and call.id.startswith("call_") for call in calls)
+        for call in calls:
+            assert call.function.name in ("weather", "clock")
+            json.loads(call.function.arguments)
+        named = c.chat.completions.create(
+            model="tiny", messages=USER, tools=[WEATHER, CLOCK], temperature=1.0,
+            tool_choice={"type": "function", "function": {"name": "weather"}})
+        (call,) = named.choices[0].message.tool_calls
+        assert call.function.name == "weather"
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+        history = USER + [named.choices[0].message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "-3 C, snow"}]
+        auto = c.chat.completions.create(model="tiny", messages=history, tools=[WEATHER],
+                                         max_tokens=6, extra_body={"return_token_ids": True})
+        assert auto.choices[0].finish_reason in ("stop", "length")
+        assert isinstance(auto.choices[0].message.content, str)
+    first, second, third = r.trajectory.transitions
+    assert first.meta["constrained"] and first.meta["tool_calls"] == [x.function.name for x in calls]
+    assert second.meta["tool_calls"] == ["weather"]
+    assert "constrained" not in third.meta
+    assert "<tool_response>\n-3 C, snow\n</tool_response>" in third.prompt
+    assert third.prompt_ids == auto.model_extra["prompt_token_ids"]  # exactly what the model saw
+    assert all(tr.agent == "main" for tr in (first, second, third))  # default role, never ""
+
+
+def test_parallel_tool_calls_false_gives_one_call(server):
+    r = client(server.base_url).chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER, CLOCK], tool_choice="required",
+        parallel_tool_calls=False, temperature=1.0, n=4, max_tokens=80)
+    assert all(len(c.message.tool_calls or []) == 1 for c in r.choices), r.choices
+
+
+def test_response_format_json_schema_and_json_object(server):
+    c = client(server.base_url)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    r = c.chat.completions.create(model="tiny", messages=USER, temperature=1.0, response_format={
+        "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    parsed = c.chat.completions.parse(model="tiny", messages=USER, temperature=1.0,
+                                      response_format={"type": "json_schema", "json_schema": {
+                                          "name": "verdict", "schema": schema, "strict": True}})
+    assert parsed.choices[0].message.parsed["answer"] in ("yes", "no")
+
+
+def test_streaming_tool_calls_accumulate_in_the_sdk(server):
+    c = client(server.base_url)
+    with c.chat.completions.stream(model="tiny", messages=USER, tools=[WEATHER],
+                                   tool_choice="required", temperature=1.0,
+                                   parallel_tool_calls=False) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "weather" and json.loads(call.function.arguments)["city"]
+    raw = c.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], stream=True,
+                                    tool_choice="required", parallel_tool_calls=False)
+    deltas = [ch.choices[0].delta for ch in raw if ch.choices]
+    with_calls = [d for d in deltas if d.tool_calls]
+    assert len(with_calls) == 1 and with_calls[0].tool_calls[0].index == 0
+    assert with_calls[0].tool_calls[0].id.startswith("call_")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "search"}}},
+     "tool_choice.function.name"),
+    ({"messages": USER + [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "messages[1].tool_call_id"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
+])
+def test_bad_tool_input_is_a_400_naming_the_field(server, extra, param):
+    body = {"messages": USER, "max_tokens": 2, **extra}
+    r = httpx.post(server.base_url + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # the SDK surfaces it as such
+        client(server.base_url).chat.completions.create(model="tiny", **body)
+    assert info.value.body["param"] == param
+
+
+def test_legacy_functions_are_tools(server):
+    r = httpx.post(server.base_url + "/chat/completions", timeout=60, json={
+        "messages": USER, "functions": [WEATHER["function"]], "function_call": {"name": "weather"},
+        "temperature": 1.0})
+    assert r.status_code == 200 and "x-ll-warning" not in r.headers
+    assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
