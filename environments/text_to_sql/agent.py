@@ -16,6 +16,7 @@ from .reward import RewardConfig, score_sql
 from .schema import schema_prompt
 from .sql import ExecResult, extract_sql, is_valid_sql, run_sql
 from .task import SQLTask
+from .tool_agent import run_tool_agent
 
 
 @dataclass
@@ -47,6 +48,9 @@ class SQLAgentConfig:
     """Sampling temperature; None = the rollout's default (0 in evaluation)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Shaping bonuses and sandbox limits of the final score."""
+    style: str = "roles"
+    """"roles": writer/checker/rewriter prompts; "tools": one agent calling a `run_sql` tool
+    (OpenAI tools format; `max_turns` queries, then an answer; see `tool_agent`)."""
 
 
 def _sql_call(policy: Any, messages: list[dict[str, str]], cfg: SQLAgentConfig) -> str:
@@ -113,9 +117,12 @@ def make_agent(policy: Any, config: SQLAgentConfig | None = None,
     cfg = replace(config or SQLAgentConfig(), **options)
     if cfg.max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {cfg.max_turns}")
+    if cfg.style not in ("roles", "tools"):
+        raise ValueError(f"style must be 'roles' or 'tools', got {cfg.style!r}")
+    run = run_tool_agent if cfg.style == "tools" else run_agent
 
     def agent(task: SQLTask) -> None:
-        run_agent(policy, task, cfg)
+        run(policy, task, cfg)
 
     agent.config = cfg  # type: ignore[attr-defined]  # visible in notebooks and logs
     return agent
