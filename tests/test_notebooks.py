@@ -19,7 +19,8 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = {"01_quickstart", "02_text_to_sql", "03_rag", "04_credit_strategies", "05_sweeps"}
+EXPECTED = {"01_quickstart", "02_text_to_sql", "03_rag", "04_credit_strategies", "05_sweeps",
+            "06_tool_agents"}
 
 
 def test_notebooks_exist_without_outputs():
