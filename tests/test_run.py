@@ -9,7 +9,7 @@ import json
 import pytest
 
 import lightning_lab as ll
-from agents import parity_agent
+from shared_agents import parity_agent
 from lightning_lab.cli import main
 from lightning_lab.train.callbacks import CallbackBase
 from lightning_lab.train.config import ConfigError, RunConfig, load_config, override, save_config
