@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+from typing import Literal
+
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 import lightning_lab as ll
 
@@ -18,6 +21,10 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {
     "name": "clock", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
 USER = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +92,13 @@ def test_response_format_json_schema_and_json_object(server):
         "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
     assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
     parsed = c.chat.completions.parse(model="tiny", messages=USER, temperature=1.0,
-                                      response_format={"type": "json_schema", "json_schema": {
-                                          "name": "verdict", "schema": schema, "strict": True}})
-    assert parsed.choices[0].message.parsed["answer"] in ("yes", "no")
+                                      response_format=Verdict)  # the SDK's pydantic path
+    assert parsed.choices[0].message.parsed.answer in ("yes", "no")
+    # json_object: any object; the random model's keys are free strings, so only the start is
+    # checked here (an unbounded key can run to max_tokens)
+    r = c.chat.completions.create(model="tiny", messages=USER, temperature=1.0, max_tokens=8,
+                                  response_format={"type": "json_object"})
+    assert r.choices[0].message.content.lstrip().startswith("{")
 
 
 def test_streaming_tool_calls_accumulate_in_the_sdk(server):
@@ -138,3 +149,16 @@ def test_legacy_functions_are_tools(server):
         "temperature": 1.0})
     assert r.status_code == 200 and "x-ll-warning" not in r.headers
     assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
+
+
+def test_langchain_structured_output_via_function_calling(server):
+    """``with_structured_output(method="function_calling")`` used to return None (tools ignored)."""
+    from langchain_openai import ChatOpenAI
+
+    schema = {"title": "Verdict", "description": "A yes/no verdict.", "type": "object",
+              "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    llm = ChatOpenAI(model="tiny", base_url=server.base_url, api_key="unused", max_retries=0,
+                     temperature=1.0, max_tokens=60)
+    for method in ("function_calling", "json_schema"):
+        result = llm.with_structured_output(schema, method=method).invoke("Is 2 > 1?")
+        assert result is not None and result["answer"] in ("yes", "no"), method

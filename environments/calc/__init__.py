@@ -48,6 +48,7 @@ def summarize(batch: Any) -> dict[str, float]:
     summary = {
         "accuracy": fmean(float(bool(m.get("correct"))) for m in metas),
         "valid_tool_call": fmean(float(bool(m.get("first_call_valid"))) for m in metas),
+        "computed": fmean(float(bool(m.get("computed"))) for m in metas),
         "tool_calls": fmean(float(m.get("tool_calls", 0)) for m in metas),
         "n": float(len(metas)),
         "failed": float(sum(t.status != "ok" for t in batch)),

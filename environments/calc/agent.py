@@ -41,8 +41,9 @@ class CalcAgentConfig:
     """max_tokens of a call that may produce a tool call."""
     answer_tokens: int = 24
     """max_tokens of the final answer call."""
-    tool_bonus: float = 0.0
-    """Reward for a first reply that is a valid calculator call (0: exact-answer reward only)."""
+    tool_credit: float = 0.0
+    """Reward when a calculator result equals the exact answer but the final reply does not
+    (the right computation, not yet reported); 1.0 is for the exact final answer."""
 
 
 def final_number(text: str | None) -> int | None:
@@ -110,11 +111,11 @@ def make_agent(policy: Any, server: Any = None, **options: Any) -> Callable[[Cal
         outcome = solve(task.question, base_url, cfg, first_tool_choice="required" if forced else None)
         predicted = final_number(outcome["answer_text"])
         correct = predicted == task.answer
-        ll.reward(float(correct), final=True)
-        if cfg.tool_bonus and outcome["first_call_valid"]:
-            ll.reward(cfg.tool_bonus, final=True)
+        computed = str(task.answer) in outcome["tool_results"]
+        ll.reward(1.0 if correct else cfg.tool_credit if computed else 0.0, final=True)
         ll.current().meta.update(outcome, question=task.question, answer=task.answer,
-                                 predicted=predicted, correct=correct, level=task.level)
+                                 predicted=predicted, correct=correct, computed=computed,
+                                 level=task.level)
 
     agent = ll.proxy.http_agent(server, run)
     agent.config, agent.server = cfg, server  # type: ignore[attr-defined]

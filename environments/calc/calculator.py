@@ -2,7 +2,8 @@
 
 Only numbers, ``+ - * / // % **`` (small exponents) and parentheses are accepted, walked as a
 Python AST; anything else is an error string the model sees as the tool result, as a real tool
-would return it.
+would return it. Like a pocket calculator it ignores what follows ``=`` (small models like to
+write their own guess of the result into the expression).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def calculate(expression: str) -> str:
         return "error: empty expression"
     if len(expression) > MAX_LEN:
         return "error: expression too long"
+    expression = expression.split("=")[0]  # "37 * 52 = ?" or a guessed result: evaluate the left side
     try:
         value = _eval(ast.parse(expression.replace("^", "**").replace("x", "*"), mode="eval").body)
     except ZeroDivisionError:
