@@ -14,8 +14,9 @@ import torch
 import lightning_lab as ll
 from lightning_lab.inference.chat import plan_chat
 from lightning_lab.train.scoring import score
-from lightning_lab.inference.tools import (HermesFormat, ToolError, check_history, get_format,
-                                           parse_response_format, parse_tool_choice, parse_tools)
+from lightning_lab.inference.tool_formats import HermesFormat, get_format
+from lightning_lab.inference.tools import (ToolError, check_history, parse_response_format,
+                                           parse_tool_choice, parse_tools)
 
 CALC = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate arithmetic.",

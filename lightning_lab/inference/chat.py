@@ -19,8 +19,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tools import (ParsedReply, Tool, ToolChoice, ToolError, ToolFormat, check_history, get_format,
-                    normalize_messages, parse_response_format, parse_tool_choice, parse_tools)
+from .tool_formats import ToolFormat, get_format
+from .tools import (ParsedReply, Tool, ToolChoice, ToolError, check_history, normalize_messages,
+                    parse_response_format, parse_tool_choice, parse_tools)
 
 __all__ = ["ChatPlan", "plan_chat"]
 

@@ -51,7 +51,7 @@ def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: tuple[int, ...]) -> 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """A Lark grammar for one JSON value matching ``schema``, compact spacing."""
-    from .tools import JSON_STYLE
+    from .tools import JSON_STYLE  # torch-free, no cycle
 
     schema = {**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}}
     return f"start: %json {json.dumps(schema)}\n"

@@ -58,7 +58,7 @@ class Policy:
         self.model, self.tokenizer, self.device, self.name = model, tokenizer, device, name
         self.engine = Engine(model, tokenizer, engine_config)
         self.tool_format = tool_format
-        """How tools are rendered and parsed (``ll.inference.tools.format_names()``)."""
+        """How tools are rendered and parsed (``inference.tool_formats.format_names()``)."""
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, device={self.device!r})"
