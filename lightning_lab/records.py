@@ -60,7 +60,7 @@ class Transition:
     prompt: str = ""
     response: str = ""
     agent: str = ""
-    """Agent/role name set by ``ll.step``; empty when the call was made outside any step."""
+    """Agent/role name set by ``ll.step``; ``tracing.DEFAULT_ROLE`` ("main") for calls outside any step."""
     step: int = 0
     """Index of this transition inside its trajectory."""
     reward: float = 0.0
