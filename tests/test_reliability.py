@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lightning_lab as ll
-from agents import parity_agent
+from shared_agents import parity_agent
 from lightning_lab.train import checkpoint as ckpt_mod
 from lightning_lab.train.checkpoint import CheckpointError, latest_checkpoint
 
