@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
@@ -17,39 +18,98 @@ from typing import Any, Callable, Iterator
 from .records import Trajectory, Transition
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
-           "current_temperature", "TracingError"]
+           "current_temperature", "current_control", "RolloutControl", "RolloutCancelled",
+           "TracingError"]
 
 
 class TracingError(RuntimeError):
     """Raised when the tracing API is used outside the context it needs."""
 
 
+class RolloutCancelled(TracingError):
+    """The rollout was cancelled by its runner (e.g. it timed out); raised into its LLM calls."""
+
+
+class RolloutControl:
+    """Cancellation of one rollout, shared by the runner (which cancels) and the LLM calls inside.
+
+    A thread cannot be killed, so cancelling a rollout means: every LLM request it has in flight is
+    aborted (its rows leave the engine's batch), later calls and rewards raise ``RolloutCancelled``,
+    and whatever else registered ``on_cancel`` (the proxy's rollout URL, a child process) is closed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._next = 0
+        self.reason = ""
+        self.trajectory: Trajectory | None = None
+        """The trajectory of the ``ll.rollout`` this control was handed to (set on entry)."""
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.reason)
+
+    def on_cancel(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` on cancellation (at once if already cancelled); returns an unregister."""
+        with self._lock:
+            if not self.reason:
+                key, self._next = self._next, self._next + 1
+                self._callbacks[key] = fn
+                return lambda: self._callbacks.pop(key, None)
+        fn()
+        return lambda: None
+
+    def cancel(self, reason: str) -> None:
+        """Cancel once (later calls are no-ops); runs the registered callbacks in this thread."""
+        with self._lock:
+            if self.reason:
+                return
+            self.reason = reason
+            callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for fn in callbacks:
+            fn()
+
+    def check(self) -> None:
+        if self.reason:
+            raise RolloutCancelled(f"rollout cancelled: {self.reason}")
+
+
 _trajectory: ContextVar[Trajectory | None] = ContextVar("ll_trajectory", default=None)
 _agent: ContextVar[str] = ContextVar("ll_agent", default="")
 _temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=None)
+_control: ContextVar[RolloutControl | None] = ContextVar("ll_control", default=None)
 
 
 @contextmanager
 def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
-            catch: bool = False, meta: dict[str, Any] | None = None) -> Iterator[Trajectory]:
+            catch: bool = False, meta: dict[str, Any] | None = None,
+            control: RolloutControl | None = None) -> Iterator[Trajectory]:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
     ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
     With ``catch=True`` an exception from the body marks the trajectory ``failed`` with the error
     text and is swallowed, so a batch of rollouts survives one bad agent; otherwise it propagates
-    (after marking the trajectory).
+    (after marking the trajectory). ``control`` lets a runner cancel the rollout (timeouts); a
+    cancelled rollout is not finalised here, its runner already reported it.
     """
     traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
-    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
+    if control is not None:
+        control.trajectory = traj
+    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature),
+              _control.set(control))
     try:
         yield traj
     except Exception as exc:  # noqa: BLE001 - recorded on the trajectory, re-raised unless catch
         traj.status = "failed"
         traj.error = f"{type(exc).__name__}: {exc}"
+        traj.meta.setdefault("reason", "exception")
         if not catch:
             raise
     finally:
-        _finalize(traj)
+        if control is None or not control.cancelled:
+            _finalize(traj)
+        _control.reset(tokens[3])
         _temperature.reset(tokens[2])
         _agent.reset(tokens[1])
         _trajectory.reset(tokens[0])
@@ -86,6 +146,11 @@ def current_temperature() -> float | None:
     return _temperature.get()
 
 
+def current_control() -> RolloutControl | None:
+    """The open rollout's cancellation handle (None outside a runner-managed rollout)."""
+    return _control.get()
+
+
 def reward(value: float, *, final: bool = False, trajectory: Trajectory | None = None) -> None:
     """Add ``value`` to the latest transition's reward (``final=True``: to the last one at the end).
 
@@ -99,6 +164,10 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"reward must be finite, got {value}")
+    if trajectory is None:
+        control = _control.get()
+        if control is not None:
+            control.check()
     traj = trajectory if trajectory is not None else current()
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
@@ -127,7 +196,12 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
     headers, not from contextvars). The transition takes ownership of the generation's token
     lists (no copies): each generation is fresh from the engine and recorded once.
     """
-    traj = trajectory if trajectory is not None else _trajectory.get()
+    if trajectory is None:
+        traj, control = _trajectory.get(), _control.get()
+        if control is not None:  # a timed-out agent's late call: its trajectory is already reported
+            control.check()
+    else:
+        traj = trajectory
     if traj is None:
         return None
     tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,

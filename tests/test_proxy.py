@@ -309,7 +309,8 @@ def test_weights_sync_through_load_lora_adapter(policy, server, tmp_path):
     trainer = ll.PPOTrainer(policy, lambda task: None, [{"task_id": "x"}])
     trainer.save(tmp_path)
     proxy.RemoteBackend(server.base_url).load_lora_adapter("step-0", tmp_path)
-    assert [m.id for m in client(server.base_url).models.list().data] == ["step-0"]
+    # the adapter is listed first; the base name stays servable (as vLLM lists base + adapters)
+    assert [m.id for m in client(server.base_url).models.list().data] == ["step-0", "tiny"]
     r = httpx.post(server.base_url + "/load_lora_adapter", json={"lora_path": str(tmp_path / "nope")})
     assert r.status_code == 400
     server.backend.name = "tiny"

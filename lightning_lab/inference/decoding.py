@@ -42,6 +42,8 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    listener: Callable[["Row"], None] | None = None
+    """Called on the decode thread after each sampled token (token streaming); must not block."""
 
 
 MIN_SHARED_PREFIX = 8
@@ -163,7 +165,13 @@ class DecodeBatch:
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             row.response_ids.append(token)
             row.logprobs.append(logprob)
-            if self._finished(row, token):
+            finished = self._finished(row, token)
+            if row.listener is not None:
+                try:
+                    row.listener(row)
+                except Exception:  # noqa: BLE001 - a broken listener must not fail the batch
+                    row.listener = None
+            if finished:
                 done.append(first + i)
         return self._retire(done)
 

@@ -1,5 +1,8 @@
 """FastAPI routes: ``/v1/...`` (served, untraced) and ``/rollout/<id>/v1/...`` (traced).
 
+Chat completions live here; ``/v1/completions`` and ``/v1/responses`` are their own modules on the
+same ``Endpoints``; ``/rollout/<id>/attempt/<aid>/v1/...`` (Agent Lightning's URL) is an alias.
+
 Handlers never block the event loop on the model: they await the engine's futures, so hundreds of
 agents' requests wait concurrently and the engine decodes them as one batch. Every client error is
 an OpenAI-style ``{"error": {...}}`` body with a 4xx status, never a 500.
@@ -8,21 +11,24 @@ an OpenAI-style ``{"error": {...}}`` body with a 4xx status, never a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..inference.sampling import normalize_temperature
+from .aliases import AttemptAlias
 from .backends import Backend, Completion, Prepared
+from .context import Endpoints, agent_name
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
+from .streaming import Delta, stream_deltas
 
 __all__ = ["AppConfig", "create_app"]
 
@@ -35,6 +41,10 @@ class AppConfig:
     """When set, every request needs ``Authorization: Bearer <api_key>``."""
     default_max_tokens: int = 512
     """Generation budget when a request sends neither max_tokens nor max_completion_tokens."""
+    max_tokens_cap: int | None = None
+    """Clamp every request's budget to this (training wants bounded rollouts); None = no cap."""
+    served_model_names: tuple[str, ...] = ()
+    """Names accepted as ``model`` besides the backend's own (404 ``model_not_found`` otherwise)."""
     disconnect_poll_s: float = 0.25
     """How often a waiting non-streaming request checks whether its client hung up."""
 
@@ -46,7 +56,9 @@ class _ClientGone(Exception):
 def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | None = None):
     config = config or AppConfig()
     app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None)
+    app.add_middleware(AttemptAlias)
     app.state.inflight = 0
+    served = {backend.name, *config.served_model_names} - {""}
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
@@ -89,8 +101,10 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             raise ProtocolError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
 
     async def models_body() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": await backend.model_name(), "object": "model",
-                                            "created": 0, "owned_by": "lightning-lab"}]}
+        first = await backend.model_name()
+        names = [first] + sorted(served - {first})
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "lightning-lab"} for name in names]}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -136,6 +150,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         except (OSError, RuntimeError, ValueError) as exc:
             raise ProtocolError(f"could not load adapter: {exc}", param="lora_path",
                                 code="invalid_value") from exc
+        served.add(backend.name)
         return {"ok": True, "model": backend.name}
 
     @app.post("/v1/chat/completions")
@@ -150,22 +165,30 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         check_auth(request)
         entry = lookup(rollout_id)
         chat_request = parse_chat_request(await json_body(request))
-        prepared = backend.prepare(chat_request)
-        temperature = chat_request.temperature
-        if temperature is None:
-            temperature = entry.temperature if entry and entry.temperature is not None else 1.0
-        temperature = normalize_temperature(temperature)
-        max_tokens = chat_request.max_tokens or config.default_max_tokens
-        agent = (request.headers.get("x-ll-agent") or chat_request.metadata.get("agent")
-                 or chat_request.user)
-        headers = {}
-        if chat_request.ignored:
-            headers["X-LL-Warning"] = "ignored unsupported parameter(s): " + ", ".join(
-                chat_request.ignored)
-        call = _Call(backend, registry, entry, chat_request, prepared, temperature, max_tokens,
-                     agent, new_id())
+        warnings = [f"ignored unsupported parameter(s): {', '.join(chat_request.ignored)}"] \
+            if chat_request.ignored else []
+        call = make_call(request, entry, chat_request, warnings)
         if chat_request.stream:
-            return StreamingResponse(call.events(), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(call.events(), media_type="text/event-stream",
+                                     headers=warning_headers(warnings))
+        completions = await complete(request, call)
+        if isinstance(completions, JSONResponse):
+            return completions
+        return JSONResponse(call.response(completions), headers=warning_headers(warnings))
+
+    def make_call(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
+                  warnings: list[str], prepared: Prepared | None = None) -> "_Call":
+        """A call of the chat path; ``prepared`` given = a raw prompt (``/v1/completions``)."""
+        endpoints.check_model(chat_request.model)
+        prepared = prepared or backend.prepare(chat_request)
+        temperature = endpoints.temperature(chat_request.temperature, entry)
+        max_tokens = endpoints.max_tokens(chat_request.max_tokens, entry, warnings)
+        agent = agent_name(request, chat_request.metadata, chat_request.user)
+        return _Call(backend, registry, entry, chat_request, prepared, temperature, max_tokens,
+                     agent, new_id(), request.scope.get("ll_attempt"))
+
+    async def complete(request: Request, call: "_Call") -> list[Completion] | JSONResponse:
+        """Generate (non-streaming) and record; the completions, or a 499 if the client left."""
         app.state.inflight += 1
         try:
             completions = await _unless_disconnected(request, call.generate(),
@@ -175,9 +198,21 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             return JSONResponse(error_body("client disconnected", "aborted"), 499)
         finally:
             app.state.inflight -= 1
-        return JSONResponse(call.response(completions), headers=headers)
+        return completions
 
+    endpoints = Endpoints(backend=backend, registry=registry, config=config, check_auth=check_auth,
+                          lookup=lookup, json_body=json_body, make_call=make_call,
+                          complete=complete, served=served)
+    from .completions import add_completion_routes
+    from .responses import add_response_routes
+
+    add_completion_routes(app, endpoints)
+    add_response_routes(app, endpoints)
     return app
+
+
+def warning_headers(warnings: list[str]) -> dict[str, str]:
+    return {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
 
 
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
@@ -201,23 +236,36 @@ class _Call:
 
     def __init__(self, backend: Backend, registry: RolloutRegistry, entry: OpenRollout | None,
                  request: ChatRequest, prepared: Prepared, temperature: float, max_tokens: int,
-                 agent: str, request_id: str):
+                 agent: str, request_id: str, attempt: str | None = None):
         self.backend, self.registry, self.entry = backend, registry, entry
         self.request, self.prepared = request, prepared
         self.temperature, self.max_tokens, self.agent, self.id = temperature, max_tokens, agent, request_id
+        self.meta = {"request_id": self.id, "via": "http"}
+        if attempt:
+            self.meta["attempt_id"] = attempt
 
     async def generate(self) -> list[Completion]:
-        completions = await self.backend.generate(self.prepared, self.request, self.temperature,
-                                                  self.max_tokens)
-        if self.entry is not None:
-            for i, c in enumerate(completions):
-                self.registry.record(  # own prompt list per choice: transitions own their lists
-                    self.entry, prompt_ids=list(self.prepared.prompt_ids),
-                    prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
-                    logprobs=c.logprobs, text=c.text, temperature=self.temperature,
-                    finish_reason=c.finish_reason, agent=self.agent,
-                    meta={"request_id": self.id, "choice": i, "via": "http"})
+        with _cancelled_with_rollout(self.entry):
+            completions = await self.backend.generate(self.prepared, self.request,
+                                                      self.temperature, self.max_tokens)
+        self.record(completions)
         return completions
+
+    def record(self, completions: list[Completion]) -> None:
+        """Append each choice to the rollout (nothing once its runner cancelled it)."""
+        if self.entry is None or (self.entry.control is not None and self.entry.control.cancelled):
+            return
+        for i, c in enumerate(completions):
+            self.registry.record(  # own prompt list per choice: transitions own their lists
+                self.entry, prompt_ids=list(self.prepared.prompt_ids),
+                prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
+                logprobs=c.logprobs, text=c.text, temperature=self.temperature,
+                finish_reason=c.finish_reason, agent=self.agent, meta={**self.meta, "choice": i})
+
+    def streams(self) -> bool:
+        """Token streaming needs the local engine and plain content (tool calls are parsed whole)."""
+        return hasattr(self.backend, "stream") and not getattr(self.request, "tools", None) \
+            and not getattr(self.request, "response_format", None)
 
     def record_abort(self) -> None:
         """The client hung up: keep a trace of the call, with nothing trainable in it."""
@@ -226,13 +274,19 @@ class _Call:
                 self.entry, prompt_ids=self.prepared.prompt_ids, prompt_text=self.prepared.prompt_text,
                 response_ids=[], logprobs=[], text="", temperature=self.temperature,
                 finish_reason="abort", agent=self.agent,
-                meta={"request_id": self.id, "via": "http", "truncated": True})
+                meta={**self.meta, "truncated": True})
 
     def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
         if not self.request.logprobs:
             return None
         return {"content": logprobs_content(self.backend.token_texts(c.response_ids), c.logprobs),
                 "refusal": None}
+
+    def _delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        if not self.request.logprobs:
+            return None
+        return {"content": logprobs_content(self.backend.token_texts(delta.token_ids),
+                                            delta.logprobs), "refusal": None}
 
     def _usage(self, completions: list[Completion]) -> tuple[int, int]:
         return len(self.prepared.prompt_ids), sum(len(c.response_ids) for c in completions)
@@ -253,11 +307,8 @@ class _Call:
             prompt_token_ids=self.prepared.prompt_ids if self.request.return_token_ids else None)
 
     async def events(self) -> AsyncIterator[str]:
-        """SSE: a role chunk at once, the text when sampled, finish chunks, usage, ``[DONE]``.
-
-        The engine resolves a request when all its tokens are sampled, so content arrives as one
-        delta per choice rather than token by token.
-        """
+        """SSE: a role chunk at once, content deltas as tokens are sampled, finish chunks, usage,
+        ``[DONE]``. Backends without token streaming send one content delta per choice."""
         created, n = int(time.time()), self.request.n
 
         def sse(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -268,7 +319,19 @@ class _Call:
         yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(n)])
         try:
-            completions = await self.generate()
+            if self.streams():
+                with _cancelled_with_rollout(self.entry):
+                    async for item in stream_deltas(self.backend, self.prepared, self.request,
+                                                    self.temperature, self.max_tokens):
+                        if isinstance(item, Delta):
+                            yield sse([{"index": item.index, "delta": {"content": item.text},
+                                        "logprobs": self._delta_logprobs(item),
+                                        "finish_reason": None}])
+                        else:
+                            completions = item
+                self.record(completions)
+            else:
+                completions = await self.generate()
         except asyncio.CancelledError:
             self.record_abort()
             raise
@@ -278,9 +341,10 @@ class _Call:
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        for i, c in enumerate(completions):
-            yield sse([{"index": i, "delta": {"content": c.text}, "logprobs": self._choice_logprobs(c),
-                        "finish_reason": None}])
+        if not self.streams():
+            for i, c in enumerate(completions):
+                yield sse([{"index": i, "delta": {"content": c.text},
+                            "logprobs": self._choice_logprobs(c), "finish_reason": None}])
         yield sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)])
         if self.request.include_usage:
@@ -288,3 +352,27 @@ class _Call:
             yield sse([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                            "total_tokens": prompt_tokens + completion_tokens})
         yield "data: [DONE]\n\n"
+
+
+@contextlib.contextmanager
+def _cancelled_with_rollout(entry: OpenRollout | None) -> Iterator[None]:
+    """Cancel the awaiting handler when the rollout's runner cancels the rollout (a timeout).
+
+    The engine request is aborted by the backend's cancellation path; the agent, still waiting
+    on its HTTP call, gets a 408 ``rollout_cancelled`` instead of a hang.
+    """
+    control = entry.control if entry is not None else None
+    if control is None:
+        yield
+        return
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    unregister = control.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not control.cancelled:
+            raise
+        raise ProtocolError(f"rollout cancelled: {control.reason}", code="rollout_cancelled",
+                            status=408) from None
+    finally:
+        unregister()
