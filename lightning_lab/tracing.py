@@ -22,6 +22,11 @@ __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation"
            "TracingError"]
 
 
+DEFAULT_ROLE = "agent"
+"""Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
+``trainable_agents`` and per-role tables can always select it."""
+
+
 class TracingError(RuntimeError):
     """Raised when the tracing API is used outside the context it needs."""
 
@@ -206,9 +211,10 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
         return None
     tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
                     logprobs=gen.logprobs, prompt=gen.prompt_text, response=gen.text,
-                    agent=_agent.get() if agent is None else agent, step=len(traj.transitions),
+                    agent=(_agent.get() if agent is None else agent) or DEFAULT_ROLE,
+                    step=len(traj.transitions),
                     temperature=float(gen.temperature) if gen.temperature else 1.0,
-                    finish_reason=gen.finish_reason)
+                    finish_reason=gen.finish_reason, meta=dict(getattr(gen, "meta", None) or {}))
     if not traj.transitions and "pending_reward" in traj.meta:
         tr.reward += traj.meta.pop("pending_reward")
     traj.transitions.append(tr)

@@ -42,6 +42,9 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    constraint: Any = None
+    """A ``constraints.Constraint`` when the request has a grammar: it masks every choice."""
+    constraint_error: str = ""
     listener: Callable[["Row"], None] | None = None
     """Called on the decode thread after each sampled token (token streaming); must not block."""
 
@@ -158,14 +161,22 @@ class DecodeBatch:
         rows = self.rows[first:]
         with torch.inference_mode():
             tokens, logprobs = choose_tokens(
-                logits, self.temperature[first:], self.top_p[first:], [r.generator for r in rows]
+                logits, self.temperature[first:], self.top_p[first:], [r.generator for r in rows],
+                self._allowed(rows, logits.shape[1]),
             )
         self.next_token[first:] = tokens
         done = []
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             row.response_ids.append(token)
             row.logprobs.append(logprob)
-            finished = self._finished(row, token)
+            rejected = (row.constraint is not None and token not in self.stop_token_ids
+                        and not row.constraint.advance(token))
+            if rejected:  # cannot happen with a sound mask; end the row rather than go off-grammar
+                row.constraint_error = row.constraint.error or "token rejected by the grammar"
+                row.text, row.finish_reason = self.decode(row.response_ids), "stop"
+                finished = True
+            else:
+                finished = self._finished(row, token)
             if row.listener is not None:
                 try:
                     row.listener(row)
@@ -174,6 +185,19 @@ class DecodeBatch:
             if finished:
                 done.append(first + i)
         return self._retire(done)
+
+    def _allowed(self, rows: list[Row], vocab: int) -> torch.Tensor | None:
+        """(R, V) grammar masks, or None when no row is constrained (the common case)."""
+        if all(r.constraint is None for r in rows):
+            return None
+        allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            if row.constraint is not None:
+                mask = row.constraint.allowed()[:vocab]
+                if bool(mask.any()):  # an empty mask (dead grammar) would make NaNs: leave free
+                    allowed[i, : len(mask)] = mask
+                    allowed[i, len(mask):] = False
+        return allowed
 
     def _finished(self, row: Row, token: int) -> bool:
         """Update the row's text and finish reason; True if it is done."""

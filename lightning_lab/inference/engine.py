@@ -46,6 +46,9 @@ class Sample:
     finish_reason: str
     """``"stop"`` (stop token or stop string) or ``"length"`` (max_new_tokens or context full)."""
     text: str
+    constrained: bool = False
+    """Chosen under a grammar mask (logprobs are still the unmasked policy's)."""
+    constraint_error: str = ""
 
 
 @dataclass
@@ -70,8 +73,10 @@ class _Pending:
         self.samples: list[Sample | None] = [None] * request.n
         self.remaining = request.n
 
-    def rows(self) -> list[Row]:
+    def rows(self, constraint: Any = None) -> list[Row]:
+        """The request's rows; ``constraint()`` makes each row's grammar state when it has one."""
         seed = self.request.params.seed
+        grammar = self.request.params.grammar
         return [
             Row(
                 prompt_ids=self.request.prompt_ids,
@@ -79,6 +84,7 @@ class _Pending:
                 owner=self,
                 index=j,
                 generator=None if seed is None else torch.Generator().manual_seed(seed + 7919 * j),
+                constraint=constraint(grammar) if grammar and constraint else None,
                 listener=self.request.on_token,
             )
             for j in range(self.request.n)
@@ -86,7 +92,8 @@ class _Pending:
 
     def finish(self, row: Row) -> None:
         self.samples[row.index] = Sample(
-            row.response_ids, row.logprobs, row.finish_reason or "length", row.text
+            row.response_ids, row.logprobs, row.finish_reason or "length", row.text,
+            constrained=row.constraint is not None, constraint_error=row.constraint_error,
         )
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():
@@ -229,7 +236,7 @@ class Engine:
             return
         try:
             with self.lock:
-                self._resolve(batch.admit([p.rows() for p in chosen]))
+                self._resolve(batch.admit([p.rows(self._constraint) for p in chosen]))
         except Exception as error:
             if len(chosen) == 1:
                 _fail(chosen[0].future, error)
@@ -237,7 +244,7 @@ class Engine:
             for pending in chosen:
                 try:
                     with self.lock:
-                        self._resolve(batch.admit([pending.rows()]))
+                        self._resolve(batch.admit([pending.rows(self._constraint)]))
                 except Exception as own_error:
                     _fail(pending.future, own_error)
 
@@ -253,6 +260,17 @@ class Engine:
     def _resolve(finished: list[Row]) -> None:
         for row in finished:
             row.owner.finish(row)
+
+    def _constraint(self, grammar: str) -> Any:
+        from lightning_lab.inference.constraints import Constraint
+
+        return Constraint(grammar, self.tokenizer, self.vocab_size, self.stop_token_ids)
+
+    def compile_grammar(self, grammar: str) -> str:
+        """Check a Lark grammar against this model's tokenizer; the result goes in SamplingParams."""
+        from lightning_lab.inference.constraints import compile_grammar
+
+        return compile_grammar(grammar, self.tokenizer, self.vocab_size, self.stop_token_ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Union
 
 from lightning_lab.inference.adapters import has_adapter
+from lightning_lab.inference.chat import ChatPlan, plan_chat
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
 from lightning_lab.inference.sampling import SamplingParams
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Prompt = Union[str, list[Message]]
 
 
@@ -38,6 +39,11 @@ class Generation:
     """``"stop"`` or ``"length"``."""
     prompt_text: str
     temperature: float
+    message: dict[str, Any] | None = None
+    """The OpenAI assistant message (``content``, ``tool_calls``) for chat prompts."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Facts copied into the transition's meta: ``constrained``, ``tool_calls``,
+    ``tool_parse_error``, ``json_valid``, ``tool_format``."""
 
 
 class Policy:
@@ -50,25 +56,38 @@ class Policy:
         device: str = "cpu",
         name: str = "",
         engine_config: EngineConfig | None = None,
+        tool_format: str = "auto",
     ):
         self.model, self.tokenizer, self.device, self.name = model, tokenizer, device, name
         self.engine = Engine(model, tokenizer, engine_config)
+        self.tool_format = tool_format
+        """How tools are rendered and parsed (``ll.inference.tools.format_names()``)."""
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, device={self.device!r})"
 
-    def prompt_text(self, prompt: Prompt, prefill: str = "") -> str:
+    def plan(self, messages: list[Message], prefill: str = "", **tool_options: Any) -> ChatPlan:
+        """Prompt text and constraint of one chat turn (``tools``, ``tool_choice``,
+        ``parallel_tool_calls``, ``response_format`` as in OpenAI's API); ValueError on bad input."""
+        return plan_chat(self.tokenizer, messages, tool_format=self.tool_format, prefill=prefill,
+                         compile_grammar=self.engine.compile_grammar, **tool_options)
+
+    def prompt_text(self, prompt: Prompt, prefill: str = "", **tool_options: Any) -> str:
         """Chat messages get the chat template with the generation prompt; strings stay as they are."""
         if isinstance(prompt, str):
             return prompt + prefill
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return text + prefill
+        return plan_chat(self.tokenizer, prompt, tool_format=self.tool_format, prefill=prefill,
+                         **tool_options).prompt_text
 
     def _requests(self, prompts: list[Prompt], n: int, temperature: float, top_p: float,
                   max_new_tokens: int, stop: list[str] | str | None, prefill: str,
-                  seed: int | None) -> tuple[list[str], list[Request]]:
+                  seed: int | None, tool_options: dict[str, Any]
+                  ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        texts = [self.prompt_text(p, prefill) for p in prompts]
+        plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
+                 for p in prompts]
+        texts = [p + prefill if plan is None else plan.prompt_text
+                 for p, plan in zip(prompts, plans)]
         requests = [
             Request(
                 prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"],
@@ -78,12 +97,13 @@ class Policy:
                     max_new_tokens=max_new_tokens,
                     stop=stops,
                     seed=None if seed is None else (seed * 1_000_003 + i) % 2**62,
+                    grammar=None if plan is None else plan.grammar,
                 ),
                 n=n,
             )
-            for i, text in enumerate(texts)
+            for i, (text, plan) in enumerate(zip(texts, plans))
         ]
-        return texts, requests
+        return texts, requests, plans
 
     def _submit(self, requests: list[Request]
                 ) -> tuple[list[Future], Callable[[], None], Callable[[], None]]:
@@ -107,19 +127,12 @@ class Policy:
         unregister = control.on_cancel(abort) if control is not None else (lambda: None)
         return futures, abort, unregister
 
-    def _record(self, texts: list[str], requests: list[Request],
+    @staticmethod
+    def _record(texts: list[str], requests: list[Request], plans: list[ChatPlan | None],
                 results: list[list[Any]]) -> list[Generation]:
         generations = [
-            Generation(
-                text=s.text,
-                prompt_ids=list(request.prompt_ids),
-                response_ids=s.response_ids,
-                logprobs=s.logprobs,
-                finish_reason=s.finish_reason,
-                prompt_text=text,
-                temperature=request.params.temperature,
-            )
-            for text, request, samples in zip(texts, requests, results)
+            _generation(s, text, request, plan)
+            for text, request, plan, samples in zip(texts, requests, plans, results)
             for s in samples
         ]
         from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
@@ -139,14 +152,17 @@ class Policy:
         stop: list[str] | str | None = None,
         prefill: str = "",
         seed: int | None = None,
+        **tool_options: Any,
     ) -> list[Generation]:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
         ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls).
+        else shares the batch (up to float rounding of batched matmuls). ``tool_options`` are
+        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
+        prompts only); each generation then carries its parsed ``message``.
         """
-        texts, requests = self._requests(prompts, n, temperature, top_p, max_new_tokens, stop,
-                                         prefill, seed)
+        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
+                                                stop, prefill, seed, tool_options)
         futures, _, unregister = self._submit(requests)
         try:
             results = [future.result() for future in futures]
@@ -155,7 +171,7 @@ class Policy:
             raise
         finally:
             unregister()
-        return self._record(texts, requests, results)
+        return self._record(texts, requests, plans, results)
 
     async def agenerate(
         self,
@@ -168,14 +184,15 @@ class Policy:
         stop: list[str] | str | None = None,
         prefill: str = "",
         seed: int | None = None,
+        **tool_options: Any,
     ) -> list[Generation]:
         """``generate`` for ``async def`` agents: awaits the engine without blocking the loop.
 
         Requests from coroutines, threads and HTTP handlers meet in the same engine batch. If the
         awaiting task is cancelled (a timeout), the requests are aborted and leave the batch.
         """
-        texts, requests = self._requests(prompts, n, temperature, top_p, max_new_tokens, stop,
-                                         prefill, seed)
+        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
+                                                stop, prefill, seed, tool_options)
         futures, abort, unregister = self._submit(requests)
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
@@ -187,7 +204,7 @@ class Policy:
             raise
         finally:
             unregister()
-        return self._record(texts, requests, list(results))
+        return self._record(texts, requests, plans, list(results))
 
     def chat(
         self,
@@ -198,14 +215,22 @@ class Policy:
         top_p: float | None = None,
         stop: list[str] | str | None = None,
         prefill: str = "",
-    ) -> str:
-        """One assistant turn; returns ``prefill + generated text``.
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: dict[str, Any] | None = None,
+    ) -> Any:
+        """One assistant turn; returns ``prefill + generated text``, or with ``tools`` the
+        OpenAI assistant message ``{"role", "content", "tool_calls"?}`` (append it to
+        ``messages``, then the ``{"role": "tool", "tool_call_id", "content"}`` results).
 
         A string becomes one user message. ``temperature=None`` uses the open rollout's default
-        (evaluation sets 0), else 1.0.
+        (evaluation sets 0), else 1.0. ``tool_choice="required"``/a named function and
+        ``response_format`` constrain decoding to a valid call / JSON (see ``inference.chat``).
         """
-        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill)
-        return prefill + self.generate([prompt], **options)[0].text
+        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
+                                     tools, tool_choice, parallel_tool_calls, response_format)
+        return _chat_reply(self.generate([prompt], **options)[0], prefill, tools)
 
     async def achat(
         self,
@@ -216,10 +241,15 @@ class Policy:
         top_p: float | None = None,
         stop: list[str] | str | None = None,
         prefill: str = "",
-    ) -> str:
-        """``chat`` for ``async def`` agents (same arguments, same tracing)."""
-        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill)
-        return prefill + (await self.agenerate([prompt], **options))[0].text
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: dict[str, Any] | None = None,
+    ) -> Any:
+        """``chat`` for ``async def`` agents (same arguments, same reply, same tracing)."""
+        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
+                                     tools, tool_choice, parallel_tool_calls, response_format)
+        return _chat_reply((await self.agenerate([prompt], **options))[0], prefill, tools)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Any]:
@@ -242,9 +272,22 @@ class Policy:
         self.engine.close()
 
 
+def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None) -> Generation:
+    gen = Generation(text=sample.text, prompt_ids=list(request.prompt_ids),
+                     response_ids=sample.response_ids, logprobs=sample.logprobs,
+                     finish_reason=sample.finish_reason, prompt_text=text,
+                     temperature=request.params.temperature)
+    if plan is not None:
+        parsed, gen.finish_reason, gen.meta = plan.reply(
+            sample.text, sample.finish_reason, sample.constrained, sample.constraint_error)
+        gen.message = parsed.message()
+    return gen
+
+
 def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
-               top_p: float | None, stop: list[str] | str | None,
-               prefill: str) -> tuple[Prompt, dict[str, Any]]:
+               top_p: float | None, stop: list[str] | str | None, prefill: str,
+               tools: Any, tool_choice: Any, parallel_tool_calls: bool,
+               response_format: Any) -> tuple[Prompt, dict[str, Any]]:
     """``chat``'s defaults: a string is one user message; no temperature = the rollout's, else 1."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
@@ -254,7 +297,12 @@ def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
         temperature = tracing.current_temperature()
     return messages, dict(temperature=1.0 if temperature is None else temperature,
                           top_p=1.0 if top_p is None else top_p, max_new_tokens=max_new_tokens,
-                          stop=stop, prefill=prefill)
+                          stop=stop, prefill=prefill, tools=tools, tool_choice=tool_choice,
+                          parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+
+
+def _chat_reply(generation: Generation, prefill: str, tools: Any) -> Any:
+    return generation.message if tools is not None else prefill + generation.text
 
 
 def _raise_if_rollout_cancelled() -> None:

@@ -33,6 +33,9 @@ class SamplingParams:
     """Strings that end the generation; the returned text is cut before the first one."""
     seed: int | None = None
     """Seed for this request's sampling noise, so results do not depend on who shares the batch."""
+    grammar: str | None = None
+    """Compiled llguidance grammar (``constraints.compile_grammar``): every row is masked to it.
+    Recorded logprobs stay the unmasked policy's (see ``constraints``)."""
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -67,6 +70,7 @@ def choose_tokens(
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return ``(tokens, logprobs)``, both (B,).
 
@@ -75,13 +79,20 @@ def choose_tokens(
     Sampling inverts the CDF with one uniform per row: far cheaper than drawing V random numbers
     per row (multinomial/Gumbel), and a seeded row draws its uniform from its own generator, so
     its samples do not depend on who else shares the batch.
+
+    ``allowed`` (B, V) bool restricts the *choice* to grammar-valid tokens; the returned logprobs
+    are still the unmasked distribution's, the quantity the trainer recomputes.
     """
     greedy = temperature == 0  # (B,)
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)  # (B, V)
-    tokens = logits.argmax(dim=-1)
+    choice_logits, choice_logp = logits, logp
+    if allowed is not None:
+        choice_logits = logits.masked_fill(~allowed, float("-inf"))
+        choice_logp = torch.log_softmax(choice_logits / scale[:, None], dim=-1)
+    tokens = choice_logits.argmax(dim=-1)
     if not bool(greedy.all()):
-        probs = logp.exp()
+        probs = choice_logp.exp()
         if bool((top_p < 1).any()):
             probs = top_p_filter(probs, top_p)
         cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V); float64 keeps the tail unbiased

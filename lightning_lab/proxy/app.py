@@ -215,6 +215,13 @@ def warning_headers(warnings: list[str]) -> dict[str, str]:
     return {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
 
 
+def _message(c: Completion) -> dict[str, Any]:
+    """The choice's assistant message: parsed calls, or the text as content."""
+    if c.message is None:
+        return {"role": "assistant", "content": c.text}
+    return dict(c.message)
+
+
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
     """Await ``coro``; if the client hangs up first, cancel it (freeing its batch slots)."""
     task = asyncio.ensure_future(coro)
@@ -260,7 +267,8 @@ class _Call:
                 self.entry, prompt_ids=list(self.prepared.prompt_ids),
                 prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
                 logprobs=c.logprobs, text=c.text, temperature=self.temperature,
-                finish_reason=c.finish_reason, agent=self.agent, meta={**self.meta, "choice": i})
+                finish_reason=c.finish_reason, agent=self.agent,
+                meta={**c.meta, **self.meta, "choice": i})
 
     def streams(self) -> bool:
         """Token streaming needs the local engine and plain content (tool calls are parsed whole)."""
@@ -294,8 +302,7 @@ class _Call:
     def response(self, completions: list[Completion]) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(completions):
-            choice = {"index": i, "message": {"role": "assistant", "content": c.text,
-                                              "refusal": None},
+            choice = {"index": i, "message": {**_message(c), "refusal": None},
                       "logprobs": self._choice_logprobs(c), "finish_reason": c.finish_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = c.response_ids
@@ -341,10 +348,14 @@ class _Call:
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        if not self.streams():
-            for i, c in enumerate(completions):
-                yield sse([{"index": i, "delta": {"content": c.text},
+        for i, c in enumerate(completions if not self.streams() else ()):
+            message = _message(c)
+            if message["content"]:
+                yield sse([{"index": i, "delta": {"content": message["content"]},
                             "logprobs": self._choice_logprobs(c), "finish_reason": None}])
+            for k, call in enumerate(message.get("tool_calls", [])):  # one delta per whole call
+                yield sse([{"index": i, "delta": {"tool_calls": [{"index": k, **call}]},
+                            "logprobs": None, "finish_reason": None}])
         yield sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)])
         if self.request.include_usage:

@@ -31,18 +31,26 @@ class Completion:
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    """OpenAI's: ``"tool_calls"`` when the reply parsed into calls."""
     text: str
+    """The generated text as sampled (what ``response_ids`` decode to)."""
+    message: dict[str, Any] | None = None
+    """The assistant message (``content`` and ``tool_calls``); None means ``{"content": text}``."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Transition meta from parsing (``constrained``, ``tool_calls``, ``tool_parse_error``, ...)."""
 
 
 @dataclass
 class Prepared:
     """A request ready to sample: the prompt as text and ids (a remote backend fills ids later)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     prompt_text: str = ""
     prompt_ids: list[int] = field(default_factory=list)
     handle: Any = None
     """Backend-private state used to abort the request (the engine ``Request``)."""
+    plan: Any = None
+    """The local backend's ``inference.chat.ChatPlan`` (tools, constraint, parser)."""
 
 
 class Backend(Protocol):
@@ -73,14 +81,20 @@ class LocalBackend:
 
     def prepare(self, request: ChatRequest) -> Prepared:
         # The same text -> ids path as Policy.generate, so the trainer re-tokenises nothing.
-        text = self.policy.prompt_text(request.messages)
+        from lightning_lab.inference.tools import ToolError
+
+        try:
+            plan = self.policy.plan(request.messages, **request.tool_options)
+        except ToolError as exc:
+            raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+        text = plan.prompt_text
         ids = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.context_limit:
             raise ProtocolError(
                 f"This model's maximum context length is {self.context_limit} tokens; the messages "
                 f"take {len(ids)} tokens, leaving no room to generate.", param="messages",
                 code="context_length_exceeded")
-        return Prepared(messages=request.messages, prompt_text=text, prompt_ids=ids)
+        return Prepared(messages=request.messages, prompt_text=text, prompt_ids=ids, plan=plan)
 
     def prepare_text(self, prompt: str | list[int], param: str = "prompt") -> Prepared:
         """A raw prompt (``/v1/completions``): text tokenised as is, or token ids taken as given."""
@@ -108,7 +122,8 @@ class LocalBackend:
         from lightning_lab.inference.sampling import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=request.top_p,
-                                max_new_tokens=max_tokens, stop=request.stop, seed=request.seed)
+                                max_new_tokens=max_tokens, stop=request.stop, seed=request.seed,
+                                grammar=prepared.plan.grammar if prepared.plan else None)
         engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n,
                                  on_token=on_token)
         prepared.handle = engine_request
@@ -131,7 +146,7 @@ class LocalBackend:
             raise
         except ValueError as exc:  # the engine's own request validation
             raise ProtocolError(str(exc), code="invalid_value") from exc
-        return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text) for s in samples]
+        return self._completions(prepared, samples)
 
     async def stream(self, prepared: Prepared, request: ChatRequest, temperature: float,
                      max_tokens: int) -> AsyncIterator[tuple[int, int, float] | list[Completion]]:
@@ -163,7 +178,21 @@ class LocalBackend:
             raise
         except ValueError as exc:
             raise ProtocolError(str(exc), code="invalid_value") from exc
-        yield [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text) for s in samples]
+        yield self._completions(prepared, samples)
+
+    @staticmethod
+    def _completions(prepared: Prepared, samples: list[Any]) -> list[Completion]:
+        """Samples as completions; chat prompts get their reply parsed (tool calls, JSON)."""
+        if prepared.plan is None:  # a raw /v1/completions prompt
+            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text)
+                    for s in samples]
+        out = []
+        for s in samples:
+            parsed, finish_reason, meta = prepared.plan.reply(s.text, s.finish_reason,
+                                                              s.constrained, s.constraint_error)
+            out.append(Completion(s.response_ids, s.logprobs, finish_reason, s.text,
+                                  parsed.message(), meta))
+        return out
 
     async def model_name(self) -> str:
         return self.name
@@ -226,6 +255,9 @@ class RemoteBackend:
             payload["stop"] = list(request.stop)
         if request.seed is not None:
             payload["seed"] = request.seed
+        for key, value in request.tool_options.items():  # the remote server parses calls itself
+            if value is not None and (key != "parallel_tool_calls" or request.tools):
+                payload[key] = value
         import httpx
 
         try:
@@ -253,9 +285,13 @@ class RemoteBackend:
             ids = list(choice["token_ids"])
             for i, entry in zip(ids, content):
                 self._tokens.setdefault(i, entry["token"])
+            message = choice["message"]
             out.append(Completion(ids, [float(e["logprob"]) for e in content],
                                   choice.get("finish_reason") or "stop",
-                                  choice["message"].get("content") or ""))
+                                  message.get("content") or "",
+                                  {"role": "assistant", "content": message.get("content"),
+                                   **({"tool_calls": message["tool_calls"]}
+                                      if message.get("tool_calls") else {})}))
         return out
 
     def token_texts(self, ids: list[int]) -> list[str]:

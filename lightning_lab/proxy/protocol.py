@@ -14,23 +14,26 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_lab.inference.tools import (ToolError, check_history, parse_response_format,
+                                           parse_tool_choice, parse_tools)
+
 __all__ = ["ChatRequest", "ProtocolError", "parse_chat_request", "error_body", "completion_body",
            "chunk_body", "logprobs_content"]
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 32
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 KNOWN_IGNORED = frozenset({
-    "frequency_penalty", "presence_penalty", "logit_bias", "tools", "tool_choice",
-    "parallel_tool_calls", "response_format", "service_tier", "store", "modalities", "audio",
-    "prediction", "reasoning_effort", "functions", "function_call", "top_k", "web_search_options",
+    "frequency_penalty", "presence_penalty", "logit_bias", "service_tier", "store", "modalities",
+    "audio", "prediction", "reasoning_effort", "top_k", "web_search_options",
 })
 """OpenAI parameters we accept but do not implement; reported in the ``X-LL-Warning`` header."""
 CONSUMED = frozenset({
     "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
     "seed", "logprobs", "top_logprobs", "stream", "stream_options", "user", "metadata",
-    "return_token_ids",
+    "return_token_ids", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "functions", "function_call",
 })
 
 
@@ -47,7 +50,8 @@ class ProtocolError(ValueError):
 class ChatRequest:
     """A validated ``/v1/chat/completions`` request (``temperature=None``: the rollout default)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    """Text content, plus ``tool_calls`` (assistant) and ``tool_call_id``/``name`` (tool) as sent."""
     model: str = ""
     temperature: float | None = None
     top_p: float = 1.0
@@ -63,8 +67,20 @@ class ChatRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     return_token_ids: bool = False
     """vLLM's extension: add ``prompt_token_ids`` and ``choices[].token_ids`` to the response."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """OpenAI function tools (legacy ``functions`` are converted), validated."""
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
     ignored: list[str] = field(default_factory=list)
     """Parameters that were sent but have no effect here."""
+
+    @property
+    def tool_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Policy.plan`` / ``inference.chat.plan_chat``."""
+        return {"tools": self.tools or None, "tool_choice": self.tool_choice,
+                "parallel_tool_calls": self.parallel_tool_calls,
+                "response_format": self.response_format}
 
 
 def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
@@ -136,8 +152,44 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ProtocolError(f"'messages[{i}].role' must be one of {list(ROLES)}, got {role!r}",
                                 param=f"messages[{i}].role", code="invalid_value")
-        out.append({"role": role, "content": _content(message.get("content"), i)})
+        msg: dict[str, Any] = {"role": role, "content": _content(message.get("content"), i)}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if message.get(key) is not None:
+                msg[key] = message[key]
+        if role == "assistant" and message.get("function_call") is not None:  # legacy form
+            call = message["function_call"]
+            msg["tool_calls"] = [{"id": f"call_legacy_{i}", "type": "function", "function": call}]
+        if role == "function":  # legacy result: answers the call above it
+            msg = {"role": "tool", "content": msg["content"], "tool_call_id": f"call_legacy_{i - 1}",
+                   "name": message.get("name") or ""}
+        out.append(msg)
+    try:
+        check_history(out)
+    except ToolError as exc:
+        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
     return out
+
+
+def _tools(body: dict) -> tuple[list[dict[str, Any]], Any]:
+    """``tools``/``tool_choice``, or the legacy ``functions``/``function_call`` converted."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    param = "tools"
+    if tools is None and body.get("functions") is not None:
+        functions, param = body["functions"], "functions"
+        if not isinstance(functions, list):
+            raise ProtocolError("'functions' must be a list", param="functions", code="invalid_type")
+        tools = [{"type": "function", "function": f} for f in functions]
+        legacy = body.get("function_call")
+        choice = ({"type": "function", "function": legacy} if isinstance(legacy, dict)
+                  else legacy)
+    try:
+        parsed = parse_tools(tools, param)
+        parse_tool_choice(choice, parsed, "tool_choice" if param == "tools" else "function_call")
+    except ToolError as exc:
+        if param == "functions" and exc.param:
+            exc.param = exc.param.replace(".function.", ".", 1)
+        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+    return [t.to_openai() for t in parsed], choice
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -179,8 +231,21 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(stream_options, dict):
         raise ProtocolError("'stream_options' must be an object", param="stream_options",
                             code="invalid_type")
+    tools, tool_choice = _tools(body)
+    try:
+        parse_response_format(body.get("response_format"))
+    except ToolError as exc:
+        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ProtocolError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls",
+                            code="invalid_type")
     request = ChatRequest(
         messages=_messages(body["messages"]),
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+        response_format=body.get("response_format"),
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=1.0 if top_p is None else max(top_p, 1e-6),  # OpenAI allows 0: only the top token
