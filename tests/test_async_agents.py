@@ -16,7 +16,7 @@ import pytest
 
 import lightning_lab as ll
 
-HANG_S = 3.0
+HANG_S = 6.0
 """Rollout timeout of the hang tests: well above what a 2-token call takes on a loaded CPU, and
 far below the minutes the hung requests (1500 tokens) would need."""
 
@@ -24,6 +24,7 @@ far below the minutes the hung requests (1500 tokens) would need."""
 @pytest.fixture(scope="module")
 def policy():
     p = ll.models.load("tiny", lora=True)
+    p.chat("warm up", max_new_tokens=2)  # the first forward is slow; keep it out of timed rollouts
     yield p
     p.close()
 
@@ -186,3 +187,23 @@ def test_http_agent_call_is_cancelled_at_the_timeout(policy, server):
     assert long.meta["reason"] == "timeout" and short.status == "ok"
     assert wait_until(lambda: statuses == [(408, "rollout_cancelled")])
     assert server.backend.aborted == aborted + 1 and wait_until(lambda: policy.engine.active_rows == 0)
+
+
+def test_trainer_step_goes_on_without_the_timed_out_rollouts(policy):
+    def agent(task):
+        text = policy.chat(task["q"], max_new_tokens=4)
+        if task["q"] == "hang":
+            threading.Event().wait()  # a blocking agent that never returns
+        ll.reward(float(len(text)))
+
+    tasks = [{"task_id": "ok", "q": "fine"}, {"task_id": "hang", "q": "hang"}]
+    trainer = ll.PPOTrainer(policy, agent, tasks, config=ll.PPOConfig(
+        tasks_per_step=2, group_size=2, minibatch_size=4, kl_coef=0.0, rollout_timeout_s=HANG_S))
+    state = trainer.step()
+    m = state.metrics
+    assert m["n_timeout"] == 2 and m["n_failed"] == 2
+    hung = [t for t in state.batch if t.task_id == "hang"]
+    assert all(t.meta["reason"] == "timeout" and not t.usable for t in hung)
+    assert m["n_loss_transitions"] == 2  # both finished rollouts trained
+    with pytest.raises(ll.train.config.ConfigError):
+        ll.PPOConfig(rollout_timeout_s=0)
