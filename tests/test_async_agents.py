@@ -16,9 +16,9 @@ import pytest
 
 import lightning_lab as ll
 
-HANG_S = 6.0
-"""Rollout timeout of the hang tests: well above what a 2-token call takes on a loaded CPU, and
-far below the minutes the hung requests (1500 tokens) would need."""
+HANG_S = 2.0
+"""Rollout timeout of the hang tests on a quiet machine; ``hang_s`` scales it up on a loaded one.
+Either way it stays far below the minutes the hung requests (1500 tokens) would need."""
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,15 @@ def policy():
     p.chat("warm up", max_new_tokens=2)  # the first forward is slow; keep it out of timed rollouts
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def hang_s(policy):
+    """The timeout, scaled to this machine: 10x what a batch of the finishing rollouts takes now
+    (so a CPU shared with other jobs makes the test slower, never flaky)."""
+    start = time.monotonic()
+    ll.run_rollouts(lambda task: policy.chat("measure", max_new_tokens=4), [{}] * 4)
+    return max(HANG_S, 10 * (time.monotonic() - start))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +129,7 @@ def test_a_returned_coroutine_is_an_error_not_an_empty_batch(policy):
 
 
 @pytest.mark.parametrize("kind", ["async", "thread"])
-def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, kind):
+def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, hang_s, kind):
     aborted = policy.engine.aborted_rows
     released = threading.Event()
 
@@ -142,7 +151,7 @@ def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, kind):
 
     agent = async_agent if kind == "async" else thread_agent
     tasks = [{"task_id": "a", "q": "a"}, {"task_id": "hang", "q": "hang"}, {"task_id": "b", "q": "b"}]
-    batch = ll.run_rollouts(agent, tasks, timeout_s=HANG_S)
+    batch = ll.run_rollouts(agent, tasks, timeout_s=hang_s)
     a, hung, b = batch
     assert hung.status == "failed" and hung.meta["reason"] == "timeout" and "timeout" in hung.error
     assert len(hung.transitions) == 1  # the call that finished is kept; the hung one never landed
@@ -154,7 +163,7 @@ def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, kind):
     policy.chat("still serving", max_new_tokens=2)
 
 
-def test_timeouts_in_training_and_evaluation(policy):
+def test_timeouts_in_training_and_evaluation(policy, hang_s):
     async def agent(task):
         await policy.achat(task["q"], max_new_tokens=3)
         if task["q"] == "sleep":
@@ -162,12 +171,12 @@ def test_timeouts_in_training_and_evaluation(policy):
         ll.reward(float(len(ll.current().transitions[0].response)))
 
     tasks = [{"task_id": "ok", "q": "fine"}, {"task_id": "sleep", "q": "sleep"}]
-    batch, metrics = ll.evaluate(agent, tasks, timeout_s=HANG_S)
+    batch, metrics = ll.evaluate(agent, tasks, timeout_s=hang_s)
     assert metrics["n_timeout"] == 1 and metrics["n_failed"] == 1
     assert [t.meta.get("reason") for t in batch] == [None, "timeout"]
 
 
-def test_http_agent_call_is_cancelled_at_the_timeout(policy, server):
+def test_http_agent_call_is_cancelled_at_the_timeout(policy, server, hang_s):
     aborted = server.backend.aborted
     statuses = []
 
@@ -182,14 +191,14 @@ def test_http_agent_call_is_cancelled_at_the_timeout(policy, server):
 
     agent = ll.proxy.http_agent(server, sdk_agent)
     batch = ll.run_rollouts(agent, [{"task_id": "long", "max_tokens": 1500},
-                                    {"task_id": "short", "max_tokens": 2}], timeout_s=HANG_S)
+                                    {"task_id": "short", "max_tokens": 2}], timeout_s=hang_s)
     long, short = batch
     assert long.meta["reason"] == "timeout" and short.status == "ok"
     assert wait_until(lambda: statuses == [(408, "rollout_cancelled")])
     assert server.backend.aborted == aborted + 1 and wait_until(lambda: policy.engine.active_rows == 0)
 
 
-def test_trainer_step_goes_on_without_the_timed_out_rollouts(policy):
+def test_trainer_step_goes_on_without_the_timed_out_rollouts(policy, hang_s):
     def agent(task):
         text = policy.chat(task["q"], max_new_tokens=4)
         if task["q"] == "hang":
@@ -198,7 +207,7 @@ def test_trainer_step_goes_on_without_the_timed_out_rollouts(policy):
 
     tasks = [{"task_id": "ok", "q": "fine"}, {"task_id": "hang", "q": "hang"}]
     trainer = ll.PPOTrainer(policy, agent, tasks, config=ll.PPOConfig(
-        tasks_per_step=2, group_size=2, minibatch_size=4, kl_coef=0.0, rollout_timeout_s=HANG_S))
+        tasks_per_step=2, group_size=2, minibatch_size=4, kl_coef=0.0, rollout_timeout_s=hang_s))
     state = trainer.step()
     m = state.metrics
     assert m["n_timeout"] == 2 and m["n_failed"] == 2
