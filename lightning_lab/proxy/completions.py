@@ -122,7 +122,7 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
             if sampling.ignored else []
         calls = [ep.make_call(request, entry, sampling, warnings,
                               ep.backend.prepare_text(p, "prompt")) for p in prompts]
-        headers = {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+        headers = {"X-LL-Warning": "; ".join(dict.fromkeys(warnings))} if warnings else {}
         request_id = "cmpl-" + new_id().removeprefix("chatcmpl-")
         if sampling.stream:
             return StreamingResponse(_events(ep, calls, request_id, options["echo"]),
