@@ -395,4 +395,5 @@ def test_fuzz_never_5xx(fuzz_client):
                 assert '"error"' not in r.text, r.text
 
     check()
-    assert seen["n"] >= 1000 and seen["ok"] > 200, seen
+    # junk "model" strings are 404 model_not_found since names are checked, hence the lower bar
+    assert seen["n"] >= 1000 and seen["ok"] > 150, seen
