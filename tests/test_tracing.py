@@ -26,7 +26,7 @@ def test_rollout_step_reward_attribution():
             _call("c")
         ll.reward(1.0, final=True)
         _call("d")  # a call after the final reward: the final reward still lands on the last one
-    assert [t.agent for t in traj.transitions] == ["writer", "checker", "checker", ""]
+    assert [t.agent for t in traj.transitions] == ["writer", "checker", "checker", "agent"]
     assert [t.reward for t in traj.transitions] == [0.5, 0.0, 0.0, 1.0]
     assert [t.step for t in traj.transitions] == [0, 1, 2, 3]
     assert traj.status == "ok"

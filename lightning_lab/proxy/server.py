@@ -234,7 +234,7 @@ def http_agent(server: ProxyServer, agent_fn: Callable[..., Any], *,
     An ``async def agent_fn`` (e.g. with ``openai.AsyncOpenAI``) gives an async agent, which the
     runner awaits. ``max_tokens`` is the default budget of calls that send none.
     """
-    from lightning_lab.rollouts.threads import is_async_agent, returned_awaitable
+    from lightning_lab.rollouts.jobs import is_async_agent, returned_awaitable
 
     if is_async_agent(agent_fn):
         async def agent(task: Any) -> Any:

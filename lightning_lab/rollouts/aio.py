@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from ..records import Batch, Trajectory
 from ..tracing import RolloutControl, rollout
-from .threads import _jobs, timed_out
+from .jobs import jobs_of, timed_out
 
 __all__ = ["arun_rollouts", "run_async_in_thread"]
 
@@ -26,7 +26,7 @@ async def arun_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, gr
                         temperature: float | None = None, max_workers: int = 32,
                         group_prefix: str = "", timeout_s: float | None = None) -> Batch:
     """``run_rollouts`` for code already inside an event loop (``await`` it)."""
-    jobs = _jobs(tasks, group_size, group_prefix)
+    jobs = jobs_of(tasks, group_size, group_prefix)
     return Batch(await _run_jobs(agent, jobs, temperature, max_workers, timeout_s))
 
 

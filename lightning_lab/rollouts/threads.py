@@ -10,53 +10,17 @@ A thread cannot be killed, so a timed-out blocking agent is left behind (its lat
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import queue
 import threading
 import time
 from typing import Any, Callable, Sequence
 
-from ..envs import task_id_of
 from ..records import Batch, Trajectory
 from ..tracing import RolloutControl, rollout
+from .aio import run_async_in_thread
+from .jobs import is_async_agent, jobs_of, returned_awaitable, timed_out
 
-__all__ = ["run_rollouts", "is_async_agent", "timed_out"]
-
-
-def is_async_agent(agent: Any) -> bool:
-    """``async def`` functions, partials of them, and objects with an ``async def __call__``."""
-    return inspect.iscoroutinefunction(agent) or inspect.iscoroutinefunction(
-        getattr(agent, "__call__", None))
-
-
-def returned_awaitable(result: Any) -> None:
-    """A blocking agent that returns a coroutine never ran: fail loudly instead of tracing nothing."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()  # no "never awaited" warning on top of the error
-        raise TypeError("the agent returned an awaitable instead of running: define it with "
-                        "`async def` so the runner awaits it (or await inside the agent)")
-
-
-def timed_out(control: RolloutControl, task_id: str, group_id: str, timeout_s: float) -> Trajectory:
-    """The failed trajectory of a rollout past its deadline: what it had recorded until then."""
-    control.cancel("timeout")
-    traj = control.trajectory or Trajectory(task_id=task_id, group_id=group_id)
-    snapshot = dataclasses.replace(traj, transitions=list(traj.transitions), meta=dict(traj.meta))
-    snapshot.status = "failed"
-    snapshot.error = f"timeout: the rollout ran past rollout_timeout_s={timeout_s:g}"
-    snapshot.meta["reason"] = "timeout"
-    return snapshot
-
-
-def _jobs(tasks: Sequence[Any], group_size: int, group_prefix: str) -> list[tuple[Any, str, str]]:
-    jobs = []
-    for i, task in enumerate(tasks):
-        tid = task_id_of(task, i)
-        for _ in range(group_size):
-            jobs.append((task, tid, f"{group_prefix}{i}:{tid}"))
-    return jobs
+__all__ = ["run_rollouts", "is_async_agent"]
 
 
 def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_size: int = 1,
@@ -71,10 +35,8 @@ def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_siz
     """
     if timeout_s is not None and timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    jobs = _jobs(tasks, group_size, group_prefix)
+    jobs = jobs_of(tasks, group_size, group_prefix)
     if is_async_agent(agent):
-        from .aio import run_async_in_thread
-
         return run_async_in_thread(agent, jobs, temperature, max_workers, timeout_s)
     return Batch(_supervise(agent, jobs, temperature, max(1, min(max_workers, len(jobs))),
                             timeout_s))

@@ -1,0 +1,48 @@
+"""What both rollout runners share: the job list, async-agent detection, the timeout record."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Sequence
+
+from ..envs import task_id_of
+from ..records import Trajectory
+from ..tracing import RolloutControl
+
+__all__ = ["jobs_of", "is_async_agent", "returned_awaitable", "timed_out"]
+
+
+def is_async_agent(agent: Any) -> bool:
+    """``async def`` functions, partials of them, and objects with an ``async def __call__``."""
+    return inspect.iscoroutinefunction(agent) or inspect.iscoroutinefunction(
+        getattr(agent, "__call__", None))
+
+
+def returned_awaitable(result: Any) -> None:
+    """A blocking agent that returns a coroutine never ran: fail loudly instead of tracing nothing."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # no "never awaited" warning on top of the error
+        raise TypeError("the agent returned an awaitable instead of running: define it with "
+                        "`async def` so the runner awaits it (or await inside the agent)")
+
+
+def timed_out(control: RolloutControl, task_id: str, group_id: str, timeout_s: float) -> Trajectory:
+    """The failed trajectory of a rollout past its deadline: what it had recorded until then."""
+    control.cancel("timeout")
+    traj = control.trajectory or Trajectory(task_id=task_id, group_id=group_id)
+    snapshot = dataclasses.replace(traj, transitions=list(traj.transitions), meta=dict(traj.meta))
+    snapshot.status = "failed"
+    snapshot.error = f"timeout: the rollout ran past rollout_timeout_s={timeout_s:g}"
+    snapshot.meta["reason"] = "timeout"
+    return snapshot
+
+
+def jobs_of(tasks: Sequence[Any], group_size: int, group_prefix: str) -> list[tuple[Any, str, str]]:
+    jobs = []
+    for i, task in enumerate(tasks):
+        tid = task_id_of(task, i)
+        for _ in range(group_size):
+            jobs.append((task, tid, f"{group_prefix}{i}:{tid}"))
+    return jobs
