@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _usage_errors() as exc:  # what the user can fix; anything else keeps its traceback
         print(f"lightning-lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: train has checkpointed what it could and said so
+        print(f"lightning-lab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

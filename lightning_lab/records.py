@@ -15,7 +15,29 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["Transition", "Trajectory", "Batch", "TraceFormatError"]
+__all__ = ["Transition", "Trajectory", "Batch", "TraceFormatError", "MAX_ABS_REWARD",
+           "reward_problem"]
+
+MAX_ABS_REWARD = 1e12
+"""Largest reward magnitude accepted, per call and after summation. Far beyond any meaningful
+reward, and small enough that every sum, mean, std and float32 advantage computed from a batch
+of them stays finite (1e308 passes ``isfinite`` but two of them sum to inf, and 1e39 is already
+inf in the float32 loss)."""
+
+
+def reward_problem(value: Any) -> str | None:
+    """Why ``value`` is not an acceptable reward (or a sum of rewards), or None if it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"reward must be a real number, got {type(value).__name__}: {value!r}"
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        return f"reward must be finite, got an integer of {len(str(abs(value)))} digits"
+    if not math.isfinite(number):
+        return f"reward must be finite, got {number}"
+    if abs(number) > MAX_ABS_REWARD:
+        return f"reward magnitude {number:g} exceeds {MAX_ABS_REWARD:g}"
+    return None
 
 # Trajectory ids: a random per-process prefix plus a counter; unique across processes and ~20x
 # cheaper than a uuid4 per rollout (tracing overhead is a budget measured in microseconds).
@@ -175,22 +197,29 @@ class Batch:
     def load_jsonl(cls, path: str | Path, strict: bool = False) -> "Batch":
         """Read every valid line; bad lines are reported as ``file:line`` in ``load_errors``.
 
-        With ``strict=True`` the first bad line raises ``TraceFormatError`` instead.
+        Each line is decoded on its own, so invalid UTF-8, nesting too deep for the parser or a
+        field of the wrong type costs that line only. With ``strict=True`` the first bad line
+        raises ``TraceFormatError`` instead.
         """
+        return cls._collect(_iter_jsonl(Path(path)), path, "", strict)
+
+    @classmethod
+    def _collect(cls, items: Iterable[tuple[int, Trajectory | None, str | None]], path: Any,
+                 where: str, strict: bool) -> "Batch":
         batch = cls()
-        for lineno, traj, err in _iter_jsonl(Path(path)):
+        for lineno, traj, err in items:
             if err is None:
                 batch.trajectories.append(traj)
                 continue
-            message = f"{path}:{lineno}: {err}"
+            message = f"{path}:{where}{lineno}: {err}"
             if strict:
                 raise TraceFormatError(message)
             batch.load_errors.append(message)
         if batch.load_errors:
             import warnings
 
-            warnings.warn(f"skipped {len(batch.load_errors)} bad line(s): {batch.load_errors[0]}",
-                          stacklevel=2)
+            warnings.warn(f"skipped {len(batch.load_errors)} bad record(s): {batch.load_errors[0]}",
+                          stacklevel=3)
         return batch
 
     # -- Parquet: one row per trajectory with transitions as a nested list, for pandas/duckdb users.
@@ -204,30 +233,93 @@ class Batch:
         frame.to_parquet(path, index=False)
 
     @classmethod
-    def load_parquet(cls, path: str | Path) -> "Batch":
+    def load_parquet(cls, path: str | Path, strict: bool = False) -> "Batch":
+        """Read every valid row; bad rows are reported as ``file:row N`` in ``load_errors``
+        (``strict=True``: the first one raises ``TraceFormatError``)."""
         import pandas as pd
 
-        frame = pd.read_parquet(path)
-        return cls([Trajectory.from_dict(json.loads(s)) for s in frame["trajectory"]])
+        try:
+            column = pd.read_parquet(path, columns=["trajectory"])["trajectory"]
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; name the file
+            raise TraceFormatError(f"{path}: not a lightning-lab Parquet trace: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        rows = ((i, *_parse_line(text)) for i, text in enumerate(column))
+        return cls._collect(rows, path, "row ", strict)
 
 
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, Trajectory | None, str | None]]:
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise TraceFormatError(f"{path}: cannot open: {exc}") from exc
+    with f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                traj = Trajectory.from_dict(json.loads(line))
-                _check_finite(traj)
-            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-                yield lineno, None, f"{type(exc).__name__}: {exc}"
-                continue
-            yield lineno, traj, None
+            if line.strip():
+                yield (lineno, *_parse_line(line))
 
 
-def _check_finite(traj: Trajectory) -> None:
-    for tr in traj.transitions:
-        if not isinstance(tr.reward, (int, float)) or not math.isfinite(tr.reward):
-            raise ValueError(f"reward must be a finite number, got {tr.reward!r}")
-        if len(tr.logprobs) not in (0, len(tr.response_ids)):
-            raise ValueError(f"{len(tr.logprobs)} logprobs for {len(tr.response_ids)} response tokens")
+def _parse_line(raw: Any) -> tuple[Trajectory | None, str | None]:
+    """One serialised trajectory -> (trajectory, None) or (None, reason)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if not isinstance(text, str):
+            raise TypeError(f"expected JSON text, got {type(text).__name__}")
+        return _from_data(json.loads(text)), None
+    except RecursionError:
+        return None, "RecursionError: JSON nested too deeply"
+    except (UnicodeDecodeError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_TRAJECTORY_TYPES = {"task_id": str, "status": str, "error": str, "group_id": str, "traj_id": str,
+                     "meta": dict, "transitions": list}
+_TRANSITION_TYPES = {"prompt": str, "response": str, "agent": str, "finish_reason": str,
+                     "meta": dict, "step": int, "prompt_ids": list, "response_ids": list,
+                     "logprobs": list}
+_OPTIONAL_FLOATS = ("ret", "advantage", "value")
+
+
+def _check_types(data: dict, types: dict[str, type], what: str) -> None:
+    for name, kind in types.items():
+        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
+            raise TypeError(f"{what}.{name} must be {kind.__name__}, got "
+                            f"{type(data[name]).__name__}")
+
+
+def _from_data(data: Any) -> Trajectory:
+    """A Trajectory from decoded JSON, checking every field's type and every number's range."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a trajectory must be a JSON object, got {type(data).__name__}")
+    _check_types(data, _TRAJECTORY_TYPES, "trajectory")
+    if data.get("status", "ok") not in ("ok", "failed"):
+        raise ValueError(f"trajectory.status must be 'ok' or 'failed', got {data['status']!r}")
+    for i, tr in enumerate(data.get("transitions", [])):
+        what = f"transitions[{i}]"
+        if not isinstance(tr, dict):
+            raise TypeError(f"{what} must be an object, got {type(tr).__name__}")
+        _check_types(tr, _TRANSITION_TYPES, what)
+        for name in ("prompt_ids", "response_ids"):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in tr.get(name, [])):
+                raise TypeError(f"{what}.{name} must be a list of integers")
+        logprobs = tr.get("logprobs", [])
+        if not all(_real(x) and math.isfinite(x) for x in logprobs):
+            raise ValueError(f"{what}.logprobs must be finite numbers")
+        if len(logprobs) not in (0, len(tr.get("response_ids", []))):
+            raise ValueError(f"{what}: {len(logprobs)} logprobs for "
+                             f"{len(tr.get('response_ids', []))} response tokens")
+        reward = tr.get("reward", 0.0)
+        problem = reward_problem(reward)
+        if problem and (data.get("status") != "failed" or not _real(reward)
+                        or not math.isfinite(reward)):  # a failed one may hold its huge sum
+            raise ValueError(f"{what}: {problem}")
+        temperature = tr.get("temperature", 1.0)
+        if not _real(temperature) or not 0 < temperature < math.inf:
+            raise ValueError(f"{what}.temperature must be a positive number, got {temperature!r}")
+        for name in _OPTIONAL_FLOATS:
+            if tr.get(name) is not None and not (_real(tr[name]) and math.isfinite(tr[name])):
+                raise ValueError(f"{what}.{name} must be a finite number or null")
+    return Trajectory.from_dict(data)
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

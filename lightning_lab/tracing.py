@@ -8,18 +8,17 @@ runs them) or in asyncio tasks never see each other's rollout. The policy calls
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
-from .records import Trajectory, Transition
+from .records import Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
-           "current_temperature", "current_control", "RolloutControl", "RolloutCancelled",
-           "TracingError"]
+           "current_temperature", "current_control", "call_seed", "derive_seed",
+           "RolloutControl", "RolloutCancelled", "TracingError"]
 
 
 DEFAULT_ROLE = "agent"
@@ -89,27 +88,37 @@ _control: ContextVar[RolloutControl | None] = ContextVar("ll_control", default=N
 @contextmanager
 def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
             catch: bool = False, meta: dict[str, Any] | None = None,
+            seed: int | None = None,
             control: RolloutControl | None = None) -> Iterator[Trajectory]:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
     ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
-    With ``catch=True`` an exception from the body marks the trajectory ``failed`` with the error
-    text and is swallowed, so a batch of rollouts survives one bad agent; otherwise it propagates
-    (after marking the trajectory). ``control`` lets a runner cancel the rollout (timeouts); a
-    cancelled rollout is not finalised here, its runner already reported it.
+    ``seed`` (kept as ``meta["sampling_seed"]``) makes the rollout's samples independent of what
+    else shares the engine's batch: its k-th LLM call that sends no seed of its own samples with
+    ``derive_seed(seed, k)``, so concurrent rollouts draw the same numbers in any thread order.
+    With ``catch=True`` anything the body raises marks the trajectory ``failed`` with the error
+    text and is swallowed, so a batch of rollouts survives one bad agent: ``Exception`` and also
+    ``SystemExit`` (an agent calling ``sys.exit()``) or any other ``BaseException``, except the
+    caller's own control flow: ``KeyboardInterrupt`` on the main thread (the user's Ctrl-C must
+    stop the run), ``GeneratorExit`` and ``asyncio.CancelledError`` (cancellation, e.g. a
+    timeout) are recorded and re-raised. Without ``catch`` everything propagates (after marking
+    the trajectory). ``control`` lets a runner cancel the rollout (timeouts); a cancelled
+    rollout is not finalised here, its runner already reported it.
     """
     traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
+    if seed is not None:
+        traj.meta["sampling_seed"] = int(seed)
     if control is not None:
         control.trajectory = traj
     tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature),
               _control.set(control))
     try:
         yield traj
-    except Exception as exc:  # noqa: BLE001 - recorded on the trajectory, re-raised unless catch
+    except BaseException as exc:  # noqa: BLE001 - recorded on the trajectory, see docstring
         traj.status = "failed"
         traj.error = f"{type(exc).__name__}: {exc}"
         traj.meta.setdefault("reason", "exception")
-        if not catch:
+        if not catch or _is_interruption(exc):
             raise
     finally:
         if control is None or not control.cancelled:
@@ -118,6 +127,16 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
         _temperature.reset(tokens[2])
         _agent.reset(tokens[1])
         _trajectory.reset(tokens[0])
+
+
+def _is_interruption(exc: BaseException) -> bool:
+    """Exceptions that are the caller's control flow, never an agent's fault to contain."""
+    import asyncio
+    import threading
+
+    if isinstance(exc, KeyboardInterrupt):
+        return threading.current_thread() is threading.main_thread()
+    return isinstance(exc, (GeneratorExit, asyncio.CancelledError))
 
 
 class step:
@@ -156,6 +175,23 @@ def current_control() -> RolloutControl | None:
     return _control.get()
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A 62-bit seed from ``parts`` (stable across processes and Python versions)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (1 << 62)
+
+
+def call_seed(trajectory: Trajectory | None = None) -> int | None:
+    """The seed for the next LLM call of ``trajectory`` (default: the open one), or None when it
+    was opened without ``seed``."""
+    traj = trajectory if trajectory is not None else _trajectory.get()
+    if traj is None or traj.meta.get("sampling_seed") is None:
+        return None
+    return derive_seed(traj.meta["sampling_seed"], len(traj.transitions))
+
+
 def reward(value: float, *, final: bool = False, trajectory: Trajectory | None = None) -> None:
     """Add ``value`` to the latest transition's reward (``final=True``: to the last one at the end).
 
@@ -166,9 +202,15 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     """
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
+    if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"reward must be finite, got {value!r}") from None
+    problem = reward_problem(value)
+    if problem:
+        raise ValueError(problem)
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"reward must be finite, got {value}")
     if trajectory is None:
         control = _control.get()
         if control is not None:
@@ -184,13 +226,22 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
 
 
 def _finalize(traj: Trajectory) -> None:
-    """Move final/pending rewards onto the last transition; flag rollouts with no LLM call."""
+    """Move final/pending rewards onto the last transition; flag rollouts with no LLM call.
+
+    Each reward was checked on its own; their sums are checked here, so a trajectory whose
+    rewards add up past ``MAX_ABS_REWARD`` fails with the reason instead of reaching the trainer.
+    """
     extra = traj.meta.pop("final_reward", 0.0) + traj.meta.pop("pending_reward", 0.0)
     if traj.transitions:
         traj.transitions[-1].reward += extra
     elif traj.status == "ok":
         traj.meta["no_llm_calls"] = True
         traj.meta["unassigned_reward"] = extra
+    sums = [tr.reward for tr in traj.transitions] + [traj.total_reward, extra]
+    problem = next(filter(None, map(reward_problem, sums)), None)
+    if problem and traj.status == "ok":
+        traj.status = "failed"
+        traj.error = f"RewardError: rewards summed out of range: {problem}"
 
 
 def record_generation(gen: Any, *, trajectory: Trajectory | None = None,

@@ -92,8 +92,9 @@ def load_hotpotqa(path: str | Path, *, strict: bool = False) -> list[RagTask]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HotpotQAFormatError(f"{path}: cannot read HotpotQA JSON: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise HotpotQAFormatError(f"{path}: cannot read HotpotQA JSON: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(data, list):
         raise HotpotQAFormatError(f"{path}: expected a JSON list of records, "
                                   f"got {type(data).__name__}")

@@ -27,7 +27,12 @@ def result_preview(result: ExecResult, max_rows: int = 5, max_chars: int = 300) 
         return f"Error: {result.error}"
     if not result.rows:
         return "Result: no rows"
-    shown = "; ".join(", ".join(str(v) for v in row) for row in result.rows[:max_rows])
+    # Each value is cut before it is turned into text: str() of a 100 MB value (or repr of a
+    # blob, ~4x its size) would cost more memory than the whole query.
+    def cell(v: object) -> str:
+        return str(v[:max_chars] if isinstance(v, (str, bytes)) else v)[:max_chars]
+
+    shown = "; ".join(", ".join(cell(v) for v in row) for row in result.rows[:max_rows])
     more = len(result.rows) - max_rows
     text = f"Result ({len(result.rows)}{'+' if result.truncated else ''} rows): {shown}"
     if more > 0:

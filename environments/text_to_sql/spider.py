@@ -11,6 +11,7 @@ error, because every task over it would silently score 0.
 from __future__ import annotations
 
 import json
+import sqlite3
 import warnings
 from pathlib import Path
 
@@ -67,13 +68,14 @@ def load_spider(path: str | Path, split: str = "dev", *, strict: bool = False,
     root = file.resolve().parent
     try:
         records = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpiderFormatError(f"{file}: cannot read Spider JSON: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise SpiderFormatError(f"{file}: cannot read Spider JSON: {type(e).__name__}: {e}") from e
     if not isinstance(records, list):
         raise SpiderFormatError(f"{file}: expected a JSON list of records, "
                                 f"got {type(records).__name__}")
     tasks: list[SQLTask] = []
     checked: dict[str, Path] = {}
+    schemas: dict[str, str] = {}
     for i, record in enumerate(records):
         problem = _record_problem(record)
         if problem:
@@ -88,11 +90,16 @@ def load_spider(path: str | Path, split: str = "dev", *, strict: bool = False,
             if not db_path.is_file():
                 raise FileNotFoundError(f"Spider database for db_id {db_id!r} (record {i} of "
                                         f"{file}) not found at {db_path}")
+            try:  # a corrupt file fails every task over it: an error, like a missing one
+                schemas[db_id] = schema_text(str(db_path))
+            except sqlite3.Error as e:
+                raise SpiderFormatError(f"{db_path}: not a readable SQLite database (db_id "
+                                        f"{db_id!r}, record {i} of {file}): {e}") from e
             checked[db_id] = db_path
         db_path = checked[db_id]
         tasks.append(SQLTask(task_id=f"spider-{split}-{i:04d}", question=record["question"].strip(),
                              gold_sql=record["query"].strip(), db_id=db_id, db_path=str(db_path),
-                             schema=schema_text(str(db_path)), difficulty=record.get("hardness")
+                             schema=schemas[db_id], difficulty=record.get("hardness")
                              or spider_hardness(record["query"])))
         if limit is not None and len(tasks) >= limit:
             break

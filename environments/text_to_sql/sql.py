@@ -1,10 +1,16 @@
 """Running model-written SQL safely, and finding the SQL inside model output.
 
-Model SQL is untrusted: it may try to write, attach other files, flip pragmas, or loop forever
-(a recursive CTE without a bound). Three independent guards keep a rollout cheap and the database
-intact: a read-only URI connection, an authorizer that only allows reading, and a progress
-handler that enforces a wall-clock deadline. Fetching is capped so a cross join cannot exhaust
-memory. Nothing here raises on bad SQL; errors come back as text the checker/rewriter can read.
+Model SQL is untrusted: it may try to write, attach other files, flip pragmas, loop forever
+(a recursive CTE without a bound) or build one enormous value in a single function call
+(``zeroblob(900000000)``, ``printf('%.*c', 999999999, 'x')``). Guards keep a rollout cheap and
+the database intact: a read-only URI connection; an authorizer that only allows reading; a
+progress handler that enforces a wall-clock deadline between VM steps; per-connection
+``sqlite3_limit``s (no string or blob longer than ``max_value_bytes`` is ever allocated, LIKE
+patterns and SQL text are short, nothing can be attached); and a worker process per query slot
+that is killed when one VM step outlives the deadline and cannot grow past 512 MB
+(``sandbox.py``). Fetching is capped in rows and bytes. Heap limits are not used: SQLite's are
+process-wide. Nothing here raises on bad SQL; errors come back as text the checker/rewriter
+can read.
 """
 from __future__ import annotations
 
@@ -18,16 +24,7 @@ from urllib.parse import quote
 import sqlglot
 from sqlglot import exp
 
-# Only what a SELECT needs. Everything else (INSERT/UPDATE/DELETE, CREATE/DROP/ALTER, ATTACH,
-# DETACH, PRAGMA, TRANSACTION, ANALYZE, REINDEX, ...) is denied.
-_ALLOWED_ACTIONS = {
-    sqlite3.SQLITE_SELECT,
-    sqlite3.SQLITE_READ,
-    sqlite3.SQLITE_FUNCTION,
-    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
-}
-# Functions that could reach outside the database file even on a read-only connection.
-_DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+from . import sandbox
 
 
 @dataclass
@@ -38,7 +35,8 @@ class ExecResult:
     columns: list[str] = field(default_factory=list)
     error: str | None = None
     truncated: bool = False
-    """True when more than `max_rows` rows were available and the rest were not fetched."""
+    """True when more than `max_rows` rows (or `max_bytes` bytes) were available and the rest
+    were not fetched."""
     elapsed_s: float = 0.0
 
     @property
@@ -57,43 +55,28 @@ def connect_readonly(db_path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def _authorizer(action: int, arg1, arg2, dbname, source) -> int:
-    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
-        return sqlite3.SQLITE_DENY
-    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
-
-
 def run_sql(db_path: str | Path, sql: str | None, *, timeout_s: float = 1.5,
-            max_rows: int = 1000) -> ExecResult:
-    """Execute one statement of untrusted SQL on `db_path`; never raises.
+            max_rows: int = 1000, max_bytes: int = 8 << 20,
+            max_value_bytes: int = 1 << 20) -> ExecResult:
+    """Execute one statement of untrusted SQL on `db_path` in a sandbox worker; never raises.
 
     The deadline is checked every few thousand VM instructions, so even a query that never
-    yields a row (an unbounded recursive CTE under ORDER BY) stops shortly after `timeout_s`.
+    yields a row (an unbounded recursive CTE under ORDER BY) stops at `timeout_s`; a single
+    long function call is stopped by killing its worker shortly after. No value longer than
+    `max_value_bytes` is ever built, and at most `max_rows` rows and about `max_bytes` bytes
+    come back (`truncated` says whether more were available).
     """
     start = time.monotonic()
     if not sql or not sql.strip():
         return ExecResult(error="empty query")
-    try:
-        conn = connect_readonly(db_path)
-    except Exception as e:  # missing file, unreadable file
-        return ExecResult(error=f"cannot open database: {e}")
-    deadline = start + timeout_s
-    try:
-        conn.set_authorizer(_authorizer)
-        conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
-        cur = conn.execute(sql)
-        columns = [d[0] for d in cur.description or []]
-        rows = cur.fetchmany(max_rows + 1)
-        truncated = len(rows) > max_rows
-        return ExecResult(rows=[tuple(r) for r in rows[:max_rows]], columns=columns,
-                          truncated=truncated, elapsed_s=time.monotonic() - start)
-    except Exception as e:  # sqlite3.Error, Warning (multiple statements), MemoryError, ...
-        msg = str(e) or type(e).__name__
-        if time.monotonic() > deadline and "interrupt" in msg.lower():
-            msg = f"query exceeded the {timeout_s:g}s time limit"
-        return ExecResult(error=msg, elapsed_s=time.monotonic() - start)
-    finally:
-        conn.close()
+    path = Path(db_path).resolve()
+    if not path.is_file():
+        return ExecResult(error=f"cannot open database: database file not found: {path}")
+    out = sandbox.execute(str(path), sql, timeout_s=timeout_s, max_rows=max_rows,
+                          max_bytes=max_bytes, max_value_bytes=max_value_bytes)
+    return ExecResult(rows=out.get("rows", []), columns=out.get("columns", []),
+                      error=out.get("error"), truncated=out.get("truncated", False),
+                      elapsed_s=time.monotonic() - start)
 
 
 # ---------------------------------------------------------------------------------------------

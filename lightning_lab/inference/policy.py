@@ -83,6 +83,10 @@ class Policy:
                   max_new_tokens: int, stop: list[str] | str | None, prefill: str,
                   seed: int | None, tool_options: dict[str, Any]
                   ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
+        if seed is None:  # inside a seeded rollout: its per-call seed
+            from lightning_lab import tracing
+
+            seed = tracing.call_seed()
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
                  for p in prompts]
@@ -157,7 +161,8 @@ class Policy:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
         ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls). ``tool_options`` are
+        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
+        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
         OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
         prompts only); each generation then carries its parsed ``message``.
         """

@@ -4,8 +4,11 @@ Chat completions live here; ``/v1/completions`` and ``/v1/responses`` are their 
 same ``Endpoints``; ``/rollout/<id>/attempt/<aid>/v1/...`` (Agent Lightning's URL) is an alias.
 
 Handlers never block the event loop on the model: they await the engine's futures, so hundreds of
-agents' requests wait concurrently and the engine decodes them as one batch. Every client error is
-an OpenAI-style ``{"error": {...}}`` body with a 4xx status, never a 500.
+agents' requests wait concurrently and the engine decodes them as one batch. Decoding JSON,
+validating and tokenising run in a worker thread too, so a huge request cannot stall ``/health``
+or other clients. Every client error is an OpenAI-style ``{"error": {...}}`` body with a 4xx
+status, never a 500: anything unexpected while reading a request is logged and answered 400.
+Admission (Host, content type, sizes, token budget) is in ``limits.py``.
 """
 
 from __future__ import annotations
@@ -14,23 +17,31 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from .. import tracing
 from .aliases import AttemptAlias
 from .backends import Backend, Completion, Prepared
 from .context import Endpoints, agent_name
+from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudget, decode_json,
+                     read_body)
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
 from .streaming import Delta, stream_deltas
 
 __all__ = ["AppConfig", "create_app"]
+
+log = logging.getLogger("lightning_lab.proxy")
 
 
 @dataclass
@@ -47,6 +58,18 @@ class AppConfig:
     """Names accepted as ``model`` besides the backend's own (404 ``model_not_found`` otherwise)."""
     disconnect_poll_s: float = 0.25
     """How often a waiting non-streaming request checks whether its client hung up."""
+    adapter_dirs: tuple[str, ...] = ()
+    """Directories ``POST /v1/load_lora_adapter`` may load checkpoints from; empty (the default)
+    leaves the endpoint off. Enabling it requires ``api_key``."""
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    """Host names the ``Host`` header may carry (DNS-rebinding defence); None: any."""
+    limits: Limits = field(default_factory=Limits)
+    """Body-size and token caps (see ``limits.py``)."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_dirs and not self.api_key:
+            raise ValueError("load_lora_adapter (adapter_dirs) needs an api_key: it changes the "
+                             "served weights")
 
 
 class _ClientGone(Exception):
@@ -55,14 +78,20 @@ class _ClientGone(Exception):
 
 def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | None = None):
     config = config or AppConfig()
-    app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(AttemptAlias)
+    app.add_middleware(GuardMiddleware, allowed_hosts=config.allowed_hosts)
     app.state.inflight = 0
     served = {backend.name, *config.served_model_names} - {""}
+    budget = TokenBudget(config.limits)
+    adapter_roots = [Path(d).resolve() for d in config.adapter_dirs]
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status,
+                            headers=headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -93,12 +122,23 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
                                 code="rollout_not_found", status=404)
         return entry
 
+    async def raw_body(request: Request) -> bytes:
+        return await read_body(request.stream(), request.headers, config.limits.max_body_bytes)
+
     async def json_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        return await _off_loop(decode_json, await raw_body(request))
+
+    def parse_and_prepare(raw: bytes) -> tuple[ChatRequest, Prepared, int]:
+        """Runs in a worker thread: JSON -> validated request -> prompt ids -> token cost."""
+        chat_request = parse_chat_request(decode_json(raw))
+        max_tokens = chat_request.max_tokens or config.default_max_tokens
+        if max_tokens > config.limits.max_tokens:
+            raise ProtocolError(f"'max_tokens' may be at most {config.limits.max_tokens}, got "
+                                f"{max_tokens}", param="max_tokens", code="invalid_value")
+        prepared = backend.prepare(chat_request)
+        prompt = len(prepared.prompt_ids)
+        room = max(backend.context_limit - prompt, 1)
+        return chat_request, prepared, prompt + chat_request.n * min(max_tokens, room)
 
     async def models_body() -> dict[str, Any]:
         first = await backend.model_name()
@@ -138,20 +178,24 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             raise ProtocolError(str(exc), param="reward", code="invalid_value") from exc
         return {"ok": True, "transitions": len(entry.trajectory.transitions)}
 
-    @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> dict[str, Any]:
         check_auth(request)
         body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("lora_path"), str):
+        if not isinstance(body, dict) or not isinstance(body.get("lora_path"), str) \
+                or not isinstance(body.get("lora_name", ""), str):
             raise ProtocolError("body must be {'lora_name': str, 'lora_path': str}",
                                 param="lora_path", code="missing_required_parameter")
+        path = _allowed_path(body["lora_path"], adapter_roots)
         try:
-            await backend.load_adapter(str(body.get("lora_name") or ""), body["lora_path"])
+            await backend.load_adapter(body.get("lora_name") or "", str(path))
         except (OSError, RuntimeError, ValueError) as exc:
             raise ProtocolError(f"could not load adapter: {exc}", param="lora_path",
                                 code="invalid_value") from exc
         served.add(backend.name)
         return {"ok": True, "model": backend.name}
+
+    if adapter_roots:  # management endpoints exist only when enabled (404 otherwise)
+        app.post("/v1/load_lora_adapter")(load_lora_adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -164,23 +208,30 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
     async def chat_completion(request: Request, rollout_id: str | None):
         check_auth(request)
         entry = lookup(rollout_id)
-        chat_request = parse_chat_request(await json_body(request))
+        chat_request, prepared, cost = await _off_loop(parse_and_prepare, await raw_body(request))
         warnings = [f"ignored unsupported parameter(s): {', '.join(chat_request.ignored)}"] \
             if chat_request.ignored else []
-        call = make_call(request, entry, chat_request, warnings)
-        if chat_request.stream:
-            return StreamingResponse(call.events(), media_type="text/event-stream",
-                                     headers=warning_headers(warnings))
-        completions = await complete(request, call)
+        call = make_call(request, entry, chat_request, warnings, prepared)
+        ticket = budget.admit(cost)
+        if chat_request.stream:  # the stream gives its tokens back when it ends, however it ends
+            return StreamingResponse(call.events(ticket), media_type="text/event-stream",
+                                     headers=warning_headers(warnings),
+                                     background=BackgroundTask(ticket.release))
+        try:
+            completions = await complete(request, call)
+        finally:
+            ticket.release()
         if isinstance(completions, JSONResponse):
             return completions
         return JSONResponse(call.response(completions), headers=warning_headers(warnings))
 
     def make_call(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
                   warnings: list[str], prepared: Prepared | None = None) -> "_Call":
-        """A call of the chat path; ``prepared`` given = a raw prompt (``/v1/completions``)."""
+        """A call of the chat path; ``prepared`` given = already tokenised (or a raw prompt)."""
         endpoints.check_model(chat_request.model)
         prepared = prepared or backend.prepare(chat_request)
+        if chat_request.seed is None and entry is not None:  # a seeded rollout's k-th call
+            chat_request.seed = tracing.call_seed(entry.trajectory)
         temperature = endpoints.temperature(chat_request.temperature, entry)
         max_tokens = endpoints.max_tokens(chat_request.max_tokens, entry, warnings)
         agent = agent_name(request, chat_request.metadata, chat_request.user)
@@ -220,6 +271,31 @@ def _message(c: Completion) -> dict[str, Any]:
     if c.message is None:
         return {"role": "assistant", "content": c.text}
     return dict(c.message)
+
+
+async def _off_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread; an unexpected error there is the client's request's
+    fault (it only parses and tokenises), so it becomes a logged 400 rather than a 500."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - catch-all by design, see docstring
+        log.warning("request rejected by an unexpected parsing error", exc_info=True)
+        raise ProtocolError(f"could not read the request: {type(exc).__name__}: {exc}",
+                            code="invalid_request") from exc
+
+
+def _allowed_path(raw: str, roots: list[Path]) -> Path:
+    """``raw`` resolved (symlinks too), if it lies inside one of ``roots``; else a 403."""
+    try:
+        path = Path(raw).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ProtocolError(f"bad lora_path: {exc}", param="lora_path", code="invalid_value") from exc
+    if not any(path.is_relative_to(root) for root in roots):
+        raise ProtocolError("lora_path is outside the directories this server loads adapters "
+                            "from", param="lora_path", code="path_not_allowed", status=403)
+    return path
 
 
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
@@ -313,9 +389,16 @@ class _Call:
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             prompt_token_ids=self.prepared.prompt_ids if self.request.return_token_ids else None)
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self, ticket: Ticket) -> AsyncIterator[str]:
         """SSE: a role chunk at once, content deltas as tokens are sampled, finish chunks, usage,
         ``[DONE]``. Backends without token streaming send one content delta per choice."""
+        try:
+            async for event in self._events():
+                yield event
+        finally:
+            ticket.release()
+
+    async def _events(self) -> AsyncIterator[str]:
         created, n = int(time.time()), self.request.n
 
         def sse(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:

@@ -7,7 +7,8 @@ Weight sync with a remote backend: after each PPO step the trainer saves its che
 (``trainer.save(dir)``) and calls ``RemoteBackend.load_lora_adapter(name, dir)``, which POSTs
 ``{"lora_name", "lora_path"}`` to ``/v1/load_lora_adapter`` (vLLM's runtime-LoRA endpoint, enabled
 with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; lightning-lab's own server implements it too, by
-loading the checkpoint's trained weights). Later requests name the adapter as ``model``. For the
+loading the checkpoint's trained weights, when started with ``adapter_dirs`` and an ``api_key``:
+it loads only from those directories and never unpickles). Later requests name the adapter as ``model``. For the
 logprobs to be the sampling distribution's (what PPO's ratio needs), start vLLM with
 ``--logprobs-mode processed_logprobs``; the path must be readable by the remote server.
 """

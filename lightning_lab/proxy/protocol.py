@@ -22,6 +22,8 @@ __all__ = ["ChatRequest", "ProtocolError", "parse_chat_request", "error_body", "
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 32
+MAX_MESSAGES = 4096
+"""More messages than this is a client error (the app's byte and token caps bound the rest)."""
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 KNOWN_IGNORED = frozenset({
@@ -87,7 +89,8 @@ def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):  # ints: any size
         raise ProtocolError(f"'{name}' must be a number, got {value!r}", param=name,
                             code="invalid_type")
     if not lo <= value <= hi:
@@ -119,13 +122,24 @@ def _boolean(body: dict, name: str) -> bool:
     return value
 
 
+def _text(value: str, param: str) -> str:
+    """``value`` if it is valid Unicode text: JSON's ``"\\ud800"`` decodes to a lone surrogate,
+    which no tokenizer (and no UTF-8 file) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"'{param}' is not valid Unicode text (lone surrogate at {exc.start})",
+                            param=param, code="invalid_value") from None
+    return value
+
+
 def _content(value: Any, i: int) -> str:
     """String content, or the text parts of a content list (images etc. are rejected)."""
     param = f"messages[{i}].content"
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return _text(value, param)
     if isinstance(value, list):
         texts = []
         for part in value:
@@ -134,7 +148,7 @@ def _content(value: Any, i: int) -> str:
                 raise ProtocolError("only text content parts are supported", param=param,
                                     code="invalid_value")
             texts.append(part["text"])
-        return "".join(texts)
+        return _text("".join(texts), param)
     raise ProtocolError(f"'{param}' must be a string or a list of text parts", param=param,
                         code="invalid_type")
 
@@ -143,6 +157,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise ProtocolError("'messages' must be a non-empty list", param="messages",
                             code="invalid_type" if not isinstance(value, list) else "invalid_value")
+    if len(value) > MAX_MESSAGES:
+        raise ProtocolError(f"'messages' holds {len(value)} messages; at most {MAX_MESSAGES} "
+                            "are accepted", param="messages", code="too_many_messages")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
@@ -202,7 +219,7 @@ def _stop(value: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise ProtocolError(f"'stop' takes at most {MAX_STOP} non-empty strings", param="stop",
                             code="invalid_value")
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -215,6 +232,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model", "")
     if not isinstance(model, str):
         raise ProtocolError("'model' must be a string", param="model", code="invalid_type")
+    _text(model, "model")
     max_tokens = _integer(body, "max_completion_tokens", 1, 1 << 20)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, 1 << 20)
@@ -223,10 +241,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
     user = body.get("user") or ""
     if not isinstance(user, str):
         raise ProtocolError("'user' must be a string", param="user", code="invalid_type")
+    _text(user, "user")
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ProtocolError("'metadata' must be an object of strings", param="metadata",
                             code="invalid_type")
+    for key, value in metadata.items():
+        _text(key + value, "metadata")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ProtocolError("'stream_options' must be an object", param="stream_options",

@@ -13,7 +13,7 @@ import ipaddress
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from lightning_lab import tracing
@@ -21,6 +21,7 @@ from lightning_lab.records import Trajectory
 
 from .app import AppConfig, create_app
 from .backends import Backend, LocalBackend
+from .limits import LOOPBACK_HOSTS, Limits
 from .registry import RolloutRegistry, TraceStats
 
 __all__ = ["ServeConfig", "ProxyServer", "RolloutHandle", "serve", "http_agent", "reward_url"]
@@ -45,6 +46,21 @@ class ServeConfig:
     served_model_names: tuple[str, ...] = ()
     """Extra names accepted as ``model`` (the policy's name always is; others get a 404)."""
     log_level: str = "warning"
+    adapter_dirs: tuple[str, ...] = ()
+    """Enables ``POST /v1/load_lora_adapter`` for checkpoints under these directories (needs
+    ``api_key``); off by default, because it swaps the weights every client is served."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host-header names to answer (DNS-rebinding defence). None: the loopback names (plus
+    ``host``) on a loopback bind; no check on a remote bind, where the API key is the gate."""
+    limits: Limits = field(default_factory=Limits)
+    """Body-size and token caps per request and per server (see ``proxy/limits.py``)."""
+
+    def hosts(self) -> tuple[str, ...] | None:
+        if self.allowed_hosts is not None:
+            return tuple(self.allowed_hosts)
+        if _is_loopback(self.host):
+            return tuple(dict.fromkeys((*LOOPBACK_HOSTS, self.host.strip("[]").lower())))
+        return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -106,11 +122,12 @@ class ProxyServer:
         self.policy = policy
         self.backend = backend if backend is not None else LocalBackend(policy)
         self.registry = RolloutRegistry()
-        self.app = create_app(self.backend, self.registry,
-                              AppConfig(api_key=self.config.api_key,
-                                        default_max_tokens=self.config.default_max_tokens,
-                                        max_tokens_cap=self.config.max_tokens_cap,
-                                        served_model_names=tuple(self.config.served_model_names)))
+        self.app = create_app(self.backend, self.registry, AppConfig(
+            api_key=self.config.api_key, default_max_tokens=self.config.default_max_tokens,
+            max_tokens_cap=self.config.max_tokens_cap,
+            served_model_names=tuple(self.config.served_model_names),
+            adapter_dirs=tuple(str(d) for d in self.config.adapter_dirs),
+            allowed_hosts=self.config.hosts(), limits=self.config.limits))
         self.port: int | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -217,11 +234,19 @@ class ProxyServer:
 def serve(policy: Any = None, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
           allow_remote: bool = False, backend: Backend | None = None,
           default_max_tokens: int = 512, max_tokens_cap: int | None = None,
-          served_model_names: tuple[str, ...] = (), log_level: str = "warning") -> ProxyServer:
-    """Start the proxy over ``policy`` (or ``backend``) and return it; ``with`` stops it on exit."""
+          served_model_names: tuple[str, ...] = (), log_level: str = "warning",
+          adapter_dirs: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] | None = None,
+          limits: Limits | None = None) -> ProxyServer:
+    """Start the proxy over ``policy`` (or ``backend``) and return it; ``with`` stops it on exit.
+
+    See ``ServeConfig`` for the arguments; ``adapter_dirs`` (with ``api_key``) turns on
+    ``/v1/load_lora_adapter``.
+    """
     config = ServeConfig(host=host, port=port, api_key=api_key, allow_remote=allow_remote,
                          default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
-                         served_model_names=tuple(served_model_names), log_level=log_level)
+                         served_model_names=tuple(served_model_names), log_level=log_level,
+                         adapter_dirs=tuple(str(d) for d in adapter_dirs),
+                         allowed_hosts=allowed_hosts, limits=limits or Limits())
     return ProxyServer(policy, config, backend).start()
 
 

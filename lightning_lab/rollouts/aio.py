@@ -24,13 +24,14 @@ CANCEL_GRACE_S = 1.0
 
 async def arun_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_size: int = 1,
                         temperature: float | None = None, max_workers: int = 32,
-                        group_prefix: str = "", timeout_s: float | None = None) -> Batch:
+                        group_prefix: str = "", seed: int | None = None,
+                        timeout_s: float | None = None) -> Batch:
     """``run_rollouts`` for code already inside an event loop (``await`` it)."""
-    jobs = jobs_of(tasks, group_size, group_prefix)
+    jobs = jobs_of(tasks, group_size, group_prefix, seed)
     return Batch(await _run_jobs(agent, jobs, temperature, max_workers, timeout_s))
 
 
-def run_async_in_thread(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str]],
+def run_async_in_thread(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str, int | None]],
                         temperature: float | None, max_workers: int,
                         timeout_s: float | None) -> Batch:
     """Run the jobs on a fresh event loop in a helper thread (the caller may own a running loop)."""
@@ -50,24 +51,24 @@ def run_async_in_thread(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, 
     return Batch(out["batch"])
 
 
-async def _run_jobs(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str]],
+async def _run_jobs(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str, int | None]],
                     temperature: float | None, max_workers: int,
                     timeout_s: float | None) -> list[Trajectory]:
     slots = asyncio.Semaphore(max(1, max_workers))
 
-    async def one(task: Any, tid: str, gid: str) -> Trajectory:
+    async def one(task: Any, tid: str, gid: str, seed: int | None) -> Trajectory:
         async with slots:
-            return await _run_one(agent, task, tid, gid, temperature, timeout_s)
+            return await _run_one(agent, task, tid, gid, seed, temperature, timeout_s)
 
     return list(await asyncio.gather(*(one(*job) for job in jobs)))
 
 
-async def _run_one(agent: Callable[[Any], Any], task: Any, tid: str, gid: str,
+async def _run_one(agent: Callable[[Any], Any], task: Any, tid: str, gid: str, seed: int | None,
                    temperature: float | None, timeout_s: float | None) -> Trajectory:
     control = RolloutControl()
 
     async def body() -> Trajectory:
-        with rollout(task_id=tid, group_id=gid, temperature=temperature, catch=True,
+        with rollout(task_id=tid, group_id=gid, temperature=temperature, catch=True, seed=seed,
                      control=control) as traj:
             result = agent(task)
             if not asyncio.iscoroutine(result) and not asyncio.isfuture(result):

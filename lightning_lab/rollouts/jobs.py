@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..envs import task_id_of
 from ..records import Trajectory
-from ..tracing import RolloutControl
+from ..tracing import RolloutControl, derive_seed
 
 __all__ = ["jobs_of", "is_async_agent", "returned_awaitable", "timed_out"]
 
@@ -39,10 +39,15 @@ def timed_out(control: RolloutControl, task_id: str, group_id: str, timeout_s: f
     return snapshot
 
 
-def jobs_of(tasks: Sequence[Any], group_size: int, group_prefix: str) -> list[tuple[Any, str, str]]:
+def jobs_of(tasks: Sequence[Any], group_size: int, group_prefix: str,
+            seed: int | None = None) -> list[tuple[Any, str, str, int | None]]:
+    """``(task, task_id, group_id, rollout seed)``, task-major; the k-th rollout's seed is
+    ``derive_seed(seed, k)``, so its samples do not depend on scheduling."""
     jobs = []
     for i, task in enumerate(tasks):
         tid = task_id_of(task, i)
         for _ in range(group_size):
-            jobs.append((task, tid, f"{group_prefix}{i}:{tid}"))
+            k = len(jobs)
+            jobs.append((task, tid, f"{group_prefix}{i}:{tid}",
+                         None if seed is None else derive_seed(seed, k)))
     return jobs

@@ -25,24 +25,27 @@ __all__ = ["run_rollouts", "is_async_agent"]
 
 def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_size: int = 1,
                  temperature: float | None = None, max_workers: int = 32,
-                 group_prefix: str = "", timeout_s: float | None = None) -> Batch:
-    """Run ``agent`` ``group_size`` times per task; exceptions become ``failed`` trajectories.
+                 group_prefix: str = "", seed: int | None = None,
+                 timeout_s: float | None = None) -> Batch:
+    """Run ``agent`` ``group_size`` times per task; whatever an agent raises (``sys.exit()``
+    included) becomes a ``failed`` trajectory; only the user's Ctrl-C stops the batch.
 
     ``async def`` agents are awaited on an event loop (in a helper thread, so this also works inside
     Jupyter's running loop); others run in up to ``max_workers`` threads. ``timeout_s`` bounds each
     rollout from its start. Order of the returned trajectories is deterministic (task-major, then
-    sample), whatever order they finished in.
+    sample), whatever order they finished in. With ``seed``, the k-th rollout is opened with
+    ``derive_seed(seed, k)``, so its samples do not depend on thread scheduling either.
     """
     if timeout_s is not None and timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    jobs = jobs_of(tasks, group_size, group_prefix)
+    jobs = jobs_of(tasks, group_size, group_prefix, seed)
     if is_async_agent(agent):
         return run_async_in_thread(agent, jobs, temperature, max_workers, timeout_s)
     return Batch(_supervise(agent, jobs, temperature, max(1, min(max_workers, len(jobs))),
                             timeout_s))
 
 
-def _supervise(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str]],
+def _supervise(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str, int | None]],
                temperature: float | None, workers: int, timeout_s: float | None
                ) -> list[Trajectory]:
     """Start up to ``workers`` rollout threads at a time; collect them, or time them out."""
@@ -52,12 +55,12 @@ def _supervise(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str]],
     next_job = 0
 
     def body(index: int, control: RolloutControl) -> None:
-        task, tid, gid = jobs[index]
+        task, tid, gid, seed = jobs[index]
         try:
             with rollout(task_id=tid, group_id=gid, temperature=temperature, catch=True,
-                         control=control) as traj:
+                         seed=seed, control=control) as traj:
                 returned_awaitable(agent(task))
-        except BaseException as exc:  # noqa: BLE001 - e.g. sys.exit() in an agent thread
+        except BaseException as exc:  # noqa: BLE001 - what ll.rollout re-raises (cancellation)
             traj = control.trajectory or Trajectory(task_id=tid, group_id=gid)
             traj.status, traj.error = "failed", f"{type(exc).__name__}: {exc}"
             traj.meta["reason"] = "exception"
@@ -84,7 +87,7 @@ def _supervise(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str]],
             now = time.monotonic()
             for index, (control, start) in list(running.items()):
                 if now - start >= timeout_s:
-                    task, tid, gid = jobs[index]
+                    task, tid, gid, _ = jobs[index]
                     results[index] = timed_out(control, tid, gid, timeout_s)
                     del running[index]
     return [r for r in results if r is not None]

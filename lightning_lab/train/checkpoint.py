@@ -1,112 +1,233 @@
-"""Atomic trainer checkpoints: ``<dir>/step-000012/`` plus a ``LATEST`` pointer.
+"""Crash-safe trainer checkpoints: ``<dir>/step-000012/`` plus a ``LATEST`` pointer.
 
-A checkpoint is written into a temporary sibling directory and renamed into place only when
-complete; then ``LATEST`` is replaced atomically (``os.replace``). A crash at any point leaves the
-previous checkpoint and pointer untouched, and a half-written directory is never pointed to.
+Every step of a save leaves a resumable directory, whenever the process dies (tests kill it
+between each pair of steps):
+
+1. the checkpoint is written into a temporary sibling (``.step-N.tmp-*``), every file fsynced,
+   ``meta.json`` last (it marks completeness);
+2. it is renamed to ``step-N`` and the directory fsynced; ``LATEST`` is then replaced
+   atomically (written to a temp file, fsynced, ``os.replace``d);
+3. only then is anything stale deleted, by renaming it to ``.step-N.stale-*`` first, so a
+   half-deleted directory never looks complete. The directory ``LATEST`` names is never deleted.
+
+Re-saving a step that exists (a finished run run again) points ``LATEST`` at the new temp
+directory before the old ``step-N`` is moved aside. Leftover temp/stale directories are removed
+by the writer (each save, and a run when it resumes), never by a reader, which could be looking
+at a directory another process is still writing. When ``LATEST`` is missing or names nothing,
+loading falls back to the newest complete ``step-*`` directory. Nothing is unpickled: ``state.pt`` holds only tensors and
+plain Python values, read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FORMAT_VERSION = 2
+"""2: ``state.pt`` is a trainer's ``state_dict()``, readable with ``weights_only=True``."""
 _META, _STATE, _LATEST = "meta.json", "state.pt", "LATEST"
+_META_KEYS = {"format_version": int, "step": int, "model": str, "config": dict, "credit": dict,
+              "params": dict}
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "resolve", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "latest_checkpoint",
+           "resolve", "clean_orphans", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, half-written or does not fit the current policy/config."""
 
 
+# ---------------------------------------------------------------- durable file operations
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _point_latest(directory: Path, name: str) -> None:
+    pointer = directory / f".{_LATEST}.tmp"
+    _write_text_durably(pointer, name)
+    os.replace(pointer, directory / _LATEST)
+    _fsync_dir(directory)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: first rename it out of the ``step-*`` namespace (atomic),
+    so a crash mid-``rmtree`` cannot leave a ``step-N`` that has meta.json but no state."""
+    if not path.exists():
+        return
+    stale = path.with_name(f".{path.name.lstrip('.')}.stale-{uuid.uuid4().hex[:8]}")
+    os.rename(path, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _named_by_latest(directory: Path) -> str | None:
+    try:
+        return (directory / _LATEST).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def clean_orphans(directory: Path) -> list[str]:
+    """Remove temp/stale directories that crashes left behind (never what ``LATEST`` names)."""
+    if not directory.is_dir():
+        return []
+    keep = _named_by_latest(directory)
+    removed = []
+    for path in directory.iterdir():
+        name = path.name
+        if name.startswith(".step-") and (".tmp-" in name or ".stale-" in name) and name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    (directory / f".{_LATEST}.tmp").unlink(missing_ok=True)
+    return removed
+
+
+def _complete(path: Path) -> bool:
+    return (path / _META).is_file() and (path / _STATE).is_file()
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``LATEST`` names if complete, else the newest
+    complete ``step-*`` directory (``LATEST`` lost or dangling after a crash), else None."""
+    directory = Path(directory)
+    named = _named_by_latest(directory)
+    if named is not None and "/" not in named and _complete(directory / named):
+        return directory / named
+    done = sorted((p for p in directory.glob("step-*") if _complete(p)), key=lambda p: p.name)
+    if not done:
+        return None
+    if named is not None:
+        warnings.warn(f"{directory}/{_LATEST} names {named!r}, which is not a complete "
+                      f"checkpoint; using the newest complete one, {done[-1].name}", stacklevel=3)
+    return done[-1]
+
+
+# ---------------------------------------------------------------- save
 def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, model: str = "",
                     keep_last: int | None = None) -> Path:
-    """Write ``state`` (a trainer's ``state_dict()``) as ``<directory>/step-N`` atomically and
-    point ``LATEST`` at it.
+    """Write ``state`` (a trainer's ``state_dict()``) as ``<directory>/step-N`` and point
+    ``LATEST`` at it, crash-safely (see the module docstring).
 
     ``keep_last=k`` then deletes all but the newest k complete checkpoints (a 135M LoRA run
-    writes ~6 MB per step, ~700 MB over a 2-hour run otherwise); pruning runs only after the
-    new checkpoint and pointer are in place, so a crash while pruning loses nothing needed.
+    writes ~6 MB per step, ~700 MB over a 2-hour run otherwise).
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
     directory.mkdir(parents=True, exist_ok=True)
+    clean_orphans(directory)
     final = directory / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=directory))
     try:
         torch.save(state, tmp / _STATE)
+        _fsync_file(tmp / _STATE)
         meta = {"format_version": FORMAT_VERSION, "step": step, "model": model,
                 "config": state.get("config"), "credit": state.get("credit"),
                 "params": {n: list(t.shape) for n, t in state["params"].items()}}
-        (tmp / _META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _write_text_durably(tmp / _META, json.dumps(meta, indent=1))  # last: marks completeness
+        _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = directory / f".{_LATEST}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, directory / _LATEST)
+    _commit(directory, tmp, final)
     if keep_last is not None:
-        _prune(directory, keep_last, final)
+        _prune(directory, keep_last)
+    clean_orphans(directory)  # e.g. the temp dir an interrupted re-save left LATEST naming
     return final
 
 
-def _prune(directory: Path, keep_last: int, newest: Path) -> None:
+def _commit(directory: Path, tmp: Path, final: Path) -> None:
+    """Make the complete ``tmp`` the checkpoint ``final`` and ``LATEST``; each step is atomic
+    and leaves ``LATEST`` (or the newest-complete fallback) naming a complete checkpoint."""
+    if final.exists():  # re-saving a step: LATEST must not name final while it is replaced
+        _point_latest(directory, tmp.name)
+        _discard(final)
+    os.rename(tmp, final)
+    _fsync_dir(directory)
+    _point_latest(directory, final.name)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    keep = _named_by_latest(directory)
     done = sorted((p for p in directory.glob("step-*") if (p / _META).exists()),
                   key=lambda p: p.name)  # zero-padded step numbers sort by name
     for old in done[:-keep_last]:
-        if old != newest:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.name != keep:
+            _discard(old)
 
 
+# ---------------------------------------------------------------- load
 def resolve(directory: Path) -> Path:
-    """The checkpoint a path names: itself if it holds one, else the one ``LATEST`` points to."""
+    """The checkpoint a path names: itself if it holds one, else ``latest_checkpoint``'s."""
+    directory = Path(directory)
     if (directory / _META).exists() or (directory / _STATE).exists():
         return directory
-    latest = directory / _LATEST
-    if not latest.exists():
-        raise CheckpointError(f"no complete checkpoint in {directory}: no {_META} and no {_LATEST} "
+    found = latest_checkpoint(directory)
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint in {directory}: no step-*/{_META} "
                               "(missing, or half-written by a crash)")
-    return directory / latest.read_text().strip()
+    return found
 
 
 def load_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``directory`` names and its state dict, loaded without unpickling code
-    (``weights_only=True``: tensors and plain containers only)."""
+    (``weights_only=True``: tensors and plain containers only). Every error names the file."""
     path = resolve(directory)
     try:
-        meta = json.loads((path / _META).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable or half-written: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"checkpoint {path} has format {version}, "
-                              f"this version reads {FORMAT_VERSION}")
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path / _META}: unreadable or half-written: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / _META}: expected a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / _META}: checkpoint format {meta.get('format_version')!r}, "
+                              f"this version reads {FORMAT_VERSION} (format 1 stored pickled "
+                              "state, which is never loaded)")
+    for key, kind in _META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path / _META}: field {key!r} missing or not a "
+                                  f"{kind.__name__}")
     try:
-        state = torch.load(path / _STATE, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable, half-written or not a plain "
-                              f"weights file: {exc}") from exc
+        state = torch.load(path / _STATE, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - OSError, EOFError, pickle.UnpicklingError, ...
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path / _STATE}: unreadable, half-written or not a weights-only "
+                              f"file (nothing is unpickled): {type(exc).__name__}: "
+                              f"{first_line}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / _STATE}: not a trainer state dict")
     missing = [k for k in ("step", "config", "credit", "params", "critic", "optimizer", "rng",
                            "task_queue", "history") if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path}/{_STATE} lacks {missing}")
+        raise CheckpointError(f"{path / _STATE}: lacks {missing}")
     return path, state
 
 
 def load_policy_weights(policy: Any, directory: Path) -> Path:
     """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
-    path, state = load_checkpoint(directory)
+    path, state = load_checkpoint(Path(directory))
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     saved = state["params"]
     mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]

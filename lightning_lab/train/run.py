@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from .. import credit as credit_lib
 from .. import envs
 from .callbacks import Callback, as_callback
+from .checkpoint import clean_orphans, latest_checkpoint
+from .logs import roll_back_logs
 from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, flatten, load_config, override,
                      save_config)
 
@@ -140,7 +142,8 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     agent = make_agent(env, policy, config)
     cbs = [as_callback(cb) for cb in callbacks]
     ckpt_dir = Path(config.out) / "checkpoints"
-    resumed = config.resume and ckpt_dir.exists()
+    # A crash during the very first save leaves no complete checkpoint: start from step 0.
+    resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
                                   config=config.ppo, callbacks=cbs)
@@ -163,6 +166,14 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     keep = config.keep_checkpoints or None
     if setup.resumed:
         log(f"resumed from {ckpt_dir} at step {trainer.step_count}")
+    elif config.resume:
+        log(f"no complete checkpoint in {ckpt_dir}: starting at step 0")
+    if config.resume:  # re-run steps must not be logged twice
+        clean_orphans(ckpt_dir)
+        dropped = roll_back_logs(out, trainer.step_count)
+        if any(dropped.values()):
+            log("rolled back to step {}: dropped {}".format(trainer.step_count, ", ".join(
+                f"{n} line(s) of {f}" for f, n in dropped.items() if n)))
     try:
         before = setup.evaluate(f"step{trainer.step_count:04d}")
         log(f"[eval step{trainer.step_count:04d}] " + _fmt(before))
@@ -173,7 +184,7 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
         with open(out / "metrics.jsonl", "a") as metrics_log:
             while trainer.step_count < config.steps and time.monotonic() < deadline:
                 t0 = time.perf_counter()
-                state = trainer.step()
+                state = _interruptible_step(trainer, ckpt_dir, keep, log)
                 m = state.metrics
                 metrics_log.write(json.dumps(m) + "\n")
                 metrics_log.flush()
@@ -201,6 +212,40 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
         if hasattr(setup.env, "close"):  # a user agent's proxy
             setup.env.close()
     return summary
+
+
+def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
+                        log: Callable[[str], None]) -> Any:
+    """``trainer.step()``; on Ctrl-C, checkpoint the last finished step, then re-raise.
+
+    Ctrl-C mostly lands during rollouts, before the update: the weights are those of the last
+    step, and the RNGs and task queue it advanced are put back, so the checkpoint resumes
+    exactly. Once the optimizer has stepped, the weights belong to no step and nothing is saved
+    (the last periodic checkpoint stands).
+    """
+    import torch
+
+    before = (torch.get_rng_state(), trainer.task_rng.getstate(),
+              trainer.minibatch_rng.getstate(), list(trainer.task_queue))
+    steps_taken = _optimizer_steps(trainer)
+    try:
+        return trainer.step()
+    except KeyboardInterrupt:
+        if _optimizer_steps(trainer) != steps_taken:
+            log(f"interrupted during the update of step {trainer.step_count + 1}: not saved; "
+                f"resume continues from the last checkpoint")
+            raise
+        torch.set_rng_state(before[0])
+        trainer.task_rng.setstate(before[1])
+        trainer.minibatch_rng.setstate(before[2])
+        trainer.task_queue = before[3]
+        path = trainer.save(ckpt_dir, keep_last=keep)
+        log(f"interrupted: saved {path} (step {trainer.step_count}); continue with --resume")
+        raise
+
+
+def _optimizer_steps(trainer: Any) -> float:
+    return sum(float(s.get("step", 0)) for s in trainer.optimizer.state.values())
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -26,6 +26,7 @@ from .critic import ValueHead
 from .ppo import ppo_loss
 from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
+from ..tracing import derive_seed
 from ..inference.adapters import has_adapter
 from ..inference.prompts import dedupe_prompts
 from .scoring import Scores, chunk_rows, score
@@ -126,7 +127,8 @@ class PPOTrainer:
         batch = run_rollouts(self.agent, tasks, group_size=cfg.group_size,
                              timeout_s=cfg.rollout_timeout_s,
                              temperature=cfg.temperature, max_workers=cfg.rollout_workers,
-                             group_prefix=f"s{self.step_count}/")
+                             group_prefix=f"s{self.step_count}/",
+                             seed=derive_seed("rollouts", cfg.seed, self.step_count))
         rollout_s = time.perf_counter() - t0
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
@@ -381,10 +383,14 @@ class PPOTrainer:
              config: PPOConfig | None = None, callbacks: Sequence[Any] = ()) -> "PPOTrainer":
         """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones."""
         path, state = load_checkpoint(Path(directory))
-        if config is None:
-            config = PPOConfig(**state["config"])
-        if credit is None:
-            credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
+        try:
+            if config is None:
+                config = PPOConfig(**state["config"])
+            if credit is None:
+                credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
+        except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks
+            raise CheckpointError(f"checkpoint {path}: its config does not fit this version: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks)
         try:
             trainer.load_state_dict(state)
