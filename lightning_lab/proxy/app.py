@@ -253,7 +253,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
 
     endpoints = Endpoints(backend=backend, registry=registry, config=config, check_auth=check_auth,
                           lookup=lookup, json_body=json_body, make_call=make_call,
-                          complete=complete, served=served)
+                          complete=complete, served=served, budget=budget)
     from .completions import add_completion_routes
     from .responses import add_response_routes
 

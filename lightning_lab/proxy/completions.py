@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from .context import Endpoints
 from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, error_body,
@@ -124,10 +125,16 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
                               ep.backend.prepare_text(p, "prompt")) for p in prompts]
         headers = {"X-LL-Warning": "; ".join(dict.fromkeys(warnings))} if warnings else {}
         request_id = "cmpl-" + new_id().removeprefix("chatcmpl-")
+        ticket = ep.admit(calls)
         if sampling.stream:
-            return StreamingResponse(_events(ep, calls, request_id, options["echo"]),
-                                     media_type="text/event-stream", headers=headers)
-        results = await asyncio.gather(*(ep.complete(request, call) for call in calls))
+            return StreamingResponse(_released(_events(ep, calls, request_id, options["echo"]),
+                                               ticket),
+                                     media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(ticket.release))
+        try:
+            results = await asyncio.gather(*(ep.complete(request, call) for call in calls))
+        finally:
+            ticket.release()
         for result in results:
             if isinstance(result, JSONResponse):  # the client went away
                 return result
@@ -147,6 +154,15 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
             "model": ep.backend.name, "system_fingerprint": None, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}, headers=headers)
+
+
+async def _released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str]:
+    """The stream gives its tokens back when it ends, however it ends (client gone included)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        ticket.release()
 
 
 async def _events(ep: Endpoints, calls: list[Any], request_id: str, echo: bool

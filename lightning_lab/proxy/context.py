@@ -30,6 +30,13 @@ class Endpoints:
     """``complete(request, call)``: its completions (recorded), or a 499 response."""
     served: set[str]
     """Model names requests may ask for (the backend's, aliases, loaded adapters)."""
+    budget: Any
+    """The server's ``limits.TokenBudget``: ``budget.admit(tokens)`` -> a ticket to release."""
+
+    def admit(self, calls: list[Any]) -> Any:
+        """A budget ticket for what ``calls`` may cost (prompt + n x max_tokens each)."""
+        return self.budget.admit(sum(len(c.prepared.prompt_ids) + c.request.n * c.max_tokens
+                                     for c in calls))
 
     def check_model(self, model: str) -> None:
         """A model the server does not serve is a 404, as OpenAI answers; none sent = the served one."""

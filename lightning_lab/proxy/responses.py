@@ -241,7 +241,11 @@ def add_response_routes(app: FastAPI, ep: Endpoints) -> None:
         warnings = [f"ignored unsupported parameter(s): {', '.join(ignored)}"] if ignored else []
         call = ep.make_call(request, entry, chat_request, warnings)
         call.meta["api"] = "responses"
-        completions = await ep.complete(request, call)
+        ticket = ep.admit([call])
+        try:
+            completions = await ep.complete(request, call)
+        finally:
+            ticket.release()
         if isinstance(completions, JSONResponse):
             return completions
         out = to_response(body, call.response(completions), ep.backend.name)
