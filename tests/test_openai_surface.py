@@ -316,7 +316,7 @@ def test_fuzz_new_endpoints_never_5xx(policy):
     rid = registry.open(ll.Trajectory(task_id="fuzz")).rollout_id
     seen = {"n": 0, "ok": 0}
 
-    with TestClient(app, raise_server_exceptions=False) as tc:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as tc:
         @settings(max_examples=150, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(body=st.one_of(st.one_of(VALID_COMPLETIONS, COMPLETIONS).map(

@@ -41,8 +41,18 @@ def run_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], *, group_siz
     jobs = jobs_of(tasks, group_size, group_prefix, seed)
     if is_async_agent(agent):
         return run_async_in_thread(agent, jobs, temperature, max_workers, timeout_s)
+    if timeout_s is None and min(max_workers, len(jobs)) <= 1:  # inline: Ctrl-C reaches it
+        return Batch([_run_inline(agent, *job, temperature) for job in jobs])
     return Batch(_supervise(agent, jobs, temperature, max(1, min(max_workers, len(jobs))),
                             timeout_s))
+
+
+def _run_inline(agent: Callable[[Any], Any], task: Any, tid: str, gid: str, seed: int | None,
+                temperature: float | None) -> Trajectory:
+    with rollout(task_id=tid, group_id=gid, temperature=temperature, catch=True,
+                 seed=seed) as traj:
+        returned_awaitable(agent(task))
+    return traj
 
 
 def _supervise(agent: Callable[[Any], Any], jobs: list[tuple[Any, str, str, int | None]],
