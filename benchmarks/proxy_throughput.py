@@ -1,4 +1,5 @@
-"""Proxy throughput on CPU: 32 OpenAI-SDK agents over HTTP vs HF ``generate`` (per request, batched).
+"""Proxy throughput on CPU: 32 OpenAI-SDK agents over HTTP vs HF ``generate`` (per request, batched),
+and time to first token of the same 32 agents streaming (token-by-token SSE).
 
 Workload (the same as ``rollout_throughput.py``, whose prompts and HF helpers are reused):
 SmolLM2-135M fp32, 32 chat prompts, temperature 1, at most 64 new tokens, stop at end-of-turn.
@@ -51,8 +52,8 @@ def http_round(server, messages: list, max_new_tokens: int) -> tuple[float, int,
         with server.rollout(task_id="bench") as r:
             client = openai.OpenAI(base_url=r.base_url, api_key="-", max_retries=0, timeout=600)
             t0 = time.perf_counter()
-            reply = client.chat.completions.create(model="smollm2", messages=m, temperature=1.0,
-                                                   max_tokens=max_new_tokens)
+            reply = client.chat.completions.create(model=server.backend.name, messages=m,
+                                                   temperature=1.0, max_tokens=max_new_tokens)
             latency = time.perf_counter() - t0
         assert len(r.trajectory.transitions) == 1
         return reply.usage.completion_tokens, latency
@@ -61,6 +62,28 @@ def http_round(server, messages: list, max_new_tokens: int) -> tuple[float, int,
     with ThreadPoolExecutor(max_workers=len(messages)) as pool:
         results = list(pool.map(agent, messages))
     return time.perf_counter() - start, sum(t for t, _ in results), [lat for _, lat in results]
+
+
+def streaming_round(server, messages: list, max_new_tokens: int) -> list[tuple[float, float, int]]:
+    """Every agent streams one traced call: (time to first content token, total, content deltas)."""
+
+    def agent(m) -> tuple[float, float, int]:
+        with server.rollout(task_id="bench-stream") as r:
+            client = openai.OpenAI(base_url=r.base_url, api_key="-", max_retries=0, timeout=600)
+            t0 = time.perf_counter()
+            first, deltas = None, 0
+            for chunk in client.chat.completions.create(model=server.backend.name, messages=m,
+                                                        temperature=1.0, stream=True,
+                                                        max_tokens=max_new_tokens):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    deltas += 1
+                    first = first or time.perf_counter() - t0
+            total = time.perf_counter() - t0
+        assert len(r.trajectory.transitions) == 1
+        return first or total, total, deltas
+
+    with ThreadPoolExecutor(max_workers=len(messages)) as pool:
+        return list(pool.map(agent, messages))
 
 
 def tracing_microbenchmark(n: int) -> float:
@@ -113,6 +136,7 @@ def main(args: Args) -> None:
             if best is None or toks / secs > best[1] / best[0]:
                 best = (secs, toks, latencies)
         stats = server.trace_stats
+        streams = streaming_round(server, messages, args.max_new_tokens)
     secs, toks, latencies = best
     results[f"(c) {len(messages)} OpenAI-SDK agents over HTTP"] = toks / secs
 
@@ -126,6 +150,11 @@ def main(args: Args) -> None:
     print(f"\nHTTP latency per call: p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s")
     print(f"tracing overhead per HTTP call, in the server under load: mean {stats.mean_ms:.3f} ms, "
           f"max {1e3 * stats.max_s:.3f} ms over {stats.calls} calls")
+    ttft = statistics.median(s[0] for s in streams)
+    total = statistics.median(s[1] for s in streams)
+    print(f"streaming ({len(streams)} agents at once): time to first token p50 {ttft:.2f}s, "
+          f"whole reply p50 {total:.2f}s (TTFT = {ttft / total:.2f} of total), "
+          f"content deltas per reply p50 {statistics.median(s[2] for s in streams):.0f}")
     print(f"tracing overhead per call, isolated ({args.trace_samples} calls): "
           f"{tracing_microbenchmark(args.trace_samples):.4f} ms")
     policy.close()

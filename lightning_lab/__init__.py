@@ -12,7 +12,7 @@ from typing import Any
 from . import credit, envs, tracing
 from .paths import cache_dir
 from .records import Batch, TraceFormatError, Trajectory, Transition
-from .tracing import TracingError, current, reward, rollout, step, traced
+from .tracing import RolloutCancelled, TracingError, current, reward, rollout, step, traced
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,8 @@ _LAZY = {
     "StepState": ("lightning_lab.train.trainer", "StepState"),
     "evaluate": ("lightning_lab.rollouts", "evaluate"),
     "run_rollouts": ("lightning_lab.rollouts", "run_rollouts"),
+    "arun_rollouts": ("lightning_lab.rollouts", "arun_rollouts"),
+    "process_agent": ("lightning_lab.rollouts", "process_agent"),
     "widgets": ("lightning_lab.workbench.widgets", None),
     "tracking": ("lightning_lab.workbench.tracking", None),
     "serve": ("lightning_lab.proxy", "serve"),
@@ -35,7 +37,8 @@ _LAZY = {
     "LangGraphRoles": ("lightning_lab.integrations.langchain", "LangGraphRoles"),
 }
 
-__all__ = ["cache_dir", "Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError", "credit",
+__all__ = ["cache_dir", "Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError",
+           "RolloutCancelled", "credit",
            "envs", "current", "reward", "rollout", "step", "traced", *_LAZY]
 
 

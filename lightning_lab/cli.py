@@ -20,7 +20,8 @@ from .train.config import ConfigError, PPOConfig, RunConfig, field_docs, parse_o
 __all__ = ["main", "build_parser"]
 
 MODEL_FIELDS = ("model", "lora", "device", "seed")
-ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options")
+ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",
+              "tasks", "max_tokens_cap")
 _OPTION_FLAGS = {"agent_options": "--agent-option", "task_options": "--task-option"}
 _SKIP = {"ppo", "seed"}  # ppo: its fields become flags of their own; ppo.seed follows seed
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy evaluation of a model on an environment's tasks")
     add_run_fields(ev, MODEL_FIELDS + ENV_FIELDS)
     ev.add_argument("--split", default="dev")
+    _add_field(ev, PPOConfig, "rollout_timeout_s", "rollout_timeout_s", suppress=False)
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     ev.add_argument("--out", default=None, help="write per-example results (.jsonl or .parquet)")
 
@@ -132,7 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.config import override
     from .train.run import load_env, load_policy, load_tasks, make_agent
 
-    config = override(RunConfig(), _changes(args, skip=("split", "checkpoint", "out")))
+    config = override(RunConfig(), _changes(args, skip=("split", "checkpoint", "out",
+                                                        "rollout_timeout_s")))
     env = load_env(config)
     tasks = load_tasks(env, config, args.split, config.limit)
     policy = load_policy(config)
@@ -140,7 +143,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_policy_weights(policy, Path(args.checkpoint))
     agent = make_agent(env, policy, config)
     t0 = time.perf_counter()
-    batch, metrics = evaluate(agent, tasks, summarize=env.summarize, progress=True)
+    try:
+        batch, metrics = evaluate(agent, tasks, summarize=env.summarize, progress=True,
+                                  timeout_s=args.rollout_timeout_s)
+    finally:
+        if hasattr(env, "close"):  # a user agent's proxy
+            env.close()
     metrics["seconds"] = time.perf_counter() - t0
     if args.out:
         out = Path(args.out)

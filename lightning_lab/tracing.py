@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
@@ -16,7 +17,13 @@ from typing import Any, Callable, Iterator
 from .records import Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
-           "current_temperature", "call_seed", "derive_seed", "TracingError"]
+           "current_temperature", "current_control", "call_seed", "derive_seed",
+           "RolloutControl", "RolloutCancelled", "TracingError"]
+
+
+DEFAULT_ROLE = "agent"
+"""Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
+``trainable_agents`` and per-role tables can always select it."""
 
 
 DEFAULT_ROLE = "main"
@@ -28,15 +35,66 @@ class TracingError(RuntimeError):
     """Raised when the tracing API is used outside the context it needs."""
 
 
+class RolloutCancelled(TracingError):
+    """The rollout was cancelled by its runner (e.g. it timed out); raised into its LLM calls."""
+
+
+class RolloutControl:
+    """Cancellation of one rollout, shared by the runner (which cancels) and the LLM calls inside.
+
+    A thread cannot be killed, so cancelling a rollout means: every LLM request it has in flight is
+    aborted (its rows leave the engine's batch), later calls and rewards raise ``RolloutCancelled``,
+    and whatever else registered ``on_cancel`` (the proxy's rollout URL, a child process) is closed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._next = 0
+        self.reason = ""
+        self.trajectory: Trajectory | None = None
+        """The trajectory of the ``ll.rollout`` this control was handed to (set on entry)."""
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.reason)
+
+    def on_cancel(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` on cancellation (at once if already cancelled); returns an unregister."""
+        with self._lock:
+            if not self.reason:
+                key, self._next = self._next, self._next + 1
+                self._callbacks[key] = fn
+                return lambda: self._callbacks.pop(key, None)
+        fn()
+        return lambda: None
+
+    def cancel(self, reason: str) -> None:
+        """Cancel once (later calls are no-ops); runs the registered callbacks in this thread."""
+        with self._lock:
+            if self.reason:
+                return
+            self.reason = reason
+            callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for fn in callbacks:
+            fn()
+
+    def check(self) -> None:
+        if self.reason:
+            raise RolloutCancelled(f"rollout cancelled: {self.reason}")
+
+
 _trajectory: ContextVar[Trajectory | None] = ContextVar("ll_trajectory", default=None)
 _agent: ContextVar[str] = ContextVar("ll_agent", default="")
 _temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=None)
+_control: ContextVar[RolloutControl | None] = ContextVar("ll_control", default=None)
 
 
 @contextmanager
 def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
             catch: bool = False, meta: dict[str, Any] | None = None,
-            seed: int | None = None) -> Iterator[Trajectory]:
+            seed: int | None = None,
+            control: RolloutControl | None = None) -> Iterator[Trajectory]:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
     ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
@@ -49,21 +107,28 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
     caller's own control flow: ``KeyboardInterrupt`` on the main thread (the user's Ctrl-C must
     stop the run), ``GeneratorExit`` and ``asyncio.CancelledError`` (cancellation, e.g. a
     timeout) are recorded and re-raised. Without ``catch`` everything propagates (after marking
-    the trajectory).
+    the trajectory). ``control`` lets a runner cancel the rollout (timeouts); a cancelled
+    rollout is not finalised here, its runner already reported it.
     """
     traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
     if seed is not None:
         traj.meta["sampling_seed"] = int(seed)
-    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
+    if control is not None:
+        control.trajectory = traj
+    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature),
+              _control.set(control))
     try:
         yield traj
     except BaseException as exc:  # noqa: BLE001 - recorded on the trajectory, see docstring
         traj.status = "failed"
         traj.error = f"{type(exc).__name__}: {exc}"
+        traj.meta.setdefault("reason", "exception")
         if not catch or _is_interruption(exc):
             raise
     finally:
-        _finalize(traj)
+        if control is None or not control.cancelled:
+            _finalize(traj)
+        _control.reset(tokens[3])
         _temperature.reset(tokens[2])
         _agent.reset(tokens[1])
         _trajectory.reset(tokens[0])
@@ -110,6 +175,11 @@ def current_temperature() -> float | None:
     return _temperature.get()
 
 
+def current_control() -> RolloutControl | None:
+    """The open rollout's cancellation handle (None outside a runner-managed rollout)."""
+    return _control.get()
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 62-bit seed from ``parts`` (stable across processes and Python versions)."""
     import hashlib
@@ -146,6 +216,10 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     if problem:
         raise ValueError(problem)
     value = float(value)
+    if trajectory is None:
+        control = _control.get()
+        if control is not None:
+            control.check()
     traj = trajectory if trajectory is not None else current()
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
@@ -183,7 +257,12 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
     headers, not from contextvars). The transition takes ownership of the generation's token
     lists (no copies): each generation is fresh from the engine and recorded once.
     """
-    traj = trajectory if trajectory is not None else _trajectory.get()
+    if trajectory is None:
+        traj, control = _trajectory.get(), _control.get()
+        if control is not None:  # a timed-out agent's late call: its trajectory is already reported
+            control.check()
+    else:
+        traj = trajectory
     if traj is None:
         return None
     tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,

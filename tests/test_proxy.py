@@ -314,7 +314,8 @@ def test_weights_sync_through_load_lora_adapter(policy, tmp_path):
     with ll.serve(policy, api_key="k", adapter_dirs=(str(tmp_path),)) as s:
         proxy.RemoteBackend(s.base_url, api_key="k").load_lora_adapter("step-0", ckpt)
         models = openai.OpenAI(base_url=s.base_url, api_key="k", max_retries=0).models.list()
-        assert [m.id for m in models.data] == ["step-0"]
+        # the adapter first; the base name stays servable (vLLM lists base + adapters too)
+        assert [m.id for m in models.data] == ["step-0", "tiny"]
         r = httpx.post(s.base_url + "/load_lora_adapter", json={"lora_path": str(ckpt / "nope")},
                        headers={"authorization": "Bearer k"})
         assert r.status_code == 400
@@ -405,4 +406,5 @@ def test_fuzz_never_5xx(fuzz_client):
                 assert '"error"' not in r.text, r.text
 
     check()
-    assert seen["n"] >= 1000 and seen["ok"] > 200, seen
+    # junk "model" strings are 404 model_not_found since names are checked, hence the lower bar
+    assert seen["n"] >= 1000 and seen["ok"] > 150, seen

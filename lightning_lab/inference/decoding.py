@@ -45,6 +45,8 @@ class Row:
     constraint: Any = None
     """A ``constraints.Constraint`` when the request has a grammar: it masks every choice."""
     constraint_error: str = ""
+    listener: Callable[["Row"], None] | None = None
+    """Called on the decode thread after each sampled token (token streaming); must not block."""
 
 
 MIN_SHARED_PREFIX = 8
@@ -172,8 +174,15 @@ class DecodeBatch:
             if rejected:  # cannot happen with a sound mask; end the row rather than go off-grammar
                 row.constraint_error = row.constraint.error or "token rejected by the grammar"
                 row.text, row.finish_reason = self.decode(row.response_ids), "stop"
-                done.append(first + i)
-            elif self._finished(row, token):
+                finished = True
+            else:
+                finished = self._finished(row, token)
+            if row.listener is not None:
+                try:
+                    row.listener(row)
+                except Exception:  # noqa: BLE001 - a broken listener must not fail the batch
+                    row.listener = None
+            if finished:
                 done.append(first + i)
         return self._retire(done)
 

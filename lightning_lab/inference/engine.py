@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +31,9 @@ class Request:
     n: int = 1
     aborted: bool = False
     """Set (from any thread) to stop generating: the rows leave the batch at the next step."""
+    on_token: Callable[[Row], None] | None = None
+    """Token streaming: called on the engine thread with each row after each sampled token
+    (``row.index``, ``row.response_ids[-1]``, ``row.logprobs[-1]``); must return at once."""
 
 
 @dataclass
@@ -82,6 +85,7 @@ class _Pending:
                 index=j,
                 generator=None if seed is None else torch.Generator().manual_seed(seed + 7919 * j),
                 constraint=constraint(grammar) if grammar and constraint else None,
+                listener=self.request.on_token,
             )
             for j in range(self.request.n)
         ]
@@ -109,6 +113,10 @@ class Engine:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.active_rows = 0
+        """Rows in the running batch after the worker's last iteration (0 when idle)."""
+        self.aborted_rows = 0
+        """Rows that left the batch early because their request was aborted (client gone, timeout)."""
 
     def submit(self, request: Request) -> Future:
         """Queue a request; the future resolves to its n Samples or to the request's own error."""
@@ -168,9 +176,10 @@ class Engine:
         waiting: list[_Pending] = []
         stopping = False
         while not (stopping and not waiting and not len(batch)):
+            self.active_rows = len(batch)
             stopping |= self._collect(waiting, block=not len(batch) and not waiting)
             try:
-                self._drop_aborted(batch)
+                self.aborted_rows += self._drop_aborted(batch)
                 self._admit(batch, waiting)
                 if len(batch):
                     with self.lock:
@@ -179,6 +188,7 @@ class Engine:
                 for row in batch.rows:
                     _fail(row.owner.future, error)
                 batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
+        self.active_rows = 0
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:
         """Move queued requests to ``waiting``; an idle worker gathers a burst first.
@@ -216,6 +226,7 @@ class Engine:
             pending = waiting.pop(0)
             if pending.request.aborted:
                 pending.future.cancel()
+                self.aborted_rows += pending.request.n
                 continue
             if not pending.future.set_running_or_notify_cancel():  # cancelled while queued
                 continue
@@ -238,10 +249,12 @@ class Engine:
                     _fail(pending.future, own_error)
 
     @staticmethod
-    def _drop_aborted(batch: DecodeBatch) -> None:
-        """Free the rows of aborted requests (an HTTP client hung up mid-generation)."""
-        for row in batch.drop(lambda row: row.owner.request.aborted):
+    def _drop_aborted(batch: DecodeBatch) -> int:
+        """Free the rows of aborted requests (a client hung up, a rollout timed out)."""
+        dropped = batch.drop(lambda row: row.owner.request.aborted)
+        for row in dropped:
             _fail(row.owner.future, CancelledError("request aborted"))
+        return len(dropped)
 
     @staticmethod
     def _resolve(finished: list[Row]) -> None:

@@ -1,15 +1,18 @@
 """The policy: a causal LM plus tokenizer that agents call, and that records what it sampled.
 
-``chat`` and ``generate`` may be called from many threads at once; the shared ``Engine`` batches
-the calls. Every generation made inside an open rollout is recorded, from the calling thread, so
-tracing's contextvars attribute it to the right trajectory and step.
+``chat`` and ``generate`` may be called from many threads at once, and ``achat``/``agenerate``
+from many asyncio tasks; the shared ``Engine`` batches all of them together. Every generation made
+inside an open rollout is recorded from the calling thread or task, so tracing's contextvars
+attribute it to the right trajectory and step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 from lightning_lab.inference.adapters import has_adapter
 from lightning_lab.inference.chat import ChatPlan, plan_chat
@@ -76,30 +79,13 @@ class Policy:
         return plan_chat(self.tokenizer, prompt, tool_format=self.tool_format, prefill=prefill,
                          **tool_options).prompt_text
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 64,
-        stop: list[str] | str | None = None,
-        prefill: str = "",
-        seed: int | None = None,
-        **tool_options: Any,
-    ) -> list[Generation]:
-        """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
-
-        ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
-        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
-        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
-        prompts only); each generation then carries its parsed ``message``.
-        """
-        from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
-
+    def _requests(self, prompts: list[Prompt], n: int, temperature: float, top_p: float,
+                  max_new_tokens: int, stop: list[str] | str | None, prefill: str,
+                  seed: int | None, tool_options: dict[str, Any]
+                  ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
         if seed is None:  # inside a seeded rollout: its per-call seed
+            from lightning_lab import tracing
+
             seed = tracing.call_seed()
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
@@ -121,15 +107,109 @@ class Policy:
             )
             for i, (text, plan) in enumerate(zip(texts, plans))
         ]
+        return texts, requests, plans
+
+    def _submit(self, requests: list[Request]
+                ) -> tuple[list[Future], Callable[[], None], Callable[[], None]]:
+        """Queue the requests; the returned ``abort`` frees their batch rows, whatever their state.
+
+        Inside a runner-managed rollout the abort is also registered with its control, so a
+        timed-out rollout's requests leave the batch even while its thread is stuck elsewhere.
+        """
+        from lightning_lab import tracing
+
+        control = tracing.current_control()
+        if control is not None:
+            control.check()
         futures = [self.engine.submit(r) for r in requests]
+
+        def abort() -> None:
+            for request, future in zip(requests, futures):
+                request.aborted = True
+                future.cancel()
+
+        unregister = control.on_cancel(abort) if control is not None else (lambda: None)
+        return futures, abort, unregister
+
+    @staticmethod
+    def _record(texts: list[str], requests: list[Request], plans: list[ChatPlan | None],
+                results: list[list[Any]]) -> list[Generation]:
         generations = [
             _generation(s, text, request, plan)
-            for text, request, plan, future in zip(texts, requests, plans, futures)
-            for s in future.result()
+            for text, request, plan, samples in zip(texts, requests, plans, results)
+            for s in samples
         ]
+        from lightning_lab import tracing  # lazy: tracing imports records, keep policy import light
+
         for generation in generations:
             tracing.record_generation(generation)
         return generations
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        stop: list[str] | str | None = None,
+        prefill: str = "",
+        seed: int | None = None,
+        **tool_options: Any,
+    ) -> list[Generation]:
+        """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
+
+        ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
+        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
+        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
+        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
+        prompts only); each generation then carries its parsed ``message``.
+        """
+        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
+                                                stop, prefill, seed, tool_options)
+        futures, _, unregister = self._submit(requests)
+        try:
+            results = [future.result() for future in futures]
+        except CancelledError:
+            _raise_if_rollout_cancelled()
+            raise
+        finally:
+            unregister()
+        return self._record(texts, requests, plans, results)
+
+    async def agenerate(
+        self,
+        prompts: list[Prompt],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        stop: list[str] | str | None = None,
+        prefill: str = "",
+        seed: int | None = None,
+        **tool_options: Any,
+    ) -> list[Generation]:
+        """``generate`` for ``async def`` agents: awaits the engine without blocking the loop.
+
+        Requests from coroutines, threads and HTTP handlers meet in the same engine batch. If the
+        awaiting task is cancelled (a timeout), the requests are aborted and leave the batch.
+        """
+        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
+                                                stop, prefill, seed, tool_options)
+        futures, abort, unregister = self._submit(requests)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except asyncio.CancelledError:
+            abort()
+            raise
+        except CancelledError:
+            _raise_if_rollout_cancelled()
+            raise
+        finally:
+            unregister()
+        return self._record(texts, requests, plans, list(results))
 
     def chat(
         self,
@@ -153,27 +233,28 @@ class Policy:
         (evaluation sets 0), else 1.0. ``tool_choice="required"``/a named function and
         ``response_format`` constrain decoding to a valid call / JSON (see ``inference.chat``).
         """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if temperature is None:
-            from lightning_lab import tracing
+        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
+                                     tools, tool_choice, parallel_tool_calls, response_format)
+        return _chat_reply(self.generate([prompt], **options)[0], prefill, tools)
 
-            temperature = tracing.current_temperature()
-        generation = self.generate(
-            [messages],
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            prefill=prefill,
-            tools=tools,
-            tool_choice=tool_choice,
-            parallel_tool_calls=parallel_tool_calls,
-            response_format=response_format,
-        )[0]
-        if tools is not None:
-            return generation.message
-        return prefill + generation.text
+    async def achat(
+        self,
+        messages: Prompt,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | str | None = None,
+        prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: dict[str, Any] | None = None,
+    ) -> Any:
+        """``chat`` for ``async def`` agents (same arguments, same reply, same tracing)."""
+        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
+                                     tools, tool_choice, parallel_tool_calls, response_format)
+        return _chat_reply((await self.agenerate([prompt], **options))[0], prefill, tools)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Any]:
@@ -206,3 +287,33 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
             sample.text, sample.finish_reason, sample.constrained, sample.constraint_error)
         gen.message = parsed.message()
     return gen
+
+
+def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
+               top_p: float | None, stop: list[str] | str | None, prefill: str,
+               tools: Any, tool_choice: Any, parallel_tool_calls: bool,
+               response_format: Any) -> tuple[Prompt, dict[str, Any]]:
+    """``chat``'s defaults: a string is one user message; no temperature = the rollout's, else 1."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if temperature is None:
+        from lightning_lab import tracing
+
+        temperature = tracing.current_temperature()
+    return messages, dict(temperature=1.0 if temperature is None else temperature,
+                          top_p=1.0 if top_p is None else top_p, max_new_tokens=max_new_tokens,
+                          stop=stop, prefill=prefill, tools=tools, tool_choice=tool_choice,
+                          parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+
+
+def _chat_reply(generation: Generation, prefill: str, tools: Any) -> Any:
+    return generation.message if tools is not None else prefill + generation.text
+
+
+def _raise_if_rollout_cancelled() -> None:
+    """An engine cancellation caused by the rollout's runner becomes ``RolloutCancelled``."""
+    from lightning_lab import tracing
+
+    control = tracing.current_control()
+    if control is not None:
+        control.check()

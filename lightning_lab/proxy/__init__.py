@@ -4,9 +4,11 @@
         with server.rollout(task_id="t1") as r:            # r.base_url, r.trajectory
             openai.OpenAI(base_url=r.base_url, api_key="-").chat.completions.create(...)
 
-``/v1/...`` is served untraced; ``/rollout/<id>/v1/...`` appends every call to that rollout's
-trajectory. ``http_agent(server, fn)`` lets ``PPOTrainer`` train an OpenAI-SDK agent. FastAPI and
-uvicorn are imported here only, so ``import lightning_lab`` stays light.
+``/v1/...`` (chat completions with token streaming, completions, responses, models) is served
+untraced; ``/rollout/<id>/v1/...`` (or Agent Lightning's ``/rollout/<id>/attempt/<aid>/v1/...``)
+appends every call to that rollout's trajectory. ``http_agent(server, fn)`` lets ``PPOTrainer``
+train an OpenAI-SDK agent. FastAPI and uvicorn are imported here only, so ``import lightning_lab``
+stays light.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """FastAPI routes: ``/v1/...`` (served, untraced) and ``/rollout/<id>/v1/...`` (traced).
 
+Chat completions live here; ``/v1/completions`` and ``/v1/responses`` are their own modules on the
+same ``Endpoints``; ``/rollout/<id>/attempt/<aid>/v1/...`` (Agent Lightning's URL) is an alias.
+
 Handlers never block the event loop on the model: they await the engine's futures, so hundreds of
 agents' requests wait concurrently and the engine decodes them as one batch. Decoding JSON,
 validating and tokenising run in a worker thread too, so a huge request cannot stall ``/health``
@@ -11,13 +14,14 @@ Admission (Host, content type, sizes, token budget) is in ``limits.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,13 +29,15 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .. import tracing
-from ..inference.sampling import normalize_temperature
+from .aliases import AttemptAlias
 from .backends import Backend, Completion, Prepared
+from .context import Endpoints, agent_name
 from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudget, decode_json,
                      read_body)
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
+from .streaming import Delta, stream_deltas
 
 __all__ = ["AppConfig", "create_app"]
 
@@ -46,6 +52,10 @@ class AppConfig:
     """When set, every request needs ``Authorization: Bearer <api_key>``."""
     default_max_tokens: int = 512
     """Generation budget when a request sends neither max_tokens nor max_completion_tokens."""
+    max_tokens_cap: int | None = None
+    """Clamp every request's budget to this (training wants bounded rollouts); None = no cap."""
+    served_model_names: tuple[str, ...] = ()
+    """Names accepted as ``model`` besides the backend's own (404 ``model_not_found`` otherwise)."""
     disconnect_poll_s: float = 0.25
     """How often a waiting non-streaming request checks whether its client hung up."""
     adapter_dirs: tuple[str, ...] = ()
@@ -70,8 +80,10 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
     config = config or AppConfig()
     app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.add_middleware(AttemptAlias)
     app.add_middleware(GuardMiddleware, allowed_hosts=config.allowed_hosts)
     app.state.inflight = 0
+    served = {backend.name, *config.served_model_names} - {""}
     budget = TokenBudget(config.limits)
     adapter_roots = [Path(d).resolve() for d in config.adapter_dirs]
 
@@ -129,8 +141,10 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         return chat_request, prepared, prompt + chat_request.n * min(max_tokens, room)
 
     async def models_body() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": await backend.model_name(), "object": "model",
-                                            "created": 0, "owned_by": "lightning-lab"}]}
+        first = await backend.model_name()
+        names = [first] + sorted(served - {first})
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "lightning-lab"} for name in names]}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -177,6 +191,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         except (OSError, RuntimeError, ValueError) as exc:
             raise ProtocolError(f"could not load adapter: {exc}", param="lora_path",
                                 code="invalid_value") from exc
+        served.add(backend.name)
         return {"ok": True, "model": backend.name}
 
     if adapter_roots:  # management endpoints exist only when enabled (404 otherwise)
@@ -194,35 +209,37 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
         check_auth(request)
         entry = lookup(rollout_id)
         chat_request, prepared, cost = await _off_loop(parse_and_prepare, await raw_body(request))
+        warnings = [f"ignored unsupported parameter(s): {', '.join(chat_request.ignored)}"] \
+            if chat_request.ignored else []
+        call = make_call(request, entry, chat_request, warnings, prepared)
         ticket = budget.admit(cost)
-        response = None
-        try:
-            response = await respond(request, entry, chat_request, prepared, ticket)
-            return response
-        finally:  # a stream releases its ticket itself, when it ends
-            if not isinstance(response, StreamingResponse):
-                ticket.release()
-
-    async def respond(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
-                      prepared: Prepared, ticket: Ticket):
-        if chat_request.seed is None and entry is not None:  # a seeded rollout's k-th call
-            chat_request.seed = tracing.call_seed(entry.trajectory)
-        temperature = chat_request.temperature
-        if temperature is None:
-            temperature = entry.temperature if entry and entry.temperature is not None else 1.0
-        temperature = normalize_temperature(temperature)
-        max_tokens = chat_request.max_tokens or config.default_max_tokens
-        agent = (request.headers.get("x-ll-agent") or chat_request.metadata.get("agent")
-                 or chat_request.user)
-        headers = {}
-        if chat_request.ignored:
-            headers["X-LL-Warning"] = "ignored unsupported parameter(s): " + ", ".join(
-                chat_request.ignored)
-        call = _Call(backend, registry, entry, chat_request, prepared, temperature, max_tokens,
-                     agent, new_id())
         if chat_request.stream:  # the stream gives its tokens back when it ends, however it ends
             return StreamingResponse(call.events(ticket), media_type="text/event-stream",
-                                     headers=headers, background=BackgroundTask(ticket.release))
+                                     headers=warning_headers(warnings),
+                                     background=BackgroundTask(ticket.release))
+        try:
+            completions = await complete(request, call)
+        finally:
+            ticket.release()
+        if isinstance(completions, JSONResponse):
+            return completions
+        return JSONResponse(call.response(completions), headers=warning_headers(warnings))
+
+    def make_call(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
+                  warnings: list[str], prepared: Prepared | None = None) -> "_Call":
+        """A call of the chat path; ``prepared`` given = already tokenised (or a raw prompt)."""
+        endpoints.check_model(chat_request.model)
+        prepared = prepared or backend.prepare(chat_request)
+        if chat_request.seed is None and entry is not None:  # a seeded rollout's k-th call
+            chat_request.seed = tracing.call_seed(entry.trajectory)
+        temperature = endpoints.temperature(chat_request.temperature, entry)
+        max_tokens = endpoints.max_tokens(chat_request.max_tokens, entry, warnings)
+        agent = agent_name(request, chat_request.metadata, chat_request.user)
+        return _Call(backend, registry, entry, chat_request, prepared, temperature, max_tokens,
+                     agent, new_id(), request.scope.get("ll_attempt"))
+
+    async def complete(request: Request, call: "_Call") -> list[Completion] | JSONResponse:
+        """Generate (non-streaming) and record; the completions, or a 499 if the client left."""
         app.state.inflight += 1
         try:
             completions = await _unless_disconnected(request, call.generate(),
@@ -232,9 +249,28 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             return JSONResponse(error_body("client disconnected", "aborted"), 499)
         finally:
             app.state.inflight -= 1
-        return JSONResponse(call.response(completions), headers=headers)
+        return completions
 
+    endpoints = Endpoints(backend=backend, registry=registry, config=config, check_auth=check_auth,
+                          lookup=lookup, json_body=json_body, make_call=make_call,
+                          complete=complete, served=served, budget=budget)
+    from .completions import add_completion_routes
+    from .responses import add_response_routes
+
+    add_completion_routes(app, endpoints)
+    add_response_routes(app, endpoints)
     return app
+
+
+def warning_headers(warnings: list[str]) -> dict[str, str]:
+    return {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+
+
+def _message(c: Completion) -> dict[str, Any]:
+    """The choice's assistant message: parsed calls, or the text as content."""
+    if c.message is None:
+        return {"role": "assistant", "content": c.text}
+    return dict(c.message)
 
 
 async def _off_loop(fn: Any, *args: Any) -> Any:
@@ -262,13 +298,6 @@ def _allowed_path(raw: str, roots: list[Path]) -> Path:
     return path
 
 
-def _message(c: Completion) -> dict[str, Any]:
-    """The choice's assistant message: parsed calls, or the text as content."""
-    if c.message is None:
-        return {"role": "assistant", "content": c.text}
-    return dict(c.message)
-
-
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
     """Await ``coro``; if the client hangs up first, cancel it (freeing its batch slots)."""
     task = asyncio.ensure_future(coro)
@@ -290,23 +319,37 @@ class _Call:
 
     def __init__(self, backend: Backend, registry: RolloutRegistry, entry: OpenRollout | None,
                  request: ChatRequest, prepared: Prepared, temperature: float, max_tokens: int,
-                 agent: str, request_id: str):
+                 agent: str, request_id: str, attempt: str | None = None):
         self.backend, self.registry, self.entry = backend, registry, entry
         self.request, self.prepared = request, prepared
         self.temperature, self.max_tokens, self.agent, self.id = temperature, max_tokens, agent, request_id
+        self.meta = {"request_id": self.id, "via": "http"}
+        if attempt:
+            self.meta["attempt_id"] = attempt
 
     async def generate(self) -> list[Completion]:
-        completions = await self.backend.generate(self.prepared, self.request, self.temperature,
-                                                  self.max_tokens)
-        if self.entry is not None:
-            for i, c in enumerate(completions):
-                self.registry.record(  # own prompt list per choice: transitions own their lists
-                    self.entry, prompt_ids=list(self.prepared.prompt_ids),
-                    prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
-                    logprobs=c.logprobs, text=c.text, temperature=self.temperature,
-                    finish_reason=c.finish_reason, agent=self.agent,
-                    meta={**c.meta, "request_id": self.id, "choice": i, "via": "http"})
+        with _cancelled_with_rollout(self.entry):
+            completions = await self.backend.generate(self.prepared, self.request,
+                                                      self.temperature, self.max_tokens)
+        self.record(completions)
         return completions
+
+    def record(self, completions: list[Completion]) -> None:
+        """Append each choice to the rollout (nothing once its runner cancelled it)."""
+        if self.entry is None or (self.entry.control is not None and self.entry.control.cancelled):
+            return
+        for i, c in enumerate(completions):
+            self.registry.record(  # own prompt list per choice: transitions own their lists
+                self.entry, prompt_ids=list(self.prepared.prompt_ids),
+                prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
+                logprobs=c.logprobs, text=c.text, temperature=self.temperature,
+                finish_reason=c.finish_reason, agent=self.agent,
+                meta={**c.meta, **self.meta, "choice": i})
+
+    def streams(self) -> bool:
+        """Token streaming needs the local engine and plain content (tool calls are parsed whole)."""
+        return hasattr(self.backend, "stream") and not getattr(self.request, "tools", None) \
+            and not getattr(self.request, "response_format", None)
 
     def record_abort(self) -> None:
         """The client hung up: keep a trace of the call, with nothing trainable in it."""
@@ -315,13 +358,19 @@ class _Call:
                 self.entry, prompt_ids=self.prepared.prompt_ids, prompt_text=self.prepared.prompt_text,
                 response_ids=[], logprobs=[], text="", temperature=self.temperature,
                 finish_reason="abort", agent=self.agent,
-                meta={"request_id": self.id, "via": "http", "truncated": True})
+                meta={**self.meta, "truncated": True})
 
     def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
         if not self.request.logprobs:
             return None
         return {"content": logprobs_content(self.backend.token_texts(c.response_ids), c.logprobs),
                 "refusal": None}
+
+    def _delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        if not self.request.logprobs:
+            return None
+        return {"content": logprobs_content(self.backend.token_texts(delta.token_ids),
+                                            delta.logprobs), "refusal": None}
 
     def _usage(self, completions: list[Completion]) -> tuple[int, int]:
         return len(self.prepared.prompt_ids), sum(len(c.response_ids) for c in completions)
@@ -341,11 +390,8 @@ class _Call:
             prompt_token_ids=self.prepared.prompt_ids if self.request.return_token_ids else None)
 
     async def events(self, ticket: Ticket) -> AsyncIterator[str]:
-        """SSE: a role chunk at once, the text when sampled, finish chunks, usage, ``[DONE]``.
-
-        The engine resolves a request when all its tokens are sampled, so content arrives as one
-        delta per choice rather than token by token.
-        """
+        """SSE: a role chunk at once, content deltas as tokens are sampled, finish chunks, usage,
+        ``[DONE]``. Backends without token streaming send one content delta per choice."""
         try:
             async for event in self._events():
                 yield event
@@ -363,7 +409,19 @@ class _Call:
         yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(n)])
         try:
-            completions = await self.generate()
+            if self.streams():
+                with _cancelled_with_rollout(self.entry):
+                    async for item in stream_deltas(self.backend, self.prepared, self.request,
+                                                    self.temperature, self.max_tokens):
+                        if isinstance(item, Delta):
+                            yield sse([{"index": item.index, "delta": {"content": item.text},
+                                        "logprobs": self._delta_logprobs(item),
+                                        "finish_reason": None}])
+                        else:
+                            completions = item
+                self.record(completions)
+            else:
+                completions = await self.generate()
         except asyncio.CancelledError:
             self.record_abort()
             raise
@@ -373,7 +431,7 @@ class _Call:
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        for i, c in enumerate(completions):
+        for i, c in enumerate(completions if not self.streams() else ()):
             message = _message(c)
             if message["content"]:
                 yield sse([{"index": i, "delta": {"content": message["content"]},
@@ -388,3 +446,27 @@ class _Call:
             yield sse([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                            "total_tokens": prompt_tokens + completion_tokens})
         yield "data: [DONE]\n\n"
+
+
+@contextlib.contextmanager
+def _cancelled_with_rollout(entry: OpenRollout | None) -> Iterator[None]:
+    """Cancel the awaiting handler when the rollout's runner cancels the rollout (a timeout).
+
+    The engine request is aborted by the backend's cancellation path; the agent, still waiting
+    on its HTTP call, gets a 408 ``rollout_cancelled`` instead of a hang.
+    """
+    control = entry.control if entry is not None else None
+    if control is None:
+        yield
+        return
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    unregister = control.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not control.cancelled:
+            raise
+        raise ProtocolError(f"rollout cancelled: {control.reason}", code="rollout_cancelled",
+                            status=408) from None
+    finally:
+        unregister()

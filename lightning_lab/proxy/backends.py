@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from .protocol import ChatRequest, ProtocolError
 
@@ -97,26 +97,96 @@ class LocalBackend:
                 code="context_length_exceeded")
         return Prepared(messages=request.messages, prompt_text=text, prompt_ids=ids, plan=plan)
 
-    async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
-                       max_tokens: int) -> list[Completion]:
+    def prepare_text(self, prompt: str | list[int], param: str = "prompt") -> Prepared:
+        """A raw prompt (``/v1/completions``): text tokenised as is, or token ids taken as given."""
+        if isinstance(prompt, str):
+            ids = self.policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = prompt
+        else:
+            vocab = int(self.policy.engine.vocab_size)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ProtocolError(f"token ids must be in [0, {vocab})", param=param,
+                                    code="invalid_value")
+            ids, text = list(prompt), self.policy.tokenizer.decode(prompt)
+        if not ids:
+            raise ProtocolError("the prompt is empty", param=param, code="invalid_value")
+        if len(ids) >= self.context_limit:
+            raise ProtocolError(
+                f"This model's maximum context length is {self.context_limit} tokens; the prompt "
+                f"takes {len(ids)} tokens, leaving no room to generate.", param=param,
+                code="context_length_exceeded")
+        return Prepared(messages=[], prompt_text=text, prompt_ids=ids)
+
+    def _request(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                 max_tokens: int, on_token: Any = None) -> Any:
         from lightning_lab.inference.engine import Request
         from lightning_lab.inference.sampling import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=request.top_p,
                                 max_new_tokens=max_tokens, stop=request.stop, seed=request.seed,
-                                grammar=prepared.plan.grammar)
-        engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n)
+                                grammar=prepared.plan.grammar if prepared.plan else None)
+        engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n,
+                                 on_token=on_token)
         prepared.handle = engine_request
+        return engine_request
+
+    def _abort(self, engine_request: Any, future: Any) -> None:
+        """Free the request's batch slots (client gone, rollout cancelled)."""
+        engine_request.aborted = True
+        future.cancel()
+        self.aborted += 1
+
+    async def generate(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                       max_tokens: int) -> list[Completion]:
+        engine_request = self._request(prepared, request, temperature, max_tokens)
         future = self.policy.engine.submit(engine_request)
         try:
             samples = await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # client went away: free the batch slots
-            engine_request.aborted = True
-            future.cancel()
-            self.aborted += 1
+            self._abort(engine_request, future)
             raise
         except ValueError as exc:  # the engine's own request validation
             raise ProtocolError(str(exc), code="invalid_value") from exc
+        return self._completions(prepared, samples)
+
+    async def stream(self, prepared: Prepared, request: ChatRequest, temperature: float,
+                     max_tokens: int) -> AsyncIterator[tuple[int, int, float] | list[Completion]]:
+        """Yield ``(choice, token_id, logprob)`` as the engine samples, then the completions.
+
+        The engine thread hands each token to this event loop (``call_soon_threadsafe``); the
+        request's future, resolved after its last token, closes the stream.
+        """
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(tokens.put_nowait, item)
+            except RuntimeError:  # the loop closed (server stopping): nobody is listening
+                pass
+
+        engine_request = self._request(
+            prepared, request, temperature, max_tokens,
+            on_token=lambda row: put((row.index, row.response_ids[-1], row.logprobs[-1])))
+        future = self.policy.engine.submit(engine_request)
+        future.add_done_callback(lambda _: put(None))
+        try:
+            while (item := await tokens.get()) is not None:
+                yield item
+            samples = future.result()
+        except (asyncio.CancelledError, GeneratorExit):
+            self._abort(engine_request, future)
+            raise
+        except ValueError as exc:
+            raise ProtocolError(str(exc), code="invalid_value") from exc
+        yield self._completions(prepared, samples)
+
+    @staticmethod
+    def _completions(prepared: Prepared, samples: list[Any]) -> list[Completion]:
+        """Samples as completions; chat prompts get their reply parsed (tool calls, JSON)."""
+        if prepared.plan is None:  # a raw /v1/completions prompt
+            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text)
+                    for s in samples]
         out = []
         for s in samples:
             parsed, finish_reason, meta = prepared.plan.reply(s.text, s.finish_reason,

@@ -21,6 +21,10 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
                    help="allow a non-loopback --host (requires --api-key)")
     p.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens per request")
+    p.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="clamp every request's max_tokens to this (default: no cap)")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="another name requests may give as 'model' (repeatable; others get 404)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="enable POST /v1/load_lora_adapter for checkpoints under DIR "
                         "(repeatable; requires --api-key)")
@@ -55,11 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
         load_policy_weights(policy, Path(args.checkpoint))
     server = serve(policy, args.host, args.port, api_key=args.api_key,
                    allow_remote=args.allow_remote, default_max_tokens=args.max_tokens,
+                   max_tokens_cap=args.max_tokens_cap,
+                   served_model_names=tuple(args.served_model_name),
                    log_level="info", adapter_dirs=tuple(args.adapter_dir),
                    limits=Limits(max_queued_tokens=args.max_queued_tokens,
                                  max_request_tokens=args.max_request_tokens))
-    print(f"serving {policy.name} at {server.base_url}  (traced: {server.url}/rollout/<id>/v1)",
-          flush=True)
+    print(f"serving {policy.name} at {server.base_url}  (traced: {server.url}/rollout/<id>/v1; "
+          "endpoints: chat/completions, completions, responses, models)", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -30,6 +30,10 @@ class OpenRollout:
     trajectory: Trajectory
     temperature: float | None = None
     """Default temperature of calls that send none (the enclosing ``ll.rollout``'s, e.g. 0 in eval)."""
+    max_tokens: int | None = None
+    """Default generation budget of calls that send none (else the server's)."""
+    control: Any = None
+    """The rollout's ``tracing.RolloutControl``: cancelling it cancels this rollout's HTTP calls."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -54,10 +58,14 @@ class RolloutRegistry:
         self._lock = threading.Lock()
         self.stats = TraceStats()
 
-    def open(self, trajectory: Trajectory, temperature: float | None = None) -> OpenRollout:
-        entry = OpenRollout(uuid.uuid4().hex, trajectory, temperature)
+    def open(self, trajectory: Trajectory, temperature: float | None = None,
+             max_tokens: int | None = None, control: Any = None) -> OpenRollout:
+        """Route a new id to ``trajectory``; a cancelled ``control`` closes the route at once."""
+        entry = OpenRollout(uuid.uuid4().hex, trajectory, temperature, max_tokens, control)
         with self._lock:
             self._open[entry.rollout_id] = entry
+        if control is not None:
+            control.on_cancel(lambda: self.close(entry.rollout_id))
         return entry
 
     def close(self, rollout_id: str) -> None:

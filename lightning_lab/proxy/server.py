@@ -40,7 +40,11 @@ class ServeConfig:
     allow_remote: bool = False
     """Permit a non-loopback host (the policy would otherwise be reachable by anyone on the network)."""
     default_max_tokens: int = 512
-    """Budget for requests that send no max_tokens."""
+    """Budget for requests that send no max_tokens (a rollout may set its own default)."""
+    max_tokens_cap: int | None = None
+    """Clamp every request's max_tokens to this; None = no cap."""
+    served_model_names: tuple[str, ...] = ()
+    """Extra names accepted as ``model`` (the policy's name always is; others get a 404)."""
     log_level: str = "warning"
     adapter_dirs: tuple[str, ...] = ()
     """Enables ``POST /v1/load_lora_adapter`` for checkpoints under these directories (needs
@@ -120,6 +124,8 @@ class ProxyServer:
         self.registry = RolloutRegistry()
         self.app = create_app(self.backend, self.registry, AppConfig(
             api_key=self.config.api_key, default_max_tokens=self.config.default_max_tokens,
+            max_tokens_cap=self.config.max_tokens_cap,
+            served_model_names=tuple(self.config.served_model_names),
             adapter_dirs=tuple(str(d) for d in self.config.adapter_dirs),
             allowed_hosts=self.config.hosts(), limits=self.config.limits))
         self.port: int | None = None
@@ -183,9 +189,12 @@ class ProxyServer:
         return self.registry.stats
 
     # ---- rollouts --------------------------------------------------------------------------
-    def open_rollout(self, trajectory: Trajectory, temperature: float | None = None) -> RolloutHandle:
-        """Route ``handle.base_url`` to ``trajectory`` until ``close_rollout``."""
-        entry = self.registry.open(trajectory, temperature)
+    def open_rollout(self, trajectory: Trajectory, temperature: float | None = None,
+                     max_tokens: int | None = None,
+                     control: tracing.RolloutControl | None = None) -> RolloutHandle:
+        """Route ``handle.base_url`` to ``trajectory`` until ``close_rollout`` (or ``control``
+        cancels it: its in-flight calls are aborted and answer 408)."""
+        entry = self.registry.open(trajectory, temperature, max_tokens, control)
         return RolloutHandle(entry.rollout_id, f"{self.url}/rollout/{entry.rollout_id}/v1",
                              trajectory, self)
 
@@ -194,17 +203,20 @@ class ProxyServer:
 
     @contextlib.contextmanager
     def rollout(self, task_id: str = "", *, group_id: str = "", temperature: float | None = None,
-                catch: bool = False, meta: dict[str, Any] | None = None) -> Iterator[RolloutHandle]:
+                catch: bool = False, meta: dict[str, Any] | None = None,
+                max_tokens: int | None = None) -> Iterator[RolloutHandle]:
         """A base URL tracing into a trajectory: the open ``ll.rollout``'s, or a new one.
 
         Joining (inside ``ll.rollout``) ignores ``task_id``/``group_id``/``meta``; the enclosing
-        rollout's default temperature applies to calls that send none.
+        rollout's default temperature applies to calls that send none, and its cancellation (a
+        runner's timeout) closes the URL. ``max_tokens`` is this rollout's default budget.
         """
         joined = tracing._trajectory.get()
         if joined is not None:
             if temperature is None:
                 temperature = tracing.current_temperature()
-            handle = self.open_rollout(joined, temperature)
+            handle = self.open_rollout(joined, temperature, max_tokens,
+                                       tracing.current_control())
             try:
                 yield handle
             finally:
@@ -212,7 +224,7 @@ class ProxyServer:
             return
         with tracing.rollout(task_id, group_id=group_id, temperature=temperature, catch=catch,
                              meta=meta) as traj:
-            handle = self.open_rollout(traj, temperature)
+            handle = self.open_rollout(traj, temperature, max_tokens)
             try:
                 yield handle
             finally:  # before the rollout finalises its rewards: late calls get a 404
@@ -221,7 +233,8 @@ class ProxyServer:
 
 def serve(policy: Any = None, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
           allow_remote: bool = False, backend: Backend | None = None,
-          default_max_tokens: int = 512, log_level: str = "warning",
+          default_max_tokens: int = 512, max_tokens_cap: int | None = None,
+          served_model_names: tuple[str, ...] = (), log_level: str = "warning",
           adapter_dirs: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] | None = None,
           limits: Limits | None = None) -> ProxyServer:
     """Start the proxy over ``policy`` (or ``backend``) and return it; ``with`` stops it on exit.
@@ -230,22 +243,34 @@ def serve(policy: Any = None, host: str = "127.0.0.1", port: int = 0, *, api_key
     ``/v1/load_lora_adapter``.
     """
     config = ServeConfig(host=host, port=port, api_key=api_key, allow_remote=allow_remote,
-                         default_max_tokens=default_max_tokens, log_level=log_level,
+                         default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
+                         served_model_names=tuple(served_model_names), log_level=log_level,
                          adapter_dirs=tuple(str(d) for d in adapter_dirs),
                          allowed_hosts=allowed_hosts, limits=limits or Limits())
     return ProxyServer(policy, config, backend).start()
 
 
-def http_agent(server: ProxyServer, agent_fn: Callable[..., Any]) -> Callable[[Any], Any]:
+def http_agent(server: ProxyServer, agent_fn: Callable[..., Any], *,
+               max_tokens: int | None = None) -> Callable[[Any], Any]:
     """Adapt ``agent_fn(task, base_url=...)`` (any OpenAI-SDK agent) to the trainer's ``agent(task)``.
 
     The trainer runs ``agent(task)`` inside its own ``ll.rollout``; the HTTP calls made through
     ``base_url`` append to that trajectory, and ``ll.reward`` inside ``agent_fn`` works as usual.
+    An ``async def agent_fn`` (e.g. with ``openai.AsyncOpenAI``) gives an async agent, which the
+    runner awaits. ``max_tokens`` is the default budget of calls that send none.
     """
+    from lightning_lab.rollouts.jobs import is_async_agent, returned_awaitable
 
-    def agent(task: Any) -> Any:
-        with server.rollout() as handle:
-            return agent_fn(task, base_url=handle.base_url)
+    if is_async_agent(agent_fn):
+        async def agent(task: Any) -> Any:
+            with server.rollout(max_tokens=max_tokens) as handle:
+                return await agent_fn(task, base_url=handle.base_url)
+    else:
+        def agent(task: Any) -> Any:
+            with server.rollout(max_tokens=max_tokens) as handle:
+                result = agent_fn(task, base_url=handle.base_url)
+                returned_awaitable(result)
+                return result
 
     agent.__name__ = getattr(agent_fn, "__name__", "http_agent")
     agent.__doc__ = agent_fn.__doc__

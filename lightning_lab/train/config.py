@@ -62,6 +62,9 @@ class PPOConfig:
     """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
     rollout_workers: int = 32
     """Agents run concurrently; their LLM calls are batched by the policy's engine."""
+    rollout_timeout_s: float | None = None
+    """A rollout running longer fails with reason timeout (its LLM requests are aborted, a
+    process agent is killed) and the step goes on without it; None = no limit."""
     seed: int = 0
     """Seeds the task order, the minibatch order and torch's sampling RNG."""
 
@@ -73,6 +76,8 @@ class PPOConfig:
         for name in ("tasks_per_step", "group_size", "ppo_epochs", "minibatch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_timeout_s is not None and not self.rollout_timeout_s > 0:
+            raise ConfigError(f"PPOConfig.rollout_timeout_s must be > 0, got {self.rollout_timeout_s}")
 
 
 @dataclass
@@ -88,7 +93,15 @@ class RunConfig:
     seed: int = 0
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
     env: str = "wordplay"
-    """Environment name (a folder under environments/)."""
+    """Environment name (a folder under environments/); unused with --agent / --agent-cmd."""
+    agent: str | None = None
+    """Your own agent instead of an environment's, as module:function (with --tasks)."""
+    agent_cmd: str | None = None
+    """A process agent instead: a command started per rollout with OPENAI_BASE_URL etc. (with --tasks)."""
+    tasks: str | None = None
+    """JSONL task file for --agent / --agent-cmd: one JSON object per line, optional task_id."""
+    max_tokens_cap: int | None = None
+    """Clamp max_tokens of the proxy calls of --agent-cmd / base_url agents (None: no cap)."""
     data: str | None = None
     """Dataset path in the benchmark's own format (default: generated tasks)."""
     limit: int | None = None
@@ -141,7 +154,7 @@ class RunConfig:
         return params
 
 
-FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed")
+FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed", "tasks")
 """Fields a resumed run cannot change: they decide the weights' shapes or the task list that
 the saved task order indexes."""
 

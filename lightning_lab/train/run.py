@@ -52,7 +52,8 @@ class RunSetup:
         """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks."""
         from ..rollouts import evaluate
 
-        batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize)
+        batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize,
+                                  timeout_s=self.config.ppo.rollout_timeout_s)
         batch.save_jsonl(self.out / f"eval_{tag}.jsonl")
         for cb in self.callbacks:
             cb.on_eval(metrics, self.trainer.step_count)
@@ -80,13 +81,18 @@ def resume_config(out: str | Path, changes: dict[str, Any], log: Callable[[str],
     if frozen:
         raise ConfigError("cannot resume with a different " + ", ".join(
             f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in frozen)
-            + f"; start a new run (another out) instead")
+            + "; start a new run (another out) instead")
     for k, (a, b) in sorted(changed.items()):
         log(f"resume: {k} changed {a!r} -> {b!r}")
     return dataclasses.replace(config, resume=True)
 
 
 def load_env(config: RunConfig) -> Any:
+    """The environment, or the user's agent and task file standing in for one."""
+    if config.agent or config.agent_cmd:
+        from ..rollouts.user_agents import UserAgents
+
+        return UserAgents(config.agent, config.agent_cmd, config.tasks, config.max_tokens_cap)
     try:
         return envs.get(config.env)
     except KeyError as exc:
@@ -171,7 +177,7 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     try:
         before = setup.evaluate(f"step{trainer.step_count:04d}")
         log(f"[eval step{trainer.step_count:04d}] " + _fmt(before))
-        log(f"training {setup.policy.name} on {config.env} with {trainer.credit.describe()} "
+        log(f"training {setup.policy.name} on {getattr(setup.env, 'name', config.env)} with {trainer.credit.describe()} "
             f"for {config.steps} steps -> {out}")
         started = time.monotonic()
         deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
@@ -203,6 +209,8 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     finally:
         for cb in setup.callbacks:
             cb.on_finish()
+        if hasattr(setup.env, "close"):  # a user agent's proxy
+            setup.env.close()
     return summary
 
 

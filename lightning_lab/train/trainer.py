@@ -125,6 +125,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         tasks = [self.tasks[i] for i in self._next_task_indices()]
         batch = run_rollouts(self.agent, tasks, group_size=cfg.group_size,
+                             timeout_s=cfg.rollout_timeout_s,
                              temperature=cfg.temperature, max_workers=cfg.rollout_workers,
                              group_prefix=f"s{self.step_count}/",
                              seed=derive_seed("rollouts", cfg.seed, self.step_count))
@@ -435,6 +436,7 @@ def _batch_metrics(batch: Batch) -> dict[str, float]:
         n_trajectories=float(len(batch)),
         n_failed=float(batch.n_failed),
         n_no_llm_calls=float(sum(bool(t.meta.get("no_llm_calls")) for t in batch.trajectories)),
+        n_timeout=float(sum(t.meta.get("reason") == "timeout" for t in batch.trajectories)),
         n_transitions=float(sum(len(t.transitions) for t in batch.trajectories)),
         response_tokens=float(sum(len(tr.response_ids) for _, tr in batch.transitions())),
     )

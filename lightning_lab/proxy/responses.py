@@ -1,0 +1,253 @@
+"""``/v1/responses``: the Responses API subset the OpenAI Agents SDK uses, translated onto chat.
+
+The Agents SDK's default model talks Responses: ``input`` items (messages, ``function_call``,
+``function_call_output``), ``instructions`` and function ``tools``, the whole history sent each
+turn (no server-side state). Each request becomes a chat request (items -> messages, function
+calls -> assistant ``tool_calls``, outputs -> ``tool`` messages, tools -> chat tools) and takes
+the chat path, so it is rendered, sampled, parsed and traced exactly like a chat completion; the
+chat reply is turned back into output items. Streaming and stored state are refused with a 400.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .context import Endpoints
+from .protocol import ProtocolError, parse_chat_request
+
+__all__ = ["add_response_routes", "to_chat_body", "to_response"]
+
+PASSED = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens",
+          "user": "user", "metadata": "metadata", "parallel_tool_calls": "parallel_tool_calls",
+          "seed": "seed", "stop": "stop"}
+"""Responses parameters with a chat equivalent (``seed``/``stop`` are extensions, as in vLLM)."""
+IGNORED = frozenset({"store", "include", "truncation", "reasoning", "service_tier",
+                     "prompt_cache_key", "safety_identifier", "top_logprobs", "background",
+                     "max_tool_calls", "prompt_cache_retention", "stream_options"})
+TEXT_PART_TYPES = ("input_text", "output_text", "text", "refusal")
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content: a string, or text parts (images and files are refused)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ProtocolError(f"'{param}' must be a string or a list of content parts", param=param,
+                            code="invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PART_TYPES:
+            raise ProtocolError(f"'{param}[{j}]': only text content parts are supported",
+                                param=f"{param}[{j}]", code="invalid_value")
+        text = part.get("text", part.get("refusal"))
+        if not isinstance(text, str):
+            raise ProtocolError(f"'{param}[{j}].text' must be a string", param=f"{param}[{j}].text",
+                                code="invalid_type")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _field(item: dict, key: str, i: int) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"'input[{i}].{key}' must be a string", param=f"input[{i}].{key}",
+                            code="invalid_type" if key in item else "missing_required_parameter")
+    return value
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
+    """``instructions`` + ``input`` as chat messages; consecutive calls form one assistant turn."""
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise ProtocolError("'instructions' must be a string", param="instructions",
+                                code="invalid_type")
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        return messages + [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise ProtocolError("'input' must be a string or a non-empty list of items", param="input",
+                            code="invalid_type")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ProtocolError(f"'input[{i}]' must be an object", param=f"input[{i}]",
+                                code="invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ProtocolError(f"'input[{i}].role' must be user, system, developer or "
+                                    f"assistant, got {role!r}", param=f"input[{i}].role",
+                                    code="invalid_value")
+            messages.append({"role": role,
+                             "content": _text(item.get("content"), f"input[{i}].content")})
+        elif kind == "function_call":
+            call = {"id": _field(item, "call_id", i), "type": "function",
+                    "function": {"name": _field(item, "name", i),
+                                 "arguments": _field(item, "arguments", i)}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            elif last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
+                last["tool_calls"] = [call]  # text then calls: one assistant turn, as the model said
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", i),
+                             "content": output if isinstance(output, str)
+                             else _text(output, f"input[{i}].output")})
+        elif kind == "reasoning":
+            continue  # no reasoning tokens here; the Agents SDK may echo such items back
+        else:
+            raise ProtocolError(f"'input[{i}].type' {kind!r} is not supported (message, "
+                                "function_call, function_call_output)", param=f"input[{i}].type",
+                                code="unsupported_value")
+    return messages
+
+
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, Any]:
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        return None, choice
+    if not isinstance(tools, list):
+        raise ProtocolError("'tools' must be a list", param="tools", code="invalid_type")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise ProtocolError(f"'tools[{i}]': only function tools are supported",
+                                param=f"tools[{i}].type", code="unsupported_value")
+        function = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                    if tool.get(k) is not None}
+        out.append({"type": "function", "function": function})
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return out or None, choice
+
+
+def _response_format(body: dict) -> dict[str, Any] | None:
+    text = body.get("text")
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    return {"type": fmt.get("type")}
+
+
+def to_chat_body(body: Any) -> tuple[dict[str, Any], list[str]]:
+    """A Responses request as a chat-completions body, plus the parameters it ignores."""
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object", code="invalid_type")
+    if "input" not in body:
+        raise ProtocolError("missing required parameter: 'input'", param="input",
+                            code="missing_required_parameter")
+    if body.get("stream"):
+        raise ProtocolError("streaming is not supported on /v1/responses; use stream=false "
+                            "(the Agents SDK's Runner.run)", param="stream",
+                            code="unsupported_value")
+    for key in ("previous_response_id", "conversation", "prompt"):
+        if body.get(key) is not None:
+            raise ProtocolError(f"'{key}' needs server-side state, which this server does not "
+                                "keep: send the whole history in 'input'", param=key,
+                                code="unsupported_parameter")
+    chat: dict[str, Any] = {"messages": _messages(body), "model": body.get("model", "")}
+    for key, chat_key in PASSED.items():
+        if body.get(key) is not None:
+            chat[chat_key] = body[key]
+    tools, choice = _tools(body)
+    if tools:
+        chat["tools"] = tools
+    if choice is not None:
+        chat["tool_choice"] = choice
+    response_format = _response_format(body)
+    if response_format is not None:
+        chat["response_format"] = response_format
+    known = set(PASSED) | IGNORED | {"input", "instructions", "model", "tools", "tool_choice",
+                                     "text", "stream"}
+    return chat, sorted(k for k in body if k not in known)
+
+
+def _output(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat assistant message as Responses output items (text first, then each call)."""
+    items: list[dict[str, Any]] = []
+    if message.get("content") or not message.get("tool_calls"):
+        items.append({"type": "message", "id": _id("msg"), "status": "completed",
+                      "role": "assistant",
+                      "content": [{"type": "output_text", "text": message.get("content") or "",
+                                   "annotations": [], "logprobs": []}]})
+    for call in message.get("tool_calls") or []:
+        items.append({"type": "function_call", "id": _id("fc"), "call_id": call["id"],
+                      "name": call["function"]["name"],
+                      "arguments": call["function"]["arguments"], "status": "completed"})
+    return items
+
+
+def to_response(body: dict[str, Any], chat: dict[str, Any], model: str) -> dict[str, Any]:
+    """The chat completion ``chat`` answered to the Responses request ``body``."""
+    choice = chat["choices"][0]
+    usage = chat["usage"]
+    truncated = choice["finish_reason"] == "length"
+    text_format = body.get("text") if isinstance(body.get("text"), dict) else None
+    return {
+        "id": _id("resp"), "object": "response", "created_at": time.time(), "model": model,
+        "status": "incomplete" if truncated else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
+        "error": None, "instructions": body.get("instructions"),
+        "output": _output(choice["message"]),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+        "max_output_tokens": body.get("max_output_tokens"), "metadata": body.get("metadata") or {},
+        "text": text_format or {"format": {"type": "text"}}, "store": False,
+        "usage": {"input_tokens": usage["prompt_tokens"],
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": usage["completion_tokens"],
+                  "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": usage["total_tokens"]},
+    }
+
+
+def add_response_routes(app: FastAPI, ep: Endpoints) -> None:
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await respond(request, None)
+
+    @app.post("/rollout/{rollout_id}/v1/responses")
+    async def rollout_responses(rollout_id: str, request: Request):
+        return await respond(request, rollout_id)
+
+    async def respond(request: Request, rollout_id: str | None):
+        ep.check_auth(request)
+        entry = ep.lookup(rollout_id)
+        body = await ep.json_body(request)
+        chat_body, ignored = to_chat_body(body)
+        chat_request = parse_chat_request(chat_body)
+        ignored = sorted(set(ignored) | set(chat_request.ignored))
+        warnings = [f"ignored unsupported parameter(s): {', '.join(ignored)}"] if ignored else []
+        call = ep.make_call(request, entry, chat_request, warnings)
+        call.meta["api"] = "responses"
+        ticket = ep.admit([call])
+        try:
+            completions = await ep.complete(request, call)
+        finally:
+            ticket.release()
+        if isinstance(completions, JSONResponse):
+            return completions
+        out = to_response(body, call.response(completions), ep.backend.name)
+        headers = {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+        return JSONResponse(out, headers=headers)

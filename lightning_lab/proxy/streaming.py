@@ -1,0 +1,87 @@
+"""Token-by-token SSE: turn the engine's sampled tokens into OpenAI content deltas as they arrive.
+
+Detokenising token by token is not text concatenation: a byte-level BPE token may end inside a
+UTF-8 character (decoded as U+FFFD until the next token completes it), and a stop string may
+begin in the text already seen. So each choice re-decodes its tokens, holds back an unfinished
+character and any tail that could still become a stop string, and at the end emits the rest of
+the engine's final text, which is authoritative. Concatenated deltas equal the non-streaming text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from .backends import Completion
+
+__all__ = ["IncrementalText", "Delta", "stream_deltas"]
+
+
+class IncrementalText:
+    """One choice's text so far, released only where it can no longer change."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...],
+                 stop_token_ids: set[int]):
+        self.decode, self.stop, self.stop_token_ids = decode, stop, stop_token_ids
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token: int) -> str:
+        """Take one sampled token; return the text that became safe to send (maybe "")."""
+        if token in self.stop_token_ids:  # the end-of-turn token is never part of the text
+            return ""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=len(text))
+        safe = text[:cut] if cut < len(text) else text[:max(0, len(text) - self.holdback)]
+        safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
+        if not safe.startswith(self.emitted) or len(safe) == len(self.emitted):
+            return ""
+        delta, self.emitted = safe[len(self.emitted):], safe
+        return delta
+
+    def finish(self, final: str) -> str:
+        """The rest of the engine's final text (empty if the stream already sent all of it)."""
+        if not final.startswith(self.emitted):  # cannot happen for prefix-stable tokenizers
+            return ""
+        delta, self.emitted = final[len(self.emitted):], final
+        return delta
+
+
+@dataclass
+class Delta:
+    """New text (and the tokens that produced it) for one choice."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: float,
+                        max_tokens: int) -> AsyncIterator[Delta | list[Completion]]:
+    """``backend.stream`` regrouped into per-choice deltas; the last item is the completions.
+
+    A token whose text is held back rides along with the next delta of its choice.
+    """
+    decode = backend.policy.tokenizer.decode
+    stop_ids = backend.policy.engine.stop_token_ids
+    texts = [IncrementalText(decode, tuple(request.stop), stop_ids) for _ in range(request.n)]
+    pending: dict[int, Delta] = {}
+    async for item in backend.stream(prepared, request, temperature, max_tokens):
+        if isinstance(item, list):  # the completions: flush what the final texts add
+            for index, completion in enumerate(item):
+                delta = pending.pop(index, Delta(index, ""))
+                delta.text += texts[index].finish(completion.text)
+                if delta.text or delta.token_ids:
+                    yield delta
+            yield item
+            return
+        index, token, logprob = item
+        delta = pending.setdefault(index, Delta(index, ""))
+        delta.text += texts[index].add(token)
+        delta.token_ids.append(token)
+        delta.logprobs.append(logprob)
+        if delta.text:
+            yield pending.pop(index)
