@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import functools
 import numbers
-from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .records import Trajectory, Transition, reward_problem
 
@@ -28,13 +27,11 @@ _agent: ContextVar[str] = ContextVar("ll_agent", default="")
 _temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=None)
 
 
-@contextmanager
-def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
-            catch: bool = False, meta: dict[str, Any] | None = None,
-            seed: int | None = None) -> Iterator[Trajectory]:
+class rollout:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
-    ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
+    ``with ll.rollout(task_id) as traj:`` yields the ``Trajectory``. ``temperature`` is the
+    default sampling temperature for calls inside (evaluation passes 0).
     ``seed`` (kept as ``meta["sampling_seed"]``) makes the rollout's samples independent of what
     else shares the engine's batch: its k-th LLM call that sends no seed of its own samples with
     ``derive_seed(seed, k)``, so concurrent rollouts draw the same numbers in any thread order.
@@ -45,23 +42,42 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
     stop the run), ``GeneratorExit`` and ``asyncio.CancelledError`` (cancellation, e.g. a
     timeout) are recorded and re-raised. Without ``catch`` everything propagates (after marking
     the trajectory).
+
+    A class, not ``@contextmanager``: a generator-based context manager costs a few microseconds
+    per use, a large share of the tracing budget of a short rollout.
     """
-    traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
-    if seed is not None:
-        traj.meta["sampling_seed"] = int(seed)
-    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature))
-    try:
-        yield traj
-    except BaseException as exc:  # noqa: BLE001 - recorded on the trajectory, see docstring
-        traj.status = "failed"
-        traj.error = f"{type(exc).__name__}: {exc}"
-        if not catch or _is_interruption(exc):
-            raise
-    finally:
-        _finalize(traj)
-        _temperature.reset(tokens[2])
-        _agent.reset(tokens[1])
-        _trajectory.reset(tokens[0])
+
+    __slots__ = ("trajectory", "_catch", "_temperature", "_tokens")
+
+    def __init__(self, task_id: str = "", *, group_id: str = "", temperature: float | None = None,
+                 catch: bool = False, meta: dict[str, Any] | None = None,
+                 seed: int | None = None):
+        self.trajectory = Trajectory(task_id=str(task_id), group_id=group_id,
+                                     meta=dict(meta) if meta else {})
+        if seed is not None:
+            self.trajectory.meta["sampling_seed"] = int(seed)
+        self._catch = catch
+        self._temperature = temperature
+
+    def __enter__(self) -> Trajectory:
+        self._tokens = (_trajectory.set(self.trajectory), _agent.set(""),
+                        _temperature.set(self._temperature))
+        return self.trajectory
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        traj = self.trajectory
+        if exc_type is not None:  # recorded on the trajectory, see the docstring
+            traj.status = "failed"
+            traj.error = f"{exc_type.__name__}: {exc}"
+        try:
+            _finalize(traj)
+        finally:
+            tokens = self._tokens
+            _temperature.reset(tokens[2])
+            _agent.reset(tokens[1])
+            _trajectory.reset(tokens[0])
+        return exc_type is not None and self._catch and not _is_interruption(
+            exc if exc is not None else exc_type())
 
 
 def _is_interruption(exc: BaseException) -> bool:
