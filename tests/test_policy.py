@@ -303,5 +303,8 @@ def test_smollm2_loads_and_generates():
     assert "Paris" in text
     [g] = p.generate(["The capital of France is"], temperature=0, max_new_tokens=4)
     expected = full_forward_logprobs(p.model, g.prompt_ids, g.response_ids, 0.0)
-    torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-4, rtol=0)
+    # decode_dtype "auto": bf16 matmuls on a CPU with native bf16, whose rounding the fp32
+    # forward does not share; fp32 sampling must match it to float noise
+    bf16 = p.engine.decode_dtype == torch.bfloat16
+    torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=5e-2 if bf16 else 1e-4, rtol=0)
     p.close()

@@ -85,6 +85,9 @@ class RunConfig:
     """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
     device: str = "cpu"
     """Torch device of the policy."""
+    decode_dtype: str | None = None
+    """Sampling matmuls: auto (bf16 on a CPU with native bf16) | float32 | bfloat16 (None: auto
+    for real models, float32 for tiny). The update stays fp32; see behaviour_logprob_err."""
     seed: int = 0
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
     env: str = "wordplay"
