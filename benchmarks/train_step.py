@@ -131,15 +131,16 @@ if __name__ == "__main__":
         child(args.child, args.steps)
         sys.exit(0)
     print(banner())
-    results = {side: measure(side, args.steps) for side in args.sides.split(",")}
     names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours": "lightning-lab step (auto)",
              "ours-fp32": "lightning-lab step (fp32 sampling)"}
-    print(f"medians of {args.steps} steps after one warm-up step")
-    for side, r in results.items():
+    print(f"medians of {args.steps} steps after one warm-up step", flush=True)
+    results = {}
+    for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run
+        r = results[side] = measure(side, args.steps)
         extra = (f"  sampling {r['decode_dtype']}, behaviour_logprob_err {r['behaviour_logprob_err']:.2g}"
                  if "decode_dtype" in r else "")
         print(f"{names[side]:36s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s"
-              f"  peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+              f"  peak RSS {r['peak_rss_mb']:.0f} MB{extra}", flush=True)
     trl = results.get("trl")
     for side in ("ours", "ours-fp32"):
         if trl and side in results:
