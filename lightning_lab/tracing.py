@@ -12,7 +12,7 @@ import numbers
 from contextvars import ContextVar
 from typing import Any, Callable
 
-from .records import Trajectory, Transition, reward_problem
+from .records import MAX_ABS_REWARD, Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
            "current_temperature", "call_seed", "derive_seed", "TracingError"]
@@ -146,17 +146,19 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     trajectory instead of the open one (the HTTP proxy, whose handlers run outside the agent's
     context).
     """
-    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
-    if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ValueError(f"reward must be finite, got {value!r}") from None
-    problem = reward_problem(value)
-    if problem:
-        raise ValueError(problem)
-    value = float(value)
+    if not (type(value) is float and -MAX_ABS_REWARD <= value <= MAX_ABS_REWARD):
+        # anything but a plain in-range float (the per-call fast path; NaN fails the comparison)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
+        if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ValueError(f"reward must be finite, got {value!r}") from None
+        problem = reward_problem(value)
+        if problem:
+            raise ValueError(problem)
+        value = float(value)
     traj = trajectory if trajectory is not None else current()
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
@@ -179,7 +181,10 @@ def _finalize(traj: Trajectory) -> None:
     elif traj.status == "ok":
         traj.meta["no_llm_calls"] = True
         traj.meta["unassigned_reward"] = extra
-    sums = [tr.reward for tr in traj.transitions] + [traj.total_reward, extra]
+    sums = [tr.reward for tr in traj.transitions]
+    sums += (float(sum(sums)), extra)
+    if all(-MAX_ABS_REWARD <= x <= MAX_ABS_REWARD for x in sums):  # NaN fails the comparison
+        return  # the common case, without a function call per reward
     problem = next(filter(None, map(reward_problem, sums)), None)
     if problem and traj.status == "ok":
         traj.status = "failed"
