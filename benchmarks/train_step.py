@@ -5,10 +5,15 @@ prompt, 8 completions of at most 64 tokens per step, temperature 1, a cheap prog
 (shorter answers score higher, so both trainers see varied rewards) and no KL term on either side
 (TRL's default beta=0). Each side runs in its own subprocess so peak RSS is its own.
 
-    pip install trl==1.16.0   # benchmark-only extra: pip install -e ".[bench]"
-    python benchmarks/train_step.py [--steps 4]
+Ours runs with its defaults (``decode_dtype="auto"``: bf16 sampling matmuls on a CPU with native
+bf16, fp32 elsewhere; fp32 update) and, as a lever measured alone, with fp32 sampling. TRL runs
+in fp32 as configured below (its generation uses the same fp32 HF model it trains).
 
-Prints seconds per step, completion tokens/s per step and peak RSS for each, and the ratios.
+    pip install trl==1.16.0   # benchmark-only extra: pip install -e ".[bench]"
+    python benchmarks/train_step.py [--steps 3]
+
+Prints the CPU, then per side the median over ``--steps`` timed steps (after one warm-up step)
+of seconds per step and completion tokens/s, the peak RSS, and the ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import json
 import resource
 import subprocess
 import sys
+import statistics
 import time
+
+from common import banner
 
 PROMPT = [{"role": "user", "content": "Describe the weather in a city you like, in one sentence."}]
 GROUP, MAX_NEW, LR = 8, 64, 1e-5
@@ -28,10 +36,11 @@ def reward_fn(text: str) -> float:
     return 1.0 / (1.0 + len(text.split()))
 
 
-def run_ours(steps: int) -> dict:
+def run_ours(steps: int, decode_dtype: str = "auto") -> dict:
     import lightning_lab as ll
 
-    policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32})
+    policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32},
+                            decode_dtype=decode_dtype)
 
     def agent(task):
         ll.reward(reward_fn(policy.chat(PROMPT, max_new_tokens=MAX_NEW)))
@@ -40,13 +49,15 @@ def run_ours(steps: int) -> dict:
                           minibatch_size=GROUP, ppo_epochs=1, temperature=1.0)
     trainer = ll.PPOTrainer(policy, agent, [{"task_id": "weather"}], config=config)
     trainer.step()  # warm-up (allocator, first-call overheads), as TRL's first step is discarded
-    times, tokens = [], []
+    times, tokens, errs = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         m = trainer.step().metrics
         times.append(time.perf_counter() - t0)
         tokens.append(m["response_tokens"])
-    return {"times": times, "tokens": tokens}
+        errs.append(m["behaviour_logprob_err"])
+    return {"times": times, "tokens": tokens, "behaviour_logprob_err": max(errs),
+            "decode_dtype": str(policy.engine.decode_dtype)}
 
 
 def run_trl(steps: int) -> dict:
@@ -88,8 +99,11 @@ def run_trl(steps: int) -> dict:
     return {"times": times[1:], "tokens": tokens[1:len(times)]}
 
 
+SIDES = {"trl": run_trl, "ours": run_ours, "ours-fp32": lambda steps: run_ours(steps, "float32")}
+
+
 def child(side: str, steps: int) -> None:
-    result = (run_ours if side == "ours" else run_trl)(steps)
+    result = SIDES[side](steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -101,23 +115,36 @@ def measure(side: str, steps: int) -> dict:
     if line is None:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
     r = json.loads(line[len("RESULT "):])
-    r["s_per_step"] = sum(r["times"]) / len(r["times"])
-    r["tok_per_s"] = sum(r["tokens"]) / sum(r["times"])
+    r["s_per_step"] = statistics.median(r["times"])
+    r["tok_per_s"] = statistics.median(n / t for n, t in zip(r["tokens"], r["times"]))
     return r
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--child", choices=["ours", "trl"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", choices=list(SIDES))
+    parser.add_argument("--sides", default="trl,ours,ours-fp32",
+                        help="comma-separated subset of " + ",".join(SIDES))
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps)
         sys.exit(0)
-    trl, ours = measure("trl", args.steps), measure("ours", args.steps)
-    for name, r in (("TRL GRPOTrainer", trl), ("lightning-lab PPOTrainer.step", ours)):
-        print(f"{name:30s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"speed-up (completion tok/s per step): {ours['tok_per_s'] / trl['tok_per_s']:.2f}x  "
-          f"(target >= 2x)")
-    print(f"peak RSS ratio ours/TRL: {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} (target <= 1)")
+    print(banner())
+    names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours": "lightning-lab step (auto)",
+             "ours-fp32": "lightning-lab step (fp32 sampling)"}
+    print(f"medians of {args.steps} steps after one warm-up step", flush=True)
+    results = {}
+    for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run
+        r = results[side] = measure(side, args.steps)
+        extra = (f"  sampling {r['decode_dtype']}, behaviour_logprob_err {r['behaviour_logprob_err']:.2g}"
+                 if "decode_dtype" in r else "")
+        print(f"{names[side]:36s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s"
+              f"  peak RSS {r['peak_rss_mb']:.0f} MB{extra}", flush=True)
+    trl = results.get("trl")
+    for side in ("ours", "ours-fp32"):
+        if trl and side in results:
+            r = results[side]
+            print(f"{names[side]} vs TRL: {r['tok_per_s'] / trl['tok_per_s']:.2f}x completion tok/s "
+                  f"(target >= 2x), {trl['s_per_step'] / r['s_per_step']:.2f}x s/step, "
+                  f"peak RSS {r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x (target <= 1)")

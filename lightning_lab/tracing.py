@@ -10,20 +10,14 @@ from __future__ import annotations
 import functools
 import numbers
 import threading
-from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from .records import Trajectory, Transition, reward_problem
+from .records import MAX_ABS_REWARD, Trajectory, Transition, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
            "current_temperature", "current_control", "call_seed", "derive_seed",
            "RolloutControl", "RolloutCancelled", "TracingError"]
-
-
-DEFAULT_ROLE = "agent"
-"""Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
-``trainable_agents`` and per-role tables can always select it."""
 
 
 DEFAULT_ROLE = "main"
@@ -90,14 +84,11 @@ _temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=No
 _control: ContextVar[RolloutControl | None] = ContextVar("ll_control", default=None)
 
 
-@contextmanager
-def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None = None,
-            catch: bool = False, meta: dict[str, Any] | None = None,
-            seed: int | None = None,
-            control: RolloutControl | None = None) -> Iterator[Trajectory]:
+class rollout:
     """Open a trajectory; LLM calls made inside it are appended as transitions.
 
-    ``temperature`` is the default sampling temperature for calls inside (evaluation passes 0).
+    ``with ll.rollout(task_id) as traj:`` yields the ``Trajectory``. ``temperature`` is the
+    default sampling temperature for calls inside (evaluation passes 0).
     ``seed`` (kept as ``meta["sampling_seed"]``) makes the rollout's samples independent of what
     else shares the engine's batch: its k-th LLM call that sends no seed of its own samples with
     ``derive_seed(seed, k)``, so concurrent rollouts draw the same numbers in any thread order.
@@ -109,29 +100,48 @@ def rollout(task_id: str = "", *, group_id: str = "", temperature: float | None 
     timeout) are recorded and re-raised. Without ``catch`` everything propagates (after marking
     the trajectory). ``control`` lets a runner cancel the rollout (timeouts); a cancelled
     rollout is not finalised here, its runner already reported it.
+
+    A class, not ``@contextmanager``: a generator-based context manager costs a few microseconds
+    per use, a large share of the tracing budget of a short rollout.
     """
-    traj = Trajectory(task_id=str(task_id), group_id=group_id, meta=dict(meta or {}))
-    if seed is not None:
-        traj.meta["sampling_seed"] = int(seed)
-    if control is not None:
-        control.trajectory = traj
-    tokens = (_trajectory.set(traj), _agent.set(""), _temperature.set(temperature),
-              _control.set(control))
-    try:
-        yield traj
-    except BaseException as exc:  # noqa: BLE001 - recorded on the trajectory, see docstring
-        traj.status = "failed"
-        traj.error = f"{type(exc).__name__}: {exc}"
-        traj.meta.setdefault("reason", "exception")
-        if not catch or _is_interruption(exc):
-            raise
-    finally:
-        if control is None or not control.cancelled:
-            _finalize(traj)
-        _control.reset(tokens[3])
-        _temperature.reset(tokens[2])
-        _agent.reset(tokens[1])
-        _trajectory.reset(tokens[0])
+
+    __slots__ = ("trajectory", "_catch", "_temperature", "_control", "_tokens")
+
+    def __init__(self, task_id: str = "", *, group_id: str = "", temperature: float | None = None,
+                 catch: bool = False, meta: dict[str, Any] | None = None,
+                 seed: int | None = None, control: RolloutControl | None = None):
+        self.trajectory = Trajectory(task_id=str(task_id), group_id=group_id,
+                                     meta=dict(meta) if meta else {})
+        if seed is not None:
+            self.trajectory.meta["sampling_seed"] = int(seed)
+        if control is not None:
+            control.trajectory = self.trajectory
+        self._catch = catch
+        self._temperature = temperature
+        self._control = control
+
+    def __enter__(self) -> Trajectory:
+        self._tokens = (_trajectory.set(self.trajectory), _agent.set(""),
+                        _temperature.set(self._temperature), _control.set(self._control))
+        return self.trajectory
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        traj, control = self.trajectory, self._control
+        if exc_type is not None:  # recorded on the trajectory, see the docstring
+            traj.status = "failed"
+            traj.error = f"{exc_type.__name__}: {exc}"
+            traj.meta.setdefault("reason", "exception")
+        try:
+            if control is None or not control.cancelled:
+                _finalize(traj)
+        finally:
+            tokens = self._tokens
+            _control.reset(tokens[3])
+            _temperature.reset(tokens[2])
+            _agent.reset(tokens[1])
+            _trajectory.reset(tokens[0])
+        return exc_type is not None and self._catch and not _is_interruption(
+            exc if exc is not None else exc_type())
 
 
 def _is_interruption(exc: BaseException) -> bool:
@@ -205,17 +215,19 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
     trajectory instead of the open one (the HTTP proxy, whose handlers run outside the agent's
     context).
     """
-    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
-    if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ValueError(f"reward must be finite, got {value!r}") from None
-    problem = reward_problem(value)
-    if problem:
-        raise ValueError(problem)
-    value = float(value)
+    if not (type(value) is float and -MAX_ABS_REWARD <= value <= MAX_ABS_REWARD):
+        # anything but a plain in-range float (the per-call fast path; NaN fails the comparison)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"reward must be a real number, got {type(value).__name__}: {value!r}")
+        if not isinstance(value, (int, float)):  # numpy scalars, Fraction, ...
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ValueError(f"reward must be finite, got {value!r}") from None
+        problem = reward_problem(value)
+        if problem:
+            raise ValueError(problem)
+        value = float(value)
     if trajectory is None:
         control = _control.get()
         if control is not None:
@@ -242,7 +254,10 @@ def _finalize(traj: Trajectory) -> None:
     elif traj.status == "ok":
         traj.meta["no_llm_calls"] = True
         traj.meta["unassigned_reward"] = extra
-    sums = [tr.reward for tr in traj.transitions] + [traj.total_reward, extra]
+    sums = [tr.reward for tr in traj.transitions]
+    sums += (float(sum(sums)), extra)
+    if all(-MAX_ABS_REWARD <= x <= MAX_ABS_REWARD for x in sums):  # NaN fails the comparison
+        return  # the common case, without a function call per reward
     problem = next(filter(None, map(reward_problem, sums)), None)
     if problem and traj.status == "ok":
         traj.status = "failed"
@@ -265,15 +280,17 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
         traj = trajectory
     if traj is None:
         return None
-    tr = Transition(prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
-                    logprobs=gen.logprobs, prompt=gen.prompt_text, response=gen.text,
-                    agent=(_agent.get() if agent is None else agent) or DEFAULT_ROLE,
-                    step=len(traj.transitions),
-                    temperature=float(gen.temperature) if gen.temperature else 1.0,
-                    finish_reason=gen.finish_reason, meta=dict(getattr(gen, "meta", None) or {}))
-    if not traj.transitions and "pending_reward" in traj.meta:
+    transitions = traj.transitions
+    # Positional, in Transition's field order (prompt_ids, response_ids, logprobs, prompt,
+    # response, agent, step, reward, temperature, finish_reason, meta): keyword arguments make
+    # this call, the bulk of the per-transition tracing cost, about twice as slow.
+    tr = Transition(gen.prompt_ids, gen.response_ids, gen.logprobs, gen.prompt_text, gen.text,
+                    (_agent.get() if agent is None else agent) or DEFAULT_ROLE, len(transitions),
+                    0.0, float(gen.temperature) if gen.temperature else 1.0, gen.finish_reason,
+                    dict(gen.meta) if getattr(gen, "meta", None) else {})
+    if not transitions and "pending_reward" in traj.meta:
         tr.reward += traj.meta.pop("pending_reward")
-    traj.transitions.append(tr)
+    transitions.append(tr)
     return tr
 
 

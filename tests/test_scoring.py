@@ -1,10 +1,11 @@
-"""The update's forward pass: prompts shared within a chunk score exactly like separate rows."""
+"""The update's forward pass: prompts and turns shared within a chunk score exactly like separate
+rows (logprobs and LoRA gradients, tolerances relative to their magnitudes)."""
 
 import pytest
 import torch
 
 from lightning_lab.records import Transition
-from lightning_lab.train.scoring import chunk_rows, padded_tokens, score
+from lightning_lab.train.scoring import chunk_rows, hosts, padded_tokens, score, sharing_groups
 from numerics import assert_rel_close
 
 
@@ -23,8 +24,11 @@ def rows_with_shared_prompts():
 
 def test_padded_tokens_count_each_prompt_once():
     rows = rows_with_shared_prompts()
-    # 3 distinct prompts padded to 9 tokens + 6 responses padded to 5 tokens
-    assert padded_tokens(rows) == 3 * 9 + 6 * 5
+    # 3 distinct prompts padded to 9 tokens + 5 responses padded to 5 tokens: r5 (p1, one token)
+    # needs only p1's hidden states, which r0's forward computes anyway
+    assert hosts(rows)[5] in (0, 2)
+    assert padded_tokens(rows) == 3 * 9 + 5 * 5
+    assert padded_tokens([rows[0], rows[5]]) == 1 * 6 + 1 * 3
     assert padded_tokens(rows[:1] + rows[2:3]) == 1 * 6 + 2 * 5
     # budget 38: [r0, r1] costs 2*6 + 2*3 = 18, + r2 -> 2*6 + 3*5 = 27, + r3 -> 3*9 + 4*5 = 47;
     # [r3, r4] costs 2*9 + 2*4 = 26, + r5 -> 3*9 + 3*4 = 39
@@ -67,3 +71,55 @@ def test_temperature_scales_logits(tiny):
     assert out.lengths == [2, 2]
     assert not torch.allclose(lp1, lp2)  # same tokens, other temperature, other logprobs
     assert (lp1 <= 0).all() and (lp2 <= 0).all()
+
+
+def multi_turn_rows():
+    """Two 3-turn trajectories of one task (a GRPO pair): each turn's prompt is the previous
+    prompt + response + a new user message; the second trajectory diverges at its first response.
+    One turn ends without a stop token (its next prompt still extends it), one samples at 0.7."""
+    p0 = [5, 17, 42, 8, 99, 3, 60]
+    a0 = row(p0, [4, 9, 21, 2])
+    a1 = row(p0 + [4, 9, 21, 2] + [7, 250, 31], [77, 78, 2], temperature=0.7)
+    a2 = row(a1.prompt_ids + [77, 78, 2] + [7, 251, 32, 33], [300, 301, 302, 303, 2])
+    b0 = row(p0, [4, 88, 3])
+    b1 = row(p0 + [4, 88, 3] + [7, 250, 31], [64, 2])
+    b2 = row(b1.prompt_ids + [64, 2] + [7, 252], [11, 2])
+    return [a0, a1, a2, b0, b1, b2]
+
+
+def test_turns_ride_on_their_last_turn():
+    rows = multi_turn_rows()
+    assert hosts(rows) == [2, 2, 2, 5, 5, 5]
+    # the whole trajectory costs what its last turn costs alone
+    assert padded_tokens(rows[:3]) == padded_tokens(rows[2:3])
+    assert padded_tokens(rows) == padded_tokens([rows[2], rows[5]])
+    # a GRPO pair of trajectories (shared first prompt) is one group; an unrelated row is its own
+    lone = row([1, 2, 3], [4])
+    assert sharing_groups(rows + [lone]) == [[0, 1, 2, 3, 4, 5], [6]]
+    assert sharing_groups([rows[0], lone, rows[1]]) == [[0, 2], [1]]
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_multi_turn_logprobs_and_gradients_equal_per_turn(hidden):
+    import lightning_lab as ll
+
+    model = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False}).model
+    rows = multi_turn_rows()
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(parts):
+        model.zero_grad(set_to_none=True)
+        outs = [score(model, part, grad=True, hidden=hidden) for part in parts]
+        logprobs = torch.cat([o.logprobs for o in outs])
+        total = (logprobs * torch.linspace(-1, 1, len(logprobs))).sum()
+        if hidden:
+            total = total + torch.cat([o.prompt_hidden for o in outs]).pow(2).sum()
+        total.backward()
+        return logprobs.detach(), torch.cat([p.grad.flatten() for p in lora])
+
+    shared_lp, shared_grad = loss_and_grads([rows])
+    alone_lp, alone_grad = loss_and_grads([[r] for r in rows])
+    assert shared_lp.shape == (sum(len(r.response_ids) for r in rows),)
+    assert_rel_close(shared_lp, alone_lp, 1e-6, "logprobs")
+    assert alone_grad.norm() > 0
+    assert_rel_close(shared_grad, alone_grad, 1e-4, "LoRA gradient")

@@ -112,3 +112,23 @@ def test_decorator_form_returns_result_and_trajectory():
 
     result, traj = agent(SimpleNamespace(task_id="abc"))
     assert result == "done" and traj.task_id == "abc" and traj.total_reward == 2.0
+
+
+def test_recorded_transition_carries_every_generation_field():
+    """``record_generation`` builds the Transition positionally (it is the hot path): each field
+    must land where it belongs."""
+    gen = SimpleNamespace(prompt_ids=[1, 2, 3], response_ids=[4, 5], logprobs=[-0.1, -0.2],
+                          prompt_text="the prompt", text="the text", temperature=0.7,
+                          finish_reason="length")
+    with ll.rollout(task_id="t") as traj:
+        ll.reward(0.25)  # before any call: pending, lands on the first transition
+        with ll.step("writer"):
+            record_generation(gen)
+            record_generation(gen)
+    first, second = traj.transitions
+    expected = dict(prompt_ids=[1, 2, 3], response_ids=[4, 5], logprobs=[-0.1, -0.2],
+                    prompt="the prompt", response="the text", agent="writer", temperature=0.7,
+                    finish_reason="length", meta={}, ret=None, advantage=None, value=None)
+    for tr, step, reward in ((first, 0, 0.25), (second, 1, 0.0)):
+        assert {k: getattr(tr, k) for k in expected} == expected
+        assert (tr.step, tr.reward) == (step, reward)

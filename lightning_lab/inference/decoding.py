@@ -78,9 +78,10 @@ class DecodeBatch:
         decode: Callable[[list[int]], str],
         stop_token_ids: set[int],
         fast: bool = True,
+        dtype: torch.dtype = torch.float32,
     ):
         self.model = model
-        self.fast = FastLlama(model) if fast and supports(model) else None
+        self.fast = FastLlama(model, dtype) if fast and supports(model) else None
         self.decode = decode
         self.stop_token_ids = stop_token_ids
         self.device = next(model.parameters()).device

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from lightning_lab.inference.decoding import DecodeBatch, Row
+from lightning_lab.inference.precision import resolve_decode_dtype
 from lightning_lab.inference.sampling import SamplingParams
 
 
@@ -63,6 +64,10 @@ class EngineConfig:
     """...but starts decoding after this long regardless."""
     fast_path: bool = True
     """Use the lean Llama forward (``fast_llama``) when the model supports it; else HF's forward."""
+    decode_dtype: str = "float32"
+    """Dtype of the lean forward's matmuls: ``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16 on
+    a CPU with native bf16, see ``precision``). Recorded logprobs are those of this forward; the
+    trainer's fp32 forward differs from bf16 ones by ~1e-2 (``behaviour_logprob_err``)."""
 
 
 class _Pending:
@@ -109,6 +114,8 @@ class Engine:
         self.lock = threading.RLock()
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        device = next(model.parameters()).device.type
+        self.decode_dtype = resolve_decode_dtype(self.config.decode_dtype, device)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
@@ -172,7 +179,7 @@ class Engine:
             self._loop()
 
     def _loop(self) -> None:
-        batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
+        batch = self._new_batch()
         waiting: list[_Pending] = []
         stopping = False
         while not (stopping and not waiting and not len(batch)):
@@ -187,8 +194,12 @@ class Engine:
             except Exception as error:  # never die: fail what was in flight, keep serving
                 for row in batch.rows:
                     _fail(row.owner.future, error)
-                batch = DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path)
+                batch = self._new_batch()
         self.active_rows = 0
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path,
+                           self.decode_dtype)
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:
         """Move queued requests to ``waiting``; an idle worker gathers a burst first.

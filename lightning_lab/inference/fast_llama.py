@@ -5,8 +5,15 @@ overhead of the general HF forward (mask building, eager RMSNorm in five ops, re
 attention-interface dispatch) is a large share of a step on CPU. This forward reads the *same*
 modules and weights (so LoRA adapters, training updates and ``disable_adapter`` apply as usual;
 projections are called as modules) and only inlines the glue: fused ``rms_norm``, rotary,
-one grouped-query SDPA call, and an in-place KV append. It must give the logits the HF forward
-gives (tests check the recorded logprobs against a plain HF forward within 1e-4).
+one grouped-query SDPA call, and an in-place KV append. In fp32 it must give the logits the HF
+forward gives (tests check the recorded logprobs against a plain HF forward within 1e-4).
+
+With ``dtype=torch.bfloat16`` only the projection and output matmuls run in bf16, against bf16
+copies of the frozen weights made once (and again whenever a weight is changed in place, e.g. by
+a full fine-tune's optimizer step: ``Tensor._version`` tells). The residual stream, norms,
+rotary, attention, the KV cache and LoRA adapters stay fp32, so the error is one bf16 rounding of
+each matmul's inputs; the logprobs recorded are those of this bf16 forward, i.e. of the
+distribution the tokens were really sampled from.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ def supports(model: Any) -> bool:
 class FastLlama:
     """``forward(ids, positions, mask, cache) -> last-position logits`` for a Llama model."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, dtype: torch.dtype = torch.float32):
         lm = base_model(model)
+        self.dtype = dtype
+        self._low: dict[int, tuple[int, torch.Tensor]] = {}  # id(weight) -> (version, bf16 copy)
         self.embed = lm.model.embed_tokens
         self.layers = lm.model.layers
         self.norm = lm.model.norm
@@ -67,6 +76,38 @@ class FastLlama:
     def _rms(self, x: torch.Tensor, module: Any) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
 
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in ``self.dtype``, cast once and re-cast only after an in-place change."""
+        if weight.dtype == self.dtype:
+            return weight
+        version = weight._version
+        cached = self._low.get(id(weight))
+        if cached is None or cached[0] != version:
+            cached = (version, weight.detach().to(self.dtype))
+            self._low[id(weight)] = cached
+        return cached[1]
+
+    def _project(self, module: Any, h: torch.Tensor) -> torch.Tensor:
+        """``module(h)`` in fp32, with the (frozen) base matmul in ``self.dtype``.
+
+        A peft LoRA layer adds its active adapters in fp32 as peft does; adapter variants
+        (DoRA, ...) and anything else unknown run as the module itself, in fp32.
+        """
+        if self.dtype == torch.float32:
+            return module(h)
+        base = getattr(module, "base_layer", module)
+        lora = base is not module
+        if not isinstance(base, torch.nn.Linear) or (lora and getattr(module, "lora_variant", None)):
+            return module(h)
+        bias = None if base.bias is None else self._weight(base.bias)
+        out = F.linear(h.to(self.dtype), self._weight(base.weight), bias).float()
+        if lora and not module.disable_adapters and not module.merged:
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    a, b = module.lora_A[name], module.lora_B[name]
+                    out = out + b(a(module.lora_dropout[name](h))) * module.scaling[name]
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -90,21 +131,22 @@ class FastLlama:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._rms(x, layer.input_layernorm)
-            q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim)
-            k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim)
-            v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+            q = self._project(attn.q_proj, h).view(b, s, self.n_heads, self.head_dim)
+            k = self._project(attn.k_proj, h).view(b, s, self.n_kv, self.head_dim)
+            v = self._project(attn.v_proj, h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
             qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H+Hkv, S, D)
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
             keys, values = cache.update(k, v, i)  # (B, Hkv, T, D)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=allowed, scale=attn.scaling, enable_gqa=True
             )  # (B, H, S, D)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+            x = x + self._project(attn.o_proj, out.transpose(1, 2).reshape(b, s, -1))
             h = self._rms(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            gate, up = self._project(mlp.gate_proj, h), self._project(mlp.up_proj, h)
+            x = x + self._project(mlp.down_proj, F.silu(gate) * up)
         x = self._rms(x[:, -1], self.norm)  # (B, C): only the last position is ever sampled from
-        return self.lm_head(x).float()  # (B, V)
+        return self._project(self.lm_head, x).float()  # (B, V)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

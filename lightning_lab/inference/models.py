@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lightning_lab.inference.engine import EngineConfig
 from lightning_lab.inference.policy import Policy
 from lightning_lab.paths import cache_dir
 
@@ -150,6 +151,7 @@ def load(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    decode_dtype: str = "float32",
 ) -> Policy:
     """Load a policy.
 
@@ -157,6 +159,10 @@ def load(
     ``lora=None`` means on for real models and off for ``"tiny"``; ``True`` or a dict of
     ``peft.LoraConfig`` kwargs wraps the model so the adapter-off model is the PPO reference.
     ``dtype`` defaults to fp32 on CPU (logprob fidelity) and bf16 on CUDA.
+    ``decode_dtype`` is the sampling forward's matmul dtype (``EngineConfig.decode_dtype``):
+    ``"float32"`` by default (sampling logprobs equal the trainer's to float noise); ``"auto"``
+    (bf16 where the CPU has it natively) or ``"bfloat16"`` opt in to faster sampling whose
+    logprobs the fp32 update recomputes only to ~1e-2.
     """
     _set_threads(device)
     if dtype is None:
@@ -170,7 +176,8 @@ def load(
         if lora:
             model = _wrap_lora(model, lora)
     model.eval()
-    return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path)
+    return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path,
+                  engine_config=EngineConfig(decode_dtype=decode_dtype))
 
 
 def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, bool]:

@@ -90,6 +90,9 @@ class RunConfig:
     """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
     device: str = "cpu"
     """Torch device of the policy."""
+    decode_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
+    """Sampling matmuls: float32 | auto (bf16 on a CPU with native bf16) | bfloat16. bf16 is
+    opt-in: the fp32 update then sees ~1e-2 logprob gaps (behaviour_logprob_err)."""
     seed: int = 0
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
     env: str = "wordplay"

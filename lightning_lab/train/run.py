@@ -120,7 +120,7 @@ def load_policy(config: RunConfig) -> Any:
     from ..inference.adapters import lora_flag
 
     return models.load(config.model, lora=lora_flag(config.lora), device=config.device,
-                       seed=config.seed)
+                       seed=config.seed, decode_dtype=config.decode_dtype)
 
 
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:

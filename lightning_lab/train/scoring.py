@@ -1,12 +1,20 @@
 """Response-token logprobs of recorded transitions under a model: the PPO update's forward pass.
 
-Why prompts are shared: a step samples each task ``group_size`` times, so the transitions of a
-group carry the same prompt, and on agent tasks the prompt (a schema, retrieved passages) is most
-of the tokens. Scoring every row's prompt again costs ``group_size`` times the prompt compute.
-Here each distinct prompt in a chunk runs once; its KV cache is indexed out to the rows that share
-it and only the response tokens run per row. ``index_select`` is differentiable, so the gradient
-through the shared prompt is the sum over its rows: logprobs and gradients are those of scoring
-each row on its own (tests check both).
+Two kinds of sharing, both exact (tests check logprobs and gradients against scoring each row
+alone):
+
+* **Prompts** (GRPO groups): a step samples each task ``group_size`` times, so a group's
+  transitions carry the same prompt, and on agent tasks the prompt (a schema, retrieved passages)
+  is most of the tokens. Each distinct prompt in a chunk runs once; its KV cache is indexed out to
+  the rows that share it and only the response tokens run per row.
+* **Turns** (multi-turn agents): turn k+1's prompt usually *is* turn k's prompt + response + the
+  next user message, so scoring every turn re-runs the whole history and a trajectory costs
+  quadratically in its turns. A row whose inputs (prompt + response) are a prefix of another row's
+  inputs "rides" on it: a causal forward over the longer sequence already computed the hidden
+  states at its positions, so its logprobs are gathered from there at no extra forward cost.
+
+``index_select`` is differentiable, so the gradient through a shared position is the sum over
+the rows that read it, which is what scoring them separately gives.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from ..inference.adapters import base_model
 from ..inference.prompts import dedupe_prompts
 from ..records import Transition
 
-__all__ = ["Scores", "chunk_rows", "padded_tokens", "score"]
+__all__ = ["Scores", "chunk_rows", "hosts", "padded_tokens", "score", "sharing_groups"]
 
 
 @dataclass
@@ -29,6 +37,61 @@ class Scores:
     entropy: torch.Tensor  # (N,) detached
     prompt_hidden: torch.Tensor | None  # (B, H) last hidden state at each row's last prompt token
     lengths: list[int]  # response tokens per row, to split the flat tensors
+
+
+def _inputs(tr: Transition) -> list[int]:
+    """Tokens whose hidden states score ``tr``: the prompt and all response tokens but the last."""
+    return tr.prompt_ids + tr.response_ids[:-1] if tr.response_ids else list(tr.prompt_ids)
+
+
+def hosts(rows: Sequence[Transition]) -> list[int]:
+    """For each row, the row whose forward covers it: itself, or a row whose inputs extend its own.
+
+    Longest rows are hosts first; a shorter row rides on the first host whose inputs start with
+    all of its inputs (the previous turn of the same multi-turn trajectory, typically; also a
+    GRPO sample whose response is a prefix of a sibling's). Hosts never ride.
+    """
+    inputs = [_inputs(tr) for tr in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(inputs[i]))
+    of_row = list(range(len(rows)))
+    chosen: list[int] = []
+    for i in order:
+        seq, n = inputs[i], len(inputs[i])
+        for h in chosen:
+            host = inputs[h]
+            # cheap rejects before the O(n) comparison: the last input token, the prompt's end
+            if host[n - 1] == seq[-1] and host[len(rows[i].prompt_ids) - 1] == rows[i].prompt_ids[-1] \
+                    and host[:n] == seq:
+                of_row[i] = h
+                break
+        else:
+            chosen.append(i)
+    return of_row
+
+
+def sharing_groups(rows: Sequence[Transition]) -> list[list[int]]:
+    """Row indices grouped so that rows sharing a prompt or riding on each other stay together.
+
+    The trainer keeps each group inside one minibatch (in its original order), so ``score``
+    can share the prompt pass and the turns' forward. Groups come in first-seen order.
+    """
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    _, of_prompt = dedupe_prompts([tr.prompt_ids for tr in rows])
+    first_of: dict[int, int] = {}
+    for i, (p, h) in enumerate(zip(of_prompt, hosts(rows))):
+        parent[find(i)] = find(first_of.setdefault(p, i))
+        parent[find(i)] = find(h)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
 
 
 def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,18 +105,21 @@ def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, to
 
 
 def padded_tokens(rows: Sequence[Transition]) -> int:
-    """Tokens ``score`` runs for ``rows``: distinct prompts, plus responses, each padded."""
-    prompts, _ = dedupe_prompts([tr.prompt_ids for tr in rows])
-    longest_response = max((len(tr.response_ids) for tr in rows), default=0)
-    return len(prompts) * max(map(len, prompts), default=0) + len(rows) * longest_response
+    """Tokens ``score`` runs for ``rows``: the hosts' distinct prompts plus their responses,
+    each padded (riders are free)."""
+    of_row = hosts(rows)
+    host_rows = [rows[h] for h in sorted(set(of_row))]
+    prompts, _ = dedupe_prompts([tr.prompt_ids for tr in host_rows])
+    longest_response = max((len(tr.response_ids) for tr in host_rows), default=0)
+    return len(prompts) * max(map(len, prompts), default=0) + len(host_rows) * longest_response
 
 
 def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
     """Split rows (in order) into forward passes of at most ``budget`` padded tokens.
 
     Activation memory grows with tokens (a 135M model's backward over a few thousand tokens
-    already takes gigabytes). Keep rows of a group adjacent so they land in one chunk and share
-    their prompt; a single row over budget gets a chunk of its own.
+    already takes gigabytes). Keep rows of a group (or of a trajectory's turns) adjacent so they
+    land in one chunk and share their forward; a single row over budget gets a chunk of its own.
     """
     chunks: list[list[int]] = []
     for i in range(len(rows)):
@@ -68,48 +134,68 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
           grad: bool = False, hidden: bool = False) -> Scores:
     """Logprobs (at each transition's sampling temperature) of every response token of ``rows``.
 
-    Two decoder passes: the distinct prompts, right-padded so every sequence sits at positions
-    0..L-1 as it did during sampling; then each row's response (all but its last token) on top
-    of its prompt's cached keys/values, at positions ``len(prompt) + j``. Logits are computed only
-    at positions that predict response tokens, which keeps the (tokens x vocab) tensor small.
+    Two decoder passes over the host rows (see ``hosts``): their distinct prompts, right-padded
+    so every sequence sits at positions 0..L-1 as it did during sampling; then each host's
+    response (all but its last token) on top of its prompt's cached keys/values, at positions
+    ``len(prompt) + j``. Every row, host or rider, then reads the hidden states at its own
+    positions of its host's sequence. Logits are computed only at positions that predict
+    response tokens, which keeps the (tokens x vocab) tensor small.
     """
     core = base_model(model)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
-    prompts, of_row = dedupe_prompts([tr.prompt_ids for tr in rows])
+    of_row = hosts(rows)
+    host_ids = sorted(set(of_row))
+    slot = {h: b for b, h in enumerate(host_ids)}  # row index -> position among hosts
+    host_rows = [rows[h] for h in host_ids]
+    prompts, of_host = dedupe_prompts([tr.prompt_ids for tr in host_rows])
     plen = torch.tensor([len(p) for p in prompts])
-    row_prompt = torch.tensor(of_row)
+    lp = int(plen.max())
+    host_prompt = torch.tensor(of_host)
+    width = max(len(tr.response_ids) for tr in host_rows) - 1  # a last token predicts nothing
     lengths = [len(tr.response_ids) for tr in rows]
-    width = max(lengths) - 1  # the last response token predicts nothing
     with torch.set_grad_enabled(grad):
-        p_ids, p_mask = _padded(prompts, int(plen.max()))
+        p_ids, p_mask = _padded(prompts, lp)
         first = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
                         use_cache=width > 0)
-        last_prompt = first.last_hidden_state[row_prompt.to(device),
-                                              (plen[row_prompt] - 1).to(device)]  # (B, H)
-        states = [last_prompt]
+        hidden_size = first.last_hidden_state.shape[-1]
+        states = [first.last_hidden_state.reshape(-1, hidden_size)]  # (U * Lp, H)
         if width > 0:
-            r_ids, r_mask = _padded([tr.response_ids[:-1] for tr in rows], width)
+            r_ids, r_mask = _padded([tr.response_ids[:-1] for tr in host_rows], width)
             cache = first.cache
-            cache.reorder_cache(row_prompt.to(device))  # (U, ...) -> (B, ...) per layer
-            mask = torch.cat([p_mask[row_prompt], r_mask], dim=1)  # (B, Lp + width)
-            positions = plen[row_prompt][:, None] + torch.arange(width)[None, :]  # (B, width)
+            cache.reorder_cache(host_prompt.to(device))  # (U, ...) -> (B_hosts, ...) per layer
+            mask = torch.cat([p_mask[host_prompt], r_mask], dim=1)  # (Bh, Lp + width)
+            positions = plen[host_prompt][:, None] + torch.arange(width)[None, :]  # (Bh, width)
             rest = decoder(input_ids=r_ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), cache=cache,
-                           use_cache=False).last_hidden_state  # (B, width, H)
-            states.append(rest.reshape(-1, rest.shape[-1]))
-        # Row b's token 0 is predicted at last_prompt[b]; its token j >= 1 at rest[b, j - 1].
-        at = torch.tensor([i for b, n in enumerate(lengths) if n > 0
-                           for i in [b] + [len(rows) + b * width + j for j in range(n - 1)]],
+                           use_cache=False).last_hidden_state  # (Bh, width, H)
+            states.append(rest.reshape(-1, hidden_size))
+        states = torch.cat(states)  # prompt-pass positions, then response-pass positions
+
+        def flat(i: int, position: int) -> int:
+            """Row of ``states`` holding row i's host's hidden state at ``position``."""
+            b = slot[of_row[i]]
+            u = of_host[b]
+            if position < len(prompts[u]):
+                return u * lp + position
+            return len(prompts) * lp + b * width + position - len(prompts[u])
+
+        # Response token j of row i sits at position P_i + j and is predicted at P_i + j - 1.
+        at = torch.tensor([flat(i, len(tr.prompt_ids) - 1 + j)
+                           for i, tr in enumerate(rows) for j in range(len(tr.response_ids))],
                           dtype=torch.long, device=device)
-        logits = head(torch.cat(states)[at]).float()  # (N, V)
+        logits = head(states[at]).float()  # (N, V)
         temps = torch.cat([torch.full((n,), tr.temperature or 1.0)
                            for tr, n in zip(rows, lengths)]).to(logits)
         logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)
         targets = torch.tensor([t for tr in rows for t in tr.response_ids], device=device)
         logprobs = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
         entropy = _entropy(logp_all.detach())
-    return Scores(logprobs=logprobs, entropy=entropy,
-                  prompt_hidden=last_prompt if hidden else None, lengths=lengths)
+        prompt_hidden = None
+        if hidden:
+            last = torch.tensor([flat(i, len(tr.prompt_ids) - 1) for i, tr in enumerate(rows)],
+                                dtype=torch.long, device=device)
+            prompt_hidden = states[last]  # (B, H)
+    return Scores(logprobs=logprobs, entropy=entropy, prompt_hidden=prompt_hidden, lengths=lengths)
 
 
 def _entropy(logp: torch.Tensor, chunk: int = 256) -> torch.Tensor:

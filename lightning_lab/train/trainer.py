@@ -28,8 +28,7 @@ from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
 from ..tracing import derive_seed
 from ..inference.adapters import has_adapter
-from ..inference.prompts import dedupe_prompts
-from .scoring import Scores, chunk_rows, score
+from .scoring import Scores, chunk_rows, score, sharing_groups
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
 
@@ -265,12 +264,9 @@ class PPOTrainer:
         return stats, ratios
 
     def _minibatch_order(self, rows: list[Transition]) -> list[int]:
-        """Rows in shuffled order, those sharing a prompt kept adjacent: minibatches then hold
-        whole groups, whose prompt the forward pass runs once (see ``scoring``)."""
-        prompts, of_row = dedupe_prompts([tr.prompt_ids for tr in rows])
-        shuffled: list[list[int]] = [[] for _ in prompts]
-        for i, p in enumerate(of_row):
-            shuffled[p].append(i)
+        """Rows in shuffled order, those sharing a prompt or a trajectory's turns kept adjacent:
+        minibatches then hold whole groups, whose forward runs once (see ``scoring``)."""
+        shuffled = sharing_groups(rows)
         self.minibatch_rng.shuffle(shuffled)
         return [i for group in shuffled for i in group]
 
