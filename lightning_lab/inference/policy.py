@@ -19,6 +19,15 @@ Message = dict[str, str]
 Prompt = Union[str, list[Message]]
 
 
+def render_prompt(tokenizer: Any, prompt: Prompt, prefill: str = "") -> str:
+    """The text a call conditions on: the chat template (with the generation prompt) applied to
+    messages, a string as it is; then ``prefill``. Shared with SFT, which must build the very
+    prompt the agent's call would have seen."""
+    if isinstance(prompt, str):
+        return prompt + prefill
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + prefill
+
+
 @dataclass
 class Generation:
     """One sampled completion with everything PPO needs to score it again."""
@@ -56,10 +65,7 @@ class Policy:
 
     def prompt_text(self, prompt: Prompt, prefill: str = "") -> str:
         """Chat messages get the chat template with the generation prompt; strings stay as they are."""
-        if isinstance(prompt, str):
-            return prompt + prefill
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return text + prefill
+        return render_prompt(self.tokenizer, prompt, prefill)
 
     def generate(
         self,
