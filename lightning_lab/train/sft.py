@@ -28,7 +28,7 @@ from ..records import Batch, Trajectory, Transition
 from .scoring import chunk_rows, score
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
-           "sft_loss", "sft_rows"]
+           "sft_loss", "sft_rows", "sft_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,9 @@ class SFTTrainer:
         cfg = self.config
         t0 = time.perf_counter()
         idx = self._next_rows()
-        rows = [self.rows[i] for i in idx]
+        # Shortest prompts first: chunks then pad to similar lengths (a stable sort keeps the
+        # rows of a shared prompt adjacent), which on schema-sized prompts saves a third of the work.
+        rows = sorted((self.rows[i] for i in idx), key=lambda tr: len(tr.prompt_ids))
         n_tokens = sum(len(tr.response_ids) for tr in rows)
         lr = cfg.lr * min(1.0, (self.step_count + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in self.optimizer.param_groups:
@@ -251,6 +253,12 @@ class SFTTrainer:
                 break
         return states
 
+    def state_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return sft_state_dict(self.policy, config=dataclasses.asdict(self.config),
+                              step=self.step_count, optimizer=self.optimizer, history=self.history)
+
     def _next_rows(self) -> list[int]:
         """Shuffled passes; rows sharing a prompt stay adjacent so their prompt runs once."""
         out: list[int] = []
@@ -265,3 +273,14 @@ class SFTTrainer:
                 self._queue = [i for g in reversed(order) for i in reversed(g)]
             out.append(self._queue.pop())
         return out
+
+
+def sft_state_dict(policy: Any, *, config: dict[str, Any], step: int,
+                   optimizer: torch.optim.Optimizer | None, history: list[dict[str, float]]
+                   ) -> dict[str, Any]:
+    """Fine-tuned weights plus what produced them, as tensors and plain data (a checkpoint that
+    ``load_policy_weights`` and ``train --init-from`` read)."""
+    params = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
+    return {"kind": "sft", "step": step, "config": config, "params": params,
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "history": list(history)}
