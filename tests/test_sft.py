@@ -119,7 +119,7 @@ def _params(model):
 
 
 def test_offline_ppo_on_saved_batch_reproduces_online_update(tmp_path):
-    config = ll.PPOConfig(tasks_per_step=4, group_size=4, lr=3e-3, minibatch_size=32, ppo_epochs=2)
+    config = ll.PPOConfig(tasks_per_step=4, group_size=4, lr=3e-3, minibatch_size=8, ppo_epochs=2)
     online = ll.models.load("tiny")
     start = _params(online.model)
     trainer = ll.PPOTrainer(online, parity_agent(online), TASKS, config=config)

@@ -281,6 +281,6 @@ def sft_state_dict(policy: Any, *, config: dict[str, Any], step: int,
     """Fine-tuned weights plus what produced them, as tensors and plain data (a checkpoint that
     ``load_policy_weights`` and ``train --init-from`` read)."""
     params = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    return {"kind": "sft", "step": step, "config": config, "params": params,
+    return {"kind": "sft", "step": step, "config": config, "credit": {}, "params": params,
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "history": list(history)}

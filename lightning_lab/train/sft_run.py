@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..records import Batch
 from .sft import SFTConfig
 
-__all__ = ["SFTRunConfig", "run_sft", "load_traces"]
+__all__ = ["SFTRunConfig", "run_sft", "load_traces", "sft_override", "load_sft_config"]
 
 
 @dataclass
@@ -90,6 +90,64 @@ class SFTRunConfig:
         self.sft.seed = self.seed
 
 
+def sft_override(config: SFTRunConfig, values: dict[str, Any]) -> SFTRunConfig:
+    """A copy of ``config`` with fields replaced by name; fine-tuning fields as ``sft.lr`` or
+    ``lr``. Unknown names fail with the valid ones."""
+    from .config import ConfigError
+
+    top = dataclasses.asdict(config)
+    run_names = {f.name for f in dataclasses.fields(SFTRunConfig)} - {"sft"}
+    sft_names = {f.name for f in dataclasses.fields(SFTConfig)} - {"seed"}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "sft" and isinstance(value, dict):
+            flat.update({f"sft.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        name = key.removeprefix("sft.")
+        if key.startswith("sft.") or (key not in run_names and name in sft_names):
+            if name not in sft_names:
+                raise ConfigError(f"unknown fine-tuning field {key!r}; valid: {sorted(sft_names)}")
+            if name == "agents" and isinstance(value, str):
+                value = tuple(a for a in value.split(",") if a)
+            top["sft"][name] = value
+        elif key in run_names:
+            top[key] = value
+        else:
+            raise ConfigError(f"unknown config field {key!r}; valid: {sorted(run_names)} "
+                              "and sft.<field>")
+    try:
+        return SFTRunConfig(**top)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_sft_config(path: str | Path) -> SFTRunConfig:
+    """An ``SFTRunConfig`` from YAML (nested ``sft:`` mapping or dotted keys)."""
+    import yaml
+
+    from .config import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read sft config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"sft config {path} must be a mapping of field names")
+    return sft_override(SFTRunConfig(), data)
+
+
+def _save_config(config: SFTRunConfig, path: Path) -> None:
+    import yaml
+
+    data = dataclasses.asdict(config)
+    del data["sft"]["seed"]  # follows the run's seed
+    if data["sft"]["agents"] is not None:
+        data["sft"]["agents"] = list(data["sft"]["agents"])
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
 def load_traces(path: str | Path, fmt: str = "auto", tokenizer: Any = None) -> Batch:
     """A ``Batch`` from stored traces in any supported format; bad records are reported in
     ``Batch.load_errors`` (the loaders skip them and name file and record)."""
@@ -134,7 +192,7 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    _save_config(config, out / "config.yaml")
     env = envs.get(config.env)
     train_tasks = env.load_tasks("train", data=config.data, seed=config.seed, limit=config.limit,
                                  **config.task_options)
@@ -152,6 +210,9 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
         batch, metrics = evaluate(agent, dev_tasks, summarize=env.summarize)
         batch.save_jsonl(out / f"eval_{tag}.jsonl")
         log(f"[eval {tag}] " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        for cb in callbacks:
+            if hasattr(cb, "on_eval"):
+                cb.on_eval(metrics, 0)
         return metrics
 
     before = dev_eval("before")
@@ -185,7 +246,9 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
             skipped["load_errors"] = len(batch.load_errors)
         else:
             if env.demonstrations is None:
-                raise ValueError(f"environment {config.env!r} has no demonstrations; pass --traces "
+                from .config import ConfigError
+
+                raise ConfigError(f"environment {config.env!r} has no demonstrations; pass --traces "
                                  "or use --mode rejection")
             demos = env.demonstrations(train_tasks, **config.agent_options)
             skipped["no_demonstration"] = len(train_tasks) - len(demos)
@@ -215,6 +278,9 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
                "checkpoint": str(ckpt), **trainer_state}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"fine-tuned {len(history)} steps in {minutes:.1f} min -> {ckpt}")
+    for cb in callbacks:
+        if hasattr(cb, "on_finish"):
+            cb.on_finish()
     return summary
 
 
