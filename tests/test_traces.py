@@ -155,3 +155,16 @@ def test_imported_spans_train_sft_and_offline_ppo_names_missing_logprobs(tiny):
     with pytest.raises(OfflineBatchError, match=r"'logprobs' is missing in trajectory 1 .*ro-2"):
         offline_ppo_step(trainer, batch)
     check_offline_batch(ll.Batch([batch[0]]))  # the rollout with recorded logprobs is fine
+
+
+def test_imported_agentlightning_batch_opens_in_the_inspector(tiny, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    from lightning_lab.workbench.widgets import dashboard
+
+    monkeypatch.setattr(dashboard, "widgets_available", lambda: (True, ""))  # as test_widgets does
+    batch = load_agentlightning(FIXTURE, tiny.tokenizer)
+    inspector = dashboard.TrajectoryInspector(batch)
+    assert len(inspector.pick.options) == 2
+    assert "total reward 1.000" in inspector.detail.value  # ro-1: 0 + 1.0
+    inspector.task.value = "ro-2"
+    assert "total reward 0.750" in inspector.detail.value and "namer" in inspector.detail.value
