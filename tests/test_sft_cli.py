@@ -59,3 +59,17 @@ def test_sft_usage_errors_exit_2(tmp_path, capsys):
     assert main(["sft", "--model", "tiny", "--env", "wordplay", "--eval-limit", "0",
                  "--out", str(tmp_path / "y")]) == 2
     assert "has no demonstrations" in capsys.readouterr().err
+
+
+def test_sft_rejection_mode_runs_rounds(tmp_path):
+    out = tmp_path / "rs"
+    rc = main(["sft", "--model", "tiny", "--env", "wordplay", "--mode", "rejection", "--n", "2",
+               "--rounds", "2", "--tasks-per-round", "2", "--threshold", "-1", "--batch-size", "8",
+               "--eval-limit", "0", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["sampled"] for r in summary["rounds"]] == [4.0, 4.0]
+    assert all(r["kept"] == r["sampled"] for r in summary["rounds"])  # threshold -1 keeps all
+    assert summary["rows"] == 16 and summary["loss"]  # 8 trajectories of 2 calls (namer, shouter)
+    _, state = load_checkpoint(out / "checkpoints", require=("params",))
+    assert state["step"] == len(summary["loss"])

@@ -236,7 +236,7 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
             callbacks=(on_step, *callbacks))
         trainer_state = {"rounds": [r.metrics for r in results]}
         history = [m for r in results for m in r.sft_history]
-        n_rows = sum(len(r.kept) for r in results)
+        n_rows = sum(len(t.transitions) for r in results for t in r.kept)
         final_params = None
     else:
         if config.traces:
