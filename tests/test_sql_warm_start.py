@@ -32,6 +32,7 @@ def test_spider_split_by_database_is_disjoint_and_documented():
     mixed = load_tasks("train", data=SPIDER, by_database=True, with_generated=True)
     assert mixed[:len(train)] == train and len(mixed) > len(train)
     assert all(not t.task_id.startswith("spider") for t in mixed[len(train):])
+    assert load_tasks("dev", data=SPIDER, by_database=True, with_generated=True) == held
 
 
 def test_split_rule_alternates_by_size():

@@ -43,8 +43,9 @@ def load_tasks(split: str = "train", data: str | Path | None = None, seed: int =
     ("hard,extra" or a list) keeps only questions of those Spider levels, applied before `limit`.
     `by_database=True` splits Spider's dev file by database instead (`split_by_database`):
     "train" = the training databases' questions, "dev" = the held-out databases'.
-    `with_generated=True` adds the generated tasks of the same split after the Spider ones (train
-    on generated data and the training databases at once).
+    `with_generated=True` adds the generated training tasks after the Spider ones in the "train"
+    split (train on generated data and the training databases at once); "dev" stays Spider only,
+    so a run's evaluations stay the held-out table.
     """
     if data is None or str(data) == "generated":
         tasks = generate_tasks(seed=seed, split=split)
@@ -60,8 +61,8 @@ def load_tasks(split: str = "train", data: str | Path | None = None, seed: int =
             tasks = [t for t in tasks if t.db_id in keep]
         else:
             tasks = load_spider(path, split=split, limit=None if levels or with_generated else limit)
-        if with_generated:
-            tasks = tasks + generate_tasks(seed=seed, split=split)
+        if with_generated and split == "train":
+            tasks = tasks + generate_tasks(seed=seed, split="train")
     if levels:
         wanted = set(levels.split(",") if isinstance(levels, str) else levels)
         if not wanted <= set(LEVELS):
