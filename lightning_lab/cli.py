@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     ev.add_argument("--out", default=None, help="write per-example results (.jsonl or .parquet)")
 
+    from .train.sft import SFTConfig
+    from .train.sft_run import SFTRunConfig
+
+    sft = sub.add_parser("sft", help="supervised warm start: stored traces, demonstrations or "
+                                     "rejection sampling",
+                         description="Every flag is an SFTRunConfig field (lightning_lab/train/"
+                                     "sft_run.py); then `train --init-from <out>/checkpoints`.")
+    sft.add_argument("--config", default=None, help="SFTRunConfig YAML (defaults for every flag)")
+    for f in dataclasses.fields(SFTRunConfig):
+        if f.name != "sft":
+            _add_field(sft, SFTRunConfig, f.name, f.name, suppress=True)
+    for f in dataclasses.fields(SFTConfig):
+        if f.name != "seed":
+            _add_field(sft, SFTConfig, f.name, f"sft.{f.name}", suppress=True)
+
     sub.add_parser("envs", help="list environments")
     sub.add_parser("credit", help="list credit strategies")
 
@@ -159,6 +174,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .train.sft_run import SFTRunConfig, load_sft_config, run_sft, sft_override
+
+    base = load_sft_config(args.config) if args.config else SFTRunConfig()
+    config = sft_override(base, _changes(args))
+    callbacks: list[Any] = []
+    if config.wandb:
+        from .workbench.tracking import WandbCallback
+
+        callbacks.append(WandbCallback(project="lightning-lab", config={"stage": "sft"}))
+    run_sft(config, log=lambda line: print(line, flush=True), callbacks=tuple(callbacks))
+    return 0
+
+
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from .train.checkpoint import CheckpointError
 
@@ -178,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("\n".join(credit.names()))
         return 0
-    handler = {"train": cmd_train, "eval": cmd_eval}.get(args.command) or args.handler
+    handler = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft}.get(args.command) or args.handler
     try:
         return handler(args) or 0
     except _usage_errors() as exc:  # what the user can fix; anything else keeps its traceback

@@ -26,6 +26,10 @@ class Environment:
     summarize: Callable[[Batch], dict[str, float]]
     """Evaluation metrics of a finished batch, e.g. {"exec_acc": 0.12}."""
     description: str = ""
+    demonstrations: Callable[..., list[Any]] | None = None
+    """(tasks, **agent_options) -> ``ll.train.sft.Demonstration``s: each task's reference answer
+    written as the agent's own call (its prompt, prefill and stop), for supervised warm starts.
+    None when the environment has no reference answers in that form."""
 
 
 _REGISTRY: dict[str, Environment] = {}

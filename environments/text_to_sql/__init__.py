@@ -19,7 +19,8 @@ from .prompts import parse_verdict
 from .reward import RewardConfig, SQLScore, execution_match, results_match, score_sql
 from .schema import schema_text
 from .similarity import sql_similarity
-from .spider import SpiderFormatError, SpiderFormatWarning, load_spider
+from .demos import demonstrations
+from .spider import SpiderFormatError, SpiderFormatWarning, load_spider, split_by_database
 from .sql import ExecResult, extract_sql, is_valid_sql, run_sql
 from .task import SQLTask
 
@@ -28,17 +29,23 @@ __all__ = [
     "SpiderFormatWarning", "build_databases", "execution_match", "extract_sql",
     "generate_tasks", "is_valid_sql", "load_spider", "load_tasks", "make_agent",
     "parse_verdict", "results_match", "run_agent", "run_sql", "schema_text", "score_sql",
-    "spider_hardness", "sql_similarity", "summarize",
+    "spider_hardness", "split_by_database", "sql_similarity", "summarize", "demonstrations",
 ]
 
 
 def load_tasks(split: str = "train", data: str | Path | None = None, seed: int = 0,
-               limit: int | None = None, levels: str | Sequence[str] | None = None) -> list[SQLTask]:
+               limit: int | None = None, levels: str | Sequence[str] | None = None,
+               by_database: bool = False, with_generated: bool = False) -> list[SQLTask]:
     """Tasks of a split: generated (data=None or "generated") or Spider from a folder.
 
     For Spider, `split` picks `dev.json` or `train_spider.json` and `seed` is ignored; `limit`
     keeps the first tasks in file order (so evaluations on a prefix are comparable). `levels`
     ("hard,extra" or a list) keeps only questions of those Spider levels, applied before `limit`.
+    `by_database=True` splits Spider's dev file by database instead (`split_by_database`):
+    "train" = the training databases' questions, "dev" = the held-out databases'.
+    `with_generated=True` adds the generated training tasks after the Spider ones in the "train"
+    split (train on generated data and the training databases at once); "dev" stays Spider only,
+    so a run's evaluations stay the held-out table.
     """
     if data is None or str(data) == "generated":
         tasks = generate_tasks(seed=seed, split=split)
@@ -47,7 +54,15 @@ def load_tasks(split: str = "train", data: str | Path | None = None, seed: int =
         if not path.exists():
             raise FileNotFoundError(f"text_to_sql: no Spider data at {path} "
                                     "(or pass data='generated')")
-        tasks = load_spider(path, split=split, limit=None if levels else limit)
+        if by_database:
+            tasks = load_spider(path, split="dev")
+            train_dbs, held_out = split_by_database(tasks)
+            keep = set(held_out if split == "dev" else train_dbs)
+            tasks = [t for t in tasks if t.db_id in keep]
+        else:
+            tasks = load_spider(path, split=split, limit=None if levels or with_generated else limit)
+        if with_generated and split == "train":
+            tasks = tasks + generate_tasks(seed=seed, split="train")
     if levels:
         wanted = set(levels.split(",") if isinstance(levels, str) else levels)
         if not wanted <= set(LEVELS):
@@ -95,6 +110,7 @@ ll.envs.register(ll.envs.Environment(
     load_tasks=load_tasks,
     make_agent=make_agent,
     summarize=summarize,
+    demonstrations=demonstrations,
     description="text-to-SQL over SQLite (generated dbs or Spider), writer/checker/rewriter agent, "
                 "reward = execution accuracy",
 ))

@@ -23,6 +23,15 @@ Message = dict[str, Any]
 Prompt = Union[str, list[Message]]
 
 
+def render_prompt(tokenizer: Any, prompt: Prompt, prefill: str = "") -> str:
+    """The text a call conditions on: the chat template (with the generation prompt) applied to
+    messages, a string as it is; then ``prefill``. Shared with SFT, which must build the very
+    prompt the agent's call would have seen."""
+    if isinstance(prompt, str):
+        return prompt + prefill
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + prefill
+
+
 @dataclass
 class Generation:
     """One sampled completion with everything PPO needs to score it again."""

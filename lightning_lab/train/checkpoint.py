@@ -27,7 +27,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -191,9 +191,16 @@ def resolve(directory: Path) -> Path:
     return found
 
 
-def load_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
+TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rng", "task_queue",
+                "history")
+"""What a PPO trainer's ``state_dict()`` holds (and resuming needs)."""
+
+
+def load_checkpoint(directory: Path, require: Sequence[str] = TRAINER_KEYS
+                    ) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``directory`` names and its state dict, loaded without unpickling code
-    (``weights_only=True``: tensors and plain containers only). Every error names the file."""
+    (``weights_only=True``: tensors and plain containers only). Every error names the file. ``require``: the keys the caller
+    needs (weights alone, as an SFT checkpoint holds, need only ``params``)."""
     path = resolve(directory)
     try:
         meta = json.loads((path / _META).read_text(encoding="utf-8"))
@@ -218,8 +225,7 @@ def load_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
                               f"{first_line}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / _STATE}: not a trainer state dict")
-    missing = [k for k in ("step", "config", "credit", "params", "critic", "optimizer", "rng",
-                           "task_queue", "history") if k not in state]
+    missing = [k for k in require if k not in state]
     if missing:
         raise CheckpointError(f"{path / _STATE}: lacks {missing}")
     return path, state
@@ -227,7 +233,7 @@ def load_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
 
 def load_policy_weights(policy: Any, directory: Path) -> Path:
     """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
-    path, state = load_checkpoint(Path(directory))
+    path, state = load_checkpoint(Path(directory), require=("params",))
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     saved = state["params"]
     mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]

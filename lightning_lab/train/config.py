@@ -137,6 +137,9 @@ class RunConfig:
     """Keep the newest K checkpoints, delete older ones (0: keep all)."""
     resume: bool = False
     """Continue from <out>/checkpoints, with <out>/config.yaml as the base config."""
+    init_from: str | None = None
+    """Start from the weights of this checkpoint (a warm start, e.g. lightning-lab sft's
+    <out>/checkpoints); a resumed run continues from its own checkpoint instead."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless logged in)."""
     out: str = "runs/demo"

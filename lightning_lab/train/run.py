@@ -144,6 +144,10 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     ckpt_dir = Path(config.out) / "checkpoints"
     # A crash during the very first save leaves no complete checkpoint: start from step 0.
     resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
+    if config.init_from and not resumed:
+        from .checkpoint import load_policy_weights
+
+        load_policy_weights(policy, Path(config.init_from))
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
                                   config=config.ppo, callbacks=cbs)

@@ -131,7 +131,14 @@ class PPOTrainer:
         rollout_s = time.perf_counter() - t0
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
+        return self.learn(batch, rollout_s=rollout_s)
 
+    def learn(self, batch: Batch, *, rollout_s: float = 0.0) -> StepState:
+        """Credit -> PPO epochs on ``batch`` -> metrics: the second half of ``step()``.
+
+        ``step()`` calls it on fresh rollouts; ``offline.offline_ppo_step`` on a stored batch
+        (checked there for behaviour logprobs), so both take exactly the same update.
+        """
         t1 = time.perf_counter()
         if self.credit.needs_values:
             self.critic_values(batch)

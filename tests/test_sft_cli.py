@@ -1,0 +1,75 @@
+"""``lightning-lab sft`` end to end on the tiny model, then ``train --init-from`` its weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+import lightning_lab as ll
+from lightning_lab.cli import main
+from lightning_lab.train.checkpoint import load_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "agentlightning_spans.json"
+
+
+def test_sft_from_demonstrations_then_train_from_its_weights(tmp_path, capsys):
+    out = tmp_path / "sft"
+    rc = main(["sft", "--model", "tiny", "--env", "text_to_sql", "--limit", "12",
+               "--agent-option", "max_turns=1", "--batch-size", "4", "--epochs", "1",
+               "--lr", "1e-3", "--eval-limit", "0", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 12 and len(summary["loss"]) == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["sft"]["lr"] == 1e-3
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    _, state = load_checkpoint(out / "checkpoints", require=("params",))
+    assert state["kind"] == "sft" and state["step"] == 3
+
+    train_out = tmp_path / "rl"
+    rc = main(["train", "--model", "tiny", "--env", "text_to_sql", "--limit", "4",
+               "--agent-option", "max_turns=1", "--agent-option", "max_new_tokens=8",
+               "--init-from", str(out / "checkpoints"), "--steps", "0", "--eval-limit", "2",
+               "--out", str(train_out)])
+    assert rc == 0
+    _, trained = load_checkpoint(train_out / "checkpoints")
+    for name, tensor in state["params"].items():  # zero RL steps: the weights are the SFT ones
+        assert torch.equal(trained["params"][name], tensor), name
+    fresh = ll.models.load("tiny")
+    moved = [n for n, p in fresh.model.named_parameters() if not torch.equal(p, state["params"][n])]
+    assert moved  # and they differ from an untrained model's
+
+
+def test_sft_from_agentlightning_traces_reports_skipped_records(tmp_path, capsys):
+    rc = main(["sft", "--model", "tiny", "--env", "wordplay", "--traces", str(FIXTURE),
+               "--batch-size", "4", "--eval-limit", "0", "--out", str(tmp_path / "al")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped: ") == 3 and "rollout 'ro-3'" in printed
+    summary = json.loads((tmp_path / "al" / "summary.json").read_text())
+    assert summary["rows"] == 4 and summary["skipped"]["load_errors"] == 3
+
+
+def test_sft_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["sft", "--model", "tiny", "--traces", str(tmp_path / "missing.jsonl"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no trace file" in capsys.readouterr().err
+    assert main(["sft", "--model", "tiny", "--env", "wordplay", "--eval-limit", "0",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "has no demonstrations" in capsys.readouterr().err
+
+
+def test_sft_rejection_mode_runs_rounds(tmp_path):
+    out = tmp_path / "rs"
+    rc = main(["sft", "--model", "tiny", "--env", "wordplay", "--mode", "rejection", "--n", "2",
+               "--rounds", "2", "--tasks-per-round", "2", "--threshold", "-1", "--batch-size", "8",
+               "--eval-limit", "0", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["sampled"] for r in summary["rounds"]] == [4.0, 4.0]
+    assert all(r["kept"] == r["sampled"] for r in summary["rounds"])  # threshold -1 keeps all
+    assert summary["rows"] == 16 and summary["loss"]  # 8 trajectories of 2 calls (namer, shouter)
+    _, state = load_checkpoint(out / "checkpoints", require=("params",))
+    assert state["step"] == len(summary["loss"])
