@@ -112,6 +112,7 @@ def _tiny_model(seed: int) -> Any:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -156,7 +157,9 @@ def load(
     ``name_or_path`` is ``"tiny"``, ``"smollm2-135m"``, a local HF directory or a hub id.
     ``lora=None`` means on for real models and off for ``"tiny"``; ``True`` or a dict of
     ``peft.LoraConfig`` kwargs wraps the model so the adapter-off model is the PPO reference.
-    ``dtype`` defaults to fp32 on CPU (logprob fidelity) and bf16 on CUDA.
+    ``dtype`` defaults to fp32 on CPU (logprob fidelity) and bf16 on CUDA; LoRA weights stay
+    fp32 either way (peft upcasts adapters), and the trainer's forward runs under bf16 autocast on
+    CUDA.
     """
     _set_threads(device)
     if dtype is None:
@@ -183,7 +186,8 @@ def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, 
         default_lora = False
     else:
         source = smollm2_model_dir() if name_or_path == "smollm2-135m" else name_or_path
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # SDPA: fused attention kernels (flash / memory-efficient on CUDA) with no extra package.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(source)
         default_lora = True
     return model, tokenizer, default_lora
