@@ -125,12 +125,11 @@ def test_crafted_pickle_in_checkpoint_is_not_executed(tmp_path):
     from lightning_lab.train.checkpoint import load_policy_weights
 
     marker = tmp_path / "pwned"
-    step = tmp_path / "ckpt" / "step-000001"
-    step.mkdir(parents=True)
-    (step / "meta.json").write_text('{"format_version": 2, "step": 1}')
-    torch.save({"params": _Payload(marker)}, step / "state.pt")
-    with pytest.raises(CheckpointError, match="not a plain weights file"):
-        load_policy_weights(ll.models.load("tiny"), step)
+    policy = ll.models.load("tiny")
+    step = ll.PPOTrainer(policy, lambda task: None, [_Task("t")]).save(tmp_path / "ckpt")
+    torch.save({"params": _Payload(marker)}, step / "state.pt")  # a real checkpoint, tampered
+    with pytest.raises(CheckpointError, match="not a weights-only file .*nothing is unpickled"):
+        load_policy_weights(policy, step)
     with pytest.raises(ExportError, match="no adapter/ folder"):
         export_checkpoint(step, tmp_path / "out")
     assert not marker.exists()
