@@ -30,8 +30,9 @@ def standin(base_dir):
 def writer_agent(task, base_url):
     """An unchanged OpenAI-SDK agent: one call, rewarded 1 for whatever it says."""
     client = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0)
-    client.chat.completions.create(model="ignored-by-the-proxy",
-                                   messages=[{"role": "user", "content": task["q"]}], max_tokens=6)
+    served = client.models.list().data[0].id  # the proxy names the newest adapter version
+    client.chat.completions.create(model=served, messages=[{"role": "user", "content": task["q"]}],
+                                   max_tokens=6)
     ll.reward(1.0)
 
 
