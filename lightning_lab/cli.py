@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_cli(sub, _add_model_args)
     add_sweep_cli(sub)
+    from .train.export import add_cli as add_export_cli
+
+    add_export_cli(sub)
     return parser
 
 
@@ -190,9 +193,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from .train.checkpoint import CheckpointError
+    from .train.export import ExportError
+    from .train.sync import AdapterSyncError
 
     # FileNotFoundError: a --data / --checkpoint / --config path that is not there
-    return (ConfigError, CheckpointError, FileNotFoundError)
+    return (ConfigError, CheckpointError, ExportError, AdapterSyncError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny model, and the path to ../shared data (tests skip without it)."""
+"""Shared fixtures: the tiny model, and the path to ../shared data (tests skip without it).
+
+``--device cuda`` runs the fixtures' models on a GPU (bf16 weights, the CUDA sampling and autocast
+paths); CI never passes it. Tolerances are magnitude-relative, but tests written for fp32 CPU
+equality may need bf16-sized tolerances there: what fails on CUDA is worth reading, not hiding.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,33 @@ def shared_data() -> Path:
     return SHARED
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="device of the tiny-model fixtures (default cpu; cuda needs a GPU)")
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch sees no CUDA device on this machine")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    return pytestconfig.getoption("--device")
+
+
 @pytest.fixture
-def tiny():
+def tiny(device):
     import lightning_lab as ll
 
-    return ll.models.load("tiny")
+    return ll.models.load("tiny", device=device)
 
 
 @pytest.fixture
-def tiny_lora():
+def tiny_lora(device):
     import lightning_lab as ll
 
-    return ll.models.load("tiny", lora=True)
+    return ll.models.load("tiny", lora=True, device=device)

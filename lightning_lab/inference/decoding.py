@@ -87,20 +87,23 @@ class DecodeBatch:
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L) over cache columns
-        self.next_token = torch.zeros(0, dtype=torch.long)  # (B,) sampled, not yet in the cache
-        self.temperature = torch.zeros(0)  # (B,)
-        self.top_p = torch.zeros(0)  # (B,)
+        # On the model's device: a decode step then never waits on a host copy. The per-row
+        # sampling knobs stay on the host, where choose_tokens reads its "any greedy/top-p" flags.
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, L) cache columns
+        self.next_token = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) not yet cached
+        self.temperature = torch.zeros(0)  # (B,) host
+        self.top_p = torch.zeros(0)  # (B,) host
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
-        """Last-position logits (B, V) in float32, via the lean Llama path when available."""
+        """Last-position logits (B, V) in float32 on the model's device, via the lean Llama path
+        when available (sampling happens there too: no (B, V) copy to the host per token)."""
         if self.fast is not None:
             return self.fast.forward(
                 input_ids.to(self.device), positions.to(self.device), mask.to(self.device), cache
-            ).cpu()
+            )
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -109,7 +112,7 @@ class DecodeBatch:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1, :].float().cpu()  # (B, V)
+        return out.logits[:, -1, :].float()  # (B, V)
 
     def admit(self, groups: list[list[Row]]) -> list[Row]:
         """Prefill each group's (shared) prompt once, sample the first tokens, join the batch.
@@ -136,10 +139,12 @@ class DecodeBatch:
             # Padding sits between prefix and suffix; the mask hides it, positions skip it.
             positions = shared + (new.cumsum(-1) - 1).clamp(min=0)  # (U, W)
             mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), new], dim=1)
+            mask = mask.to(self.device)
             logits = self._forward(ids, mask, positions, cache)  # (U, V)
             expand = torch.tensor([of_group[i] for i, g in enumerate(groups) for _ in g])  # (R,)
             if not torch.equal(expand, torch.arange(len(prompts))):
-                cache.batch_select_indices(expand.to(self.device))
+                expand = expand.to(self.device)
+                cache.batch_select_indices(expand)
                 logits, mask = logits[expand], mask[expand]
         rows = [r for g in groups for r in g]
         self._merge(rows, cache, mask)
@@ -147,7 +152,7 @@ class DecodeBatch:
 
     def step(self) -> list[Row]:
         """Feed every row its pending token and sample the next one."""
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1  # (B, 1)
         with torch.inference_mode():
             logits = self._forward(self.next_token[:, None], self.mask, positions, self.cache)
@@ -166,8 +171,12 @@ class DecodeBatch:
                 self._allowed(rows, logits.shape[1]),
             )
         self.next_token[first:] = tokens
+        # The one device->host copy of a step: (2, R) numbers the stop checks need (float64 holds
+        # every token id exactly).
+        host = torch.stack([tokens.double(), logprobs.double()]).cpu()
+        token_list, logprob_list = host[0].long().tolist(), host[1].tolist()
         done = []
-        for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
+        for i, (row, token, logprob) in enumerate(zip(rows, token_list, logprob_list)):
             row.response_ids.append(token)
             row.logprobs.append(logprob)
             rejected = (row.constraint is not None and token not in self.stop_token_ids
@@ -222,7 +231,7 @@ class DecodeBatch:
         extra = {
             "temperature": torch.tensor([r.params.temperature for r in rows], dtype=torch.float),
             "top_p": torch.tensor([r.params.top_p for r in rows], dtype=torch.float),
-            "next_token": torch.zeros(len(rows), dtype=torch.long),
+            "next_token": torch.zeros(len(rows), dtype=torch.long, device=self.device),
         }
         for name, value in extra.items():
             setattr(self, name, torch.cat([getattr(self, name), value]))
@@ -251,18 +260,15 @@ class DecodeBatch:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = None
-            self.mask = torch.zeros(0, 0, dtype=torch.long)
-            self.next_token = torch.zeros(0, dtype=torch.long)
+            self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+            self.next_token = torch.zeros(0, dtype=torch.long, device=self.device)
             self.temperature, self.top_p = torch.zeros(0), torch.zeros(0)
             return finished
         index = torch.tensor(keep)
-        self.mask = self.mask[index]
-        self.next_token, self.temperature, self.top_p = (
-            self.next_token[index],
-            self.temperature[index],
-            self.top_p[index],
-        )
-        self.cache.batch_select_indices(index.to(self.device))
+        on_device = index.to(self.device)
+        self.mask, self.next_token = self.mask[on_device], self.next_token[on_device]
+        self.temperature, self.top_p = self.temperature[index], self.top_p[index]
+        self.cache.batch_select_indices(on_device)
         start = int(self.mask.any(0).long().argmax())  # first column some row still attends to
         if start > 0:
             self.mask = self.mask[:, start:]

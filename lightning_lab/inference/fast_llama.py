@@ -60,12 +60,14 @@ class FastLlama:
         self.eps = config.rms_norm_eps
         self._cos = self._sin = torch.zeros(0)  # (N, D) rotary tables by position, grown on demand
 
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor,
+                needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, S, D) for these positions, looked up instead of recomputed per step.
 
         The table comes from the model's own rotary module, so values are bit-identical to HF's.
+        ``needed`` bounds the positions from the host (the mask's width), so no step has to read
+        ``positions.max()`` back from an accelerator.
         """
-        needed = int(positions.max()) + 1
         if needed > self._cos.shape[0]:
             size = max(needed, 2 * self._cos.shape[0], 256)
             table_positions = torch.arange(size, device=positions.device)[None]
@@ -122,7 +124,7 @@ class FastLlama:
         b, s = input_ids.shape
         t = mask.shape[1]
         x = self.embed(input_ids)  # (B, S, C)
-        cos, sin = self._rotary(x, positions)  # (B, 1, S, D), broadcast over heads
+        cos, sin = self._rotary(x, positions, t)  # (B, 1, S, D), broadcast over heads
         allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         if s > 1:  # prefill: causal within the new block; padded queries see themselves (no NaN rows)
             query_at = torch.arange(t - s, t, device=mask.device)[:, None]  # (S, 1)

@@ -113,6 +113,7 @@ def _tiny_model(seed: int) -> Any:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -158,7 +159,9 @@ def load(
     ``name_or_path`` is ``"tiny"``, ``"smollm2-135m"``, a local HF directory or a hub id.
     ``lora=None`` means on for real models and off for ``"tiny"``; ``True`` or a dict of
     ``peft.LoraConfig`` kwargs wraps the model so the adapter-off model is the PPO reference.
-    ``dtype`` defaults to fp32 on CPU (logprob fidelity) and bf16 on CUDA.
+    ``dtype`` defaults to fp32 on CPU (logprob fidelity) and bf16 on CUDA; LoRA weights stay
+    fp32 either way (peft upcasts adapters), and the trainer's forward runs under bf16 autocast on
+    CUDA.
     ``decode_dtype`` is the sampling forward's matmul dtype (``EngineConfig.decode_dtype``):
     ``"float32"`` by default (sampling logprobs equal the trainer's to float noise); ``"auto"``
     (bf16 where the CPU has it natively) or ``"bfloat16"`` opt in to faster sampling whose
@@ -190,7 +193,8 @@ def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, 
         default_lora = False
     else:
         source = smollm2_model_dir() if name_or_path == "smollm2-135m" else name_or_path
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # SDPA: fused attention kernels (flash / memory-efficient on CUDA) with no extra package.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(source)
         default_lora = True
     return model, tokenizer, default_lora

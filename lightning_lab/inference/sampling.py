@@ -74,7 +74,9 @@ def choose_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return ``(tokens, logprobs)``, both (B,).
 
-    logits: (B, V) float32; temperature, top_p: (B,). Logprobs are ``log_softmax(logits / T)`` at
+    logits: (B, V) float32 on any device; temperature, top_p: (B,) on the host (the "any row
+    greedy / any top-p" branches are decided there, without waiting on the device); results stay on
+    the logits' device. Logprobs are ``log_softmax(logits / T)`` at
     the chosen token with T=1 for greedy rows, i.e. exactly what a training forward recomputes.
     Sampling inverts the CDF with one uniform per row: far cheaper than drawing V random numbers
     per row (multinomial/Gumbel), and a seeded row draws its uniform from its own generator, so
@@ -83,6 +85,9 @@ def choose_tokens(
     ``allowed`` (B, V) bool restricts the *choice* to grammar-valid tokens; the returned logprobs
     are still the unmasked distribution's, the quantity the trainer recomputes.
     """
+    device = logits.device
+    all_greedy, any_top_p = bool((temperature == 0).all()), bool((top_p < 1).any())  # host flags
+    temperature, top_p = temperature.to(device), top_p.to(device)
     greedy = temperature == 0  # (B,)
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)  # (B, V)
@@ -91,15 +96,17 @@ def choose_tokens(
         choice_logits = logits.masked_fill(~allowed, float("-inf"))
         choice_logp = torch.log_softmax(choice_logits / scale[:, None], dim=-1)
     tokens = choice_logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all_greedy:
         probs = choice_logp.exp()
-        if bool((top_p < 1).any()):
+        if any_top_p:
             probs = top_p_filter(probs, top_p)
         cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V); float64 keeps the tail unbiased
-        uniform = torch.rand(len(generators), dtype=torch.float64)
-        for i, g in enumerate(generators):
-            if g is not None:
-                uniform[i] = torch.rand(1, generator=g, dtype=torch.float64)[0]
+        uniform = torch.rand(len(generators), dtype=torch.float64, device=device)
+        seeded = [i for i, g in enumerate(generators) if g is not None]
+        if seeded:  # a seeded row's uniform comes from its own (host) generator: one small copy
+            own = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64)
+                             for i in seeded])
+            uniform[torch.tensor(seeded, device=device)] = own.to(device)
         target = (uniform * cdf[:, -1])[:, None]  # (B, 1); scaling absorbs top-p's lost mass
         sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         tokens = torch.where(greedy, tokens, sampled)

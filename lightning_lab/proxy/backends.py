@@ -3,14 +3,16 @@
 Both give the same thing back, token ids plus behaviour logprobs per sample, which is all the
 trainer needs; so rollouts can move to a GPU box running vLLM while the trainer stays unchanged.
 
-Weight sync with a remote backend: after each PPO step the trainer saves its checkpoint
-(``trainer.save(dir)``) and calls ``RemoteBackend.load_lora_adapter(name, dir)``, which POSTs
-``{"lora_name", "lora_path"}`` to ``/v1/load_lora_adapter`` (vLLM's runtime-LoRA endpoint, enabled
-with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; lightning-lab's own server implements it too, by
-loading the checkpoint's trained weights, when started with ``adapter_dirs`` and an ``api_key``:
-it loads only from those directories and never unpickles). Later requests name the adapter as ``model``. For the
-logprobs to be the sampling distribution's (what PPO's ratio needs), start vLLM with
-``--logprobs-mode processed_logprobs``; the path must be readable by the remote server.
+Weight sync with a remote backend: ``train.sync.AdapterSync`` writes the trainer's adapter as a
+PEFT folder (``train.export.save_adapter``) and POSTs ``{"lora_name", "lora_path"}`` to
+``/v1/load_lora_adapter`` (vLLM's runtime-LoRA endpoint, enabled with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``) under a versioned name, then sets
+``RemoteBackend.name`` to it, so later requests name that adapter as ``model``; the ``model`` each
+response reports is recorded as the transition's ``adapter_version``. For the logprobs to be the
+sampling distribution's (what PPO's ratio needs), start vLLM with ``--logprobs-mode
+processed_logprobs``; the path must be readable by the remote server. lightning-lab's own
+server implements the load endpoint too (trainer checkpoints, only from its ``adapter_dirs``
+and behind an ``api_key``; it never unpickles).
 """
 
 from __future__ import annotations
@@ -229,6 +231,8 @@ class RemoteBackend:
         self.name = model or ""
         self.context_limit = 1 << 30
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = headers
+        """Sent with every request (the management calls of ``AdapterSync`` reuse them)."""
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
@@ -292,7 +296,9 @@ class RemoteBackend:
                                   message.get("content") or "",
                                   {"role": "assistant", "content": message.get("content"),
                                    **({"tool_calls": message["tool_calls"]}
-                                      if message.get("tool_calls") else {})}))
+                                      if message.get("tool_calls") else {})},
+                                  # which weights sampled it: the adapter version after a sync
+                                  {"adapter_version": str(body.get("model") or payload["model"])}))
         return out
 
     def token_texts(self, ids: list[int]) -> list[str]:

@@ -27,7 +27,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -127,12 +127,16 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 # ---------------------------------------------------------------- save
 def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, model: str = "",
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``state`` (a trainer's ``state_dict()``) as ``<directory>/step-N`` and point
     ``LATEST`` at it, crash-safely (see the module docstring).
 
     ``keep_last=k`` then deletes all but the newest k complete checkpoints (a 135M LoRA run
-    writes ~6 MB per step, ~700 MB over a 2-hour run otherwise).
+    writes ~6 MB per step, ~700 MB over a 2-hour run otherwise). ``extra(tmp_dir)`` writes more
+    files into the checkpoint before it is committed (the trainer writes the LoRA adapter as
+    ``adapter/`` in PEFT's format: what other tools and ``lightning-lab export`` read); they are
+    fsynced and renamed with the state.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
@@ -143,6 +147,11 @@ def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, model:
     try:
         torch.save(state, tmp / _STATE)
         _fsync_file(tmp / _STATE)
+        if extra is not None:
+            extra(tmp)
+            for path in tmp.rglob("*"):
+                if path.is_file() and path.name != _STATE:
+                    _fsync_file(path)
         meta = {"format_version": FORMAT_VERSION, "step": step, "model": model,
                 "config": state.get("config"), "credit": state.get("credit"),
                 "params": {n: list(t.shape) for n, t in state["params"].items()}}

@@ -60,6 +60,15 @@ class PPOConfig:
     """Only transitions of these agent/role names enter the loss; None = all."""
     skip_zero_advantage: bool = True
     """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
+    recompute_logprobs: bool = False
+    """Recompute the rollouts' logprobs with the trainer's model before the update and use them
+    as PPO's old policy, with truncated importance weights for the sampler/trainer mismatch (for
+    rollouts from vLLM, bf16 sampling or a lagging adapter version; see ``offpolicy.py``)."""
+    tis_cap: float = 2.0
+    """Truncation C of the importance weight min(pi_trainer / pi_behaviour, C)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in the backward instead of storing activations (for models whose
+    update does not fit in memory; each row is then scored without prompt sharing)."""
     rollout_workers: int = 32
     """Agents run concurrently; their LLM calls are batched by the policy's engine."""
     rollout_timeout_s: float | None = None

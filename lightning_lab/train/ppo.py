@@ -28,19 +28,25 @@ class PPOLossOutput:
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
              ref_logprobs: torch.Tensor | None, *, clip_eps: float, kl_coef: float,
-             clip_eps_high: float | None = None) -> PPOLossOutput:
+             clip_eps_high: float | None = None,
+             is_weights: torch.Tensor | None = None) -> PPOLossOutput:
     """Clipped surrogate on token log-ratios plus a KL penalty to the reference policy.
 
     All inputs are flat (N,) tensors over the minibatch's response tokens; ``advantages`` is the
     transition's advantage broadcast to its tokens. Token-mean aggregation: every generated token
-    weighs the same, so long answers are not down-weighted (DAPO's argument).
+    weighs the same, so long answers are not down-weighted (DAPO's argument). ``is_weights``
+    (N,), detached, multiplies each token's clipped surrogate: the truncated importance weights of
+    ``offpolicy.truncated_is_weights`` when rollouts came from another engine.
     """
     logratio = logprobs - old_logprobs  # (N,)
     ratio = torch.exp(logratio)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
-    policy_loss = torch.max(pg_loss1, pg_loss2).mean()
+    pg_loss = torch.max(pg_loss1, pg_loss2)  # (N,)
+    if is_weights is not None:
+        pg_loss = pg_loss * is_weights
+    policy_loss = pg_loss.mean()
     if ref_logprobs is not None:
         ref_logratio = ref_logprobs - logprobs
         kl = (torch.exp(ref_logratio) - ref_logratio - 1.0).mean()

@@ -5,6 +5,10 @@ every ``eval_every`` steps and checkpoints every ``save_every``), a final checkp
 evaluation, and ``summary.json``. The run folder holds everything needed to look at it or go on:
 ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``trajectories.jsonl``,
 ``eval_stepNNNN.jsonl``, ``checkpoints/`` and ``summary.json``.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs this same function: each samples its
+share of a step's tasks and the gradients are summed (``distributed.py``); process 0 alone
+evaluates, logs, writes the run folder and checkpoints, and decides when the budget is spent.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class RunSetup:
     trainer: Any
     callbacks: list[Callback]
     resumed: bool = False
+    parallel: Any = None
+    """This process's ``DataParallel`` place (one process unless launched by torchrun/accelerate)."""
 
     @property
     def out(self) -> Path:
@@ -132,15 +138,17 @@ def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
 
 def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     """Environment, tasks, policy, agent and trainer of ``config`` (resumed if it says so)."""
+    from .distributed import DataParallel
     from .trainer import PPOTrainer
 
+    parallel = DataParallel.from_env(config.device)
     env = load_env(config)
     train_tasks = load_tasks(env, config, "train", config.limit)
     dev_tasks = load_tasks(env, config, "dev", config.eval_limit)
     strategy = credit_strategy(config)
-    policy = load_policy(config)
+    policy = load_policy(dataclasses.replace(config, device=parallel.local_device(config.device)))
     agent = make_agent(env, policy, config)
-    cbs = [as_callback(cb) for cb in callbacks]
+    cbs = [as_callback(cb) for cb in callbacks] if parallel.is_main else []
     ckpt_dir = Path(config.out) / "checkpoints"
     # A crash during the very first save leaves no complete checkpoint: start from step 0.
     resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
@@ -151,18 +159,22 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
                                   config=config.ppo, callbacks=cbs)
+        trainer.parallel = parallel
     else:
         trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
-                             callbacks=cbs)
+                             callbacks=cbs, parallel=parallel)
     for cb in cbs:
         cb.attach(trainer)
-    return RunSetup(config, env, policy, agent, train_tasks, dev_tasks, trainer, cbs, resumed)
+    return RunSetup(config, env, policy, agent, train_tasks, dev_tasks, trainer, cbs, resumed,
+                    parallel)
 
 
 def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], None] = print
         ) -> dict[str, Any]:
     """Train as ``config`` says; returns (and writes) the run's summary."""
     setup = build(config, callbacks)
+    if not setup.parallel.is_main:
+        return _follow(setup)
     out, trainer = setup.out, setup.trainer
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
@@ -186,7 +198,8 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
         started = time.monotonic()
         deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
         with open(out / "metrics.jsonl", "a") as metrics_log:
-            while trainer.step_count < config.steps and time.monotonic() < deadline:
+            while setup.parallel.broadcast(trainer.step_count < config.steps
+                                           and time.monotonic() < deadline):
                 t0 = time.perf_counter()
                 state = _interruptible_step(trainer, ckpt_dir, keep, log)
                 m = state.metrics
@@ -250,6 +263,13 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
 
 def _optimizer_steps(trainer: Any) -> float:
     return sum(float(s.get("step", 0)) for s in trainer.optimizer.state.values())
+
+
+def _follow(setup: RunSetup) -> dict[str, Any]:
+    """A data-parallel process other than 0: train while process 0 says so; nothing else."""
+    while setup.parallel.broadcast(None):
+        setup.trainer.step()
+    return {}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

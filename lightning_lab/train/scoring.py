@@ -19,8 +19,9 @@ the rows that read it, which is what scoring them separately gives.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -130,8 +131,16 @@ def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
     return chunks
 
 
+def _autocast(device: str | torch.device) -> Any:
+    """bf16 autocast on CUDA (fp32 LoRA weights meet bf16 base weights in bf16 matmuls); the
+    logits are taken in float32 either way."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device = "cpu",
-          grad: bool = False, hidden: bool = False) -> Scores:
+          grad: bool = False, hidden: bool = False, checkpointing: bool = False) -> Scores:
     """Logprobs (at each transition's sampling temperature) of every response token of ``rows``.
 
     Two decoder passes over the host rows (see ``hosts``): their distinct prompts, right-padded
@@ -140,9 +149,15 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     ``len(prompt) + j``. Every row, host or rider, then reads the hidden states at its own
     positions of its host's sequence. Logits are computed only at positions that predict
     response tokens, which keeps the (tokens x vocab) tensor small.
+
+    ``checkpointing=True`` (with ``gradient_checkpointing_enable()`` called on the model) trades
+    compute for activation memory: each row then runs as one prompt+response sequence without a
+    KV cache (a cache cannot be recomputed in the backward), every decoder layer recomputed.
     """
     core = base_model(model)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
+    if checkpointing and grad:
+        return _score_whole_rows(decoder, head, rows, device, hidden)
     of_row = hosts(rows)
     host_ids = sorted(set(of_row))
     slot = {h: b for b, h in enumerate(host_ids)}  # row index -> position among hosts
@@ -153,7 +168,7 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     host_prompt = torch.tensor(of_host)
     width = max(len(tr.response_ids) for tr in host_rows) - 1  # a last token predicts nothing
     lengths = [len(tr.response_ids) for tr in rows]
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), _autocast(device):
         p_ids, p_mask = _padded(prompts, lp)
         first = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
                         use_cache=width > 0)
@@ -183,19 +198,67 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
         at = torch.tensor([flat(i, len(tr.prompt_ids) - 1 + j)
                            for i, tr in enumerate(rows) for j in range(len(tr.response_ids))],
                           dtype=torch.long, device=device)
-        logits = head(states[at]).float()  # (N, V)
-        temps = torch.cat([torch.full((n,), tr.temperature or 1.0)
-                           for tr, n in zip(rows, lengths)]).to(logits)
-        logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)
-        targets = torch.tensor([t for tr in rows for t in tr.response_ids], device=device)
-        logprobs = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        entropy = _entropy(logp_all.detach())
+        logprobs, entropy = _token_logprobs(head(states[at]), rows, lengths, device)  # (N,) each
         prompt_hidden = None
         if hidden:
             last = torch.tensor([flat(i, len(tr.prompt_ids) - 1) for i, tr in enumerate(rows)],
                                 dtype=torch.long, device=device)
             prompt_hidden = states[last]  # (B, H)
     return Scores(logprobs=logprobs, entropy=entropy, prompt_hidden=prompt_hidden, lengths=lengths)
+
+
+def _token_logprobs(logits: torch.Tensor, rows: Sequence[Transition], lengths: list[int],
+                    device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits at the positions predicting each response token -> (N,) logprobs, entropy."""
+    logits = logits.float()
+    temps = torch.cat([torch.full((n,), tr.temperature or 1.0)
+                       for tr, n in zip(rows, lengths)]).to(logits)
+    logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)
+    targets = torch.tensor([t for tr in rows for t in tr.response_ids], device=device)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), _entropy(logp_all.detach())
+
+
+@contextlib.contextmanager
+def _layers_checkpointed(decoder: Any) -> Iterator[None]:
+    """Turn on HF's per-layer recomputation for one forward.
+
+    HF recomputes a layer only when the layer is in training mode; flipping ``training`` on the
+    layer objects alone (not ``.train()``, which recurses) leaves dropout modules in eval mode, so
+    the numbers stay those of the cached path.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers or not all(getattr(m, "gradient_checkpointing", False) for m in layers):
+        raise RuntimeError("checkpointing=True needs model.gradient_checkpointing_enable() first")
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+
+
+def _score_whole_rows(decoder: Any, head: Any, rows: Sequence[Transition], device: Any,
+                      hidden: bool) -> Scores:
+    """``score`` with gradient checkpointing: every row is one right-padded prompt+response."""
+    lengths = [len(tr.response_ids) for tr in rows]
+    seqs = [list(tr.prompt_ids) + list(tr.response_ids[:-1]) for tr in rows]
+    ids, mask = _padded(seqs, max(map(len, seqs)))
+    with torch.enable_grad(), _autocast(device), _layers_checkpointed(decoder):
+        states = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         use_cache=False).last_hidden_state  # (B, L, H)
+        # Row b's response token j is predicted at position len(prompt) - 1 + j.
+        b_at = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)], device=device)
+        t_at = torch.tensor([len(tr.prompt_ids) - 1 + j for tr, n in zip(rows, lengths)
+                             for j in range(n)], device=device)
+        logprobs, entropy = _token_logprobs(head(states[b_at, t_at]), rows, lengths, device)
+        plen = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows], device=device)
+        last_prompt = states[torch.arange(len(rows), device=device), plen]  # (B, H)
+    return Scores(logprobs=logprobs, entropy=entropy,
+                  prompt_hidden=last_prompt if hidden else None, lengths=lengths)
 
 
 def _entropy(logp: torch.Tensor, chunk: int = 256) -> torch.Tensor:

@@ -23,6 +23,8 @@ from .callbacks import Callback, as_callback
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
+from .distributed import DataParallel
+from .offpolicy import truncated_is_weights
 from .ppo import ppo_loss
 from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
@@ -84,7 +86,8 @@ class PPOTrainer:
 
     def __init__(self, policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any], *,
                  credit: str | credit_lib.CreditStrategy = "uniform",
-                 config: PPOConfig | None = None, callbacks: Sequence[Any] = ()):
+                 config: PPOConfig | None = None, callbacks: Sequence[Any] = (),
+                 sync: Any = None, parallel: DataParallel | None = None):
         if not tasks:
             raise ValueError("PPOTrainer needs at least one task")
         self.policy = policy
@@ -95,6 +98,10 @@ class PPOTrainer:
         self._callbacks: list[Callback] = []
         for cb in callbacks:
             self.add_callback(cb)
+        self.sync = sync
+        """An ``AdapterSync``: before a step's rollouts, push the adapter to the inference server."""
+        self.parallel = parallel or DataParallel()
+        """This process's rank in a data-parallel group (``distributed.py``); one process by default."""
         self.step_count = 0
         self.history: list[dict[str, float]] = []
         torch.manual_seed(self.config.seed)
@@ -109,6 +116,8 @@ class PPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (frozen model without LoRA?)")
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = torch.optim.AdamW([
             {"params": params, "lr": self.config.lr, "weight_decay": self.config.weight_decay},
             {"params": list(self.critic.parameters()), "lr": self.config.value_lr, "weight_decay": 0.0},
@@ -122,32 +131,42 @@ class PPOTrainer:
     def step(self) -> StepState:
         cfg = self.config
         t0 = time.perf_counter()
+        if self.sync is not None and self.sync.due(self.step_count):  # raises before any change
+            self._sync_adapter()
         tasks = [self.tasks[i] for i in self._next_task_indices()]
-        batch = run_rollouts(self.agent, tasks, group_size=cfg.group_size,
+        # Data parallel: this process runs its share of the tasks, then every process holds the
+        # whole batch (credit and minibatches need it) and knows which rows it sampled.
+        rank_part = (self.parallel.rank,) if self.parallel.enabled else ()  # own seeds per rank
+        rank = f"r{self.parallel.rank}/" if self.parallel.enabled else ""
+        local = run_rollouts(self.agent, self.parallel.shard(tasks), group_size=cfg.group_size,
                              timeout_s=cfg.rollout_timeout_s,
                              temperature=cfg.temperature, max_workers=cfg.rollout_workers,
-                             group_prefix=f"s{self.step_count}/",
-                             seed=derive_seed("rollouts", cfg.seed, self.step_count))
+                             group_prefix=f"s{self.step_count}/{rank}",
+                             seed=derive_seed("rollouts", cfg.seed, self.step_count, *rank_part))
+        batch, own = self.parallel.gather_batch(local, len(tasks), cfg.group_size)
         rollout_s = time.perf_counter() - t0
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
-        return self.learn(batch, rollout_s=rollout_s)
+        return self.learn(batch, rollout_s=rollout_s, own=own)
 
-    def learn(self, batch: Batch, *, rollout_s: float = 0.0) -> StepState:
+    def learn(self, batch: Batch, *, rollout_s: float = 0.0, own: Any = None) -> StepState:
         """Credit -> PPO epochs on ``batch`` -> metrics: the second half of ``step()``.
 
         ``step()`` calls it on fresh rollouts; ``offline.offline_ppo_step`` on a stored batch
-        (checked there for behaviour logprobs), so both take exactly the same update.
+        (checked there for behaviour logprobs), so both take exactly the same update. ``own``:
+        the trajectory ids this process sampled under data parallelism (None: all of them).
         """
+        sync_metrics = self._stamp_versions(batch) if self.sync is not None else {}
         t1 = time.perf_counter()
         if self.credit.needs_values:
             self.critic_values(batch)
         self.credit.assign(batch)
         keys, rows = self._loss_rows(batch)
-        metrics, ratios = self._update(rows, keys) if rows else (_empty_update_metrics(), {})
+        owned = [own is None or key[0] in own for key in keys]  # this process's share of the update
+        metrics, ratios = self._update(rows, keys, owned) if rows else (_empty_update_metrics(), {})
         update_s = time.perf_counter() - t1
 
-        metrics.update(_batch_metrics(batch))
+        metrics.update(_batch_metrics(batch), **sync_metrics)
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
                        tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9))
         self.step_count += 1
@@ -172,6 +191,31 @@ class PPOTrainer:
         return states
 
     # ------------------------------------------------------------------ pieces
+    def _sync_adapter(self) -> None:
+        """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
+        from .sync import AdapterSyncError
+
+        error = None
+        if self.parallel.is_main:
+            try:
+                self.sync.sync(self.policy, self.step_count)
+            except AdapterSyncError as exc:
+                error = str(exc)
+        error, version = self.parallel.broadcast((error, self.sync.version))
+        if error is not None:
+            raise AdapterSyncError(error)
+        if not self.parallel.is_main:
+            self.sync.adopt(version, self.step_count)
+
+    def _stamp_versions(self, batch: Batch) -> dict[str, float]:
+        """Record the adapter version each transition was sampled with (the server's word when
+        the proxy recorded one); count those not sampled by the version now live."""
+        stale = 0
+        for _, tr in batch.transitions():
+            version = tr.meta.setdefault("adapter_version", self.sync.version)
+            stale += version != self.sync.version
+        return {"stale_transitions": float(stale)}
+
     def _next_task_indices(self) -> list[int]:
         """Walk through shuffled passes over the tasks, so every task is seen once per epoch."""
         out = []
@@ -197,62 +241,103 @@ class PPOTrainer:
             rows.append(tr)
         return keys, rows
 
-    def _update(self, rows: list[Transition], keys: list[tuple[str, int]]
-                ) -> tuple[dict[str, float], dict]:
-        """PPO epochs over minibatches: minibatch -> loss (accumulated) -> clip -> step."""
+    def _update(self, rows: list[Transition], keys: list[tuple[str, int]],
+                owned: list[bool] | None = None) -> tuple[dict[str, float], dict]:
+        """PPO epochs over minibatches: minibatch -> loss (accumulated) -> clip -> step.
+
+        With data parallelism every process walks the same minibatches but computes only the
+        rows it ``owned`` (sampled); gradients are summed over processes before the clip.
+        """
         cfg = self.config
-        ref = self._reference_logprobs(rows) if cfg.kl_coef > 0 else None
+        owned = owned or [True] * len(rows)
+        mine = [i for i, o in enumerate(owned) if o]
+        ref = self._by_row(self._reference_logprobs, rows, mine) if cfg.kl_coef > 0 else None
+        old = self._by_row(self._policy_logprobs, rows, mine) if cfg.recompute_logprobs else None
         policy_params = self.optimizer.param_groups[0]["params"]
+        all_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sums: dict[str, float] = {}
         ratios: dict[tuple[str, int], list[float]] = {}
-        n_mb = 0
+        n_mb, grad_norms, first_err = 0, 0.0, 0.0
         for epoch in range(cfg.ppo_epochs):
             order = self._minibatch_order(rows)
             for start in range(0, len(order), cfg.minibatch_size):
                 mb_idx = order[start:start + cfg.minibatch_size]
                 self.optimizer.zero_grad(set_to_none=True)
-                stats, mb_ratios = self._accumulate(rows, mb_idx, ref)
+                stats, mb_ratios = self._accumulate(rows, mb_idx, ref, old, owned)
+                self.parallel.all_reduce_grads(all_params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
                 self.optimizer.step()
-                stats["grad_norm"] = float(grad_norm)
-                for k, v in stats.items():
+                err = stats.pop("behaviour_logprob_err")
+                for k, v in stats.items():  # this process's share of each token-mean
                     sums[k] = sums.get(k, 0.0) + v
+                grad_norms += float(grad_norm)  # the same on every process
                 if epoch == cfg.ppo_epochs - 1:
                     ratios.update({keys[i]: r for i, r in mb_ratios.items()})
-                if n_mb == 0:
-                    first_err = stats["behaviour_logprob_err"]
+                if n_mb == 0 or (old is not None and epoch == 0):
+                    first_err = max(first_err, err)
                 n_mb += 1
-        metrics = {k: v / n_mb for k, v in sums.items()}
-        metrics["behaviour_logprob_err"] = first_err  # before any update: numerics only
+        merged: dict[str, float] = {}
+        for part in self.parallel.gather(sums):
+            for key, val in part.items():
+                merged[key] = merged.get(key, 0.0) + val
+        metrics = {k: v / n_mb for k, v in merged.items()}
+        metrics["grad_norm"] = grad_norms / n_mb
+        # Before any update (or, with recomputed logprobs, over the whole first epoch): the
+        # sampler's logprobs against the trainer's, numerics only when they are the same model.
+        metrics["behaviour_logprob_err"] = max(self.parallel.gather(first_err))
+        if self.parallel.enabled:
+            for part in self.parallel.gather(ratios):
+                ratios.update(part)
         if not self.credit.needs_values:
-            metrics.pop("value_loss")
+            metrics.pop("value_loss", None)
         return metrics, ratios
 
+    @staticmethod
+    def _by_row(fn: Callable[[list[Transition]], list[torch.Tensor]], rows: list[Transition],
+                which: list[int]) -> dict[int, torch.Tensor]:
+        """``fn`` over the rows at ``which`` (this process's), keyed by row index."""
+        return dict(zip(which, fn([rows[i] for i in which]))) if which else {}
+
     def _accumulate(self, rows: list[Transition], mb_idx: list[int],
-                    ref: list[torch.Tensor] | None) -> tuple[dict[str, float], dict[int, list[float]]]:
+                    ref: dict[int, torch.Tensor] | None, old: dict[int, torch.Tensor] | None,
+                    owned: list[bool]) -> tuple[dict[str, float], dict[int, list[float]]]:
         """Backward of one minibatch's loss in micro-batches that fit the token budget.
 
-        Each micro-batch's loss is weighted by its share of the minibatch's response tokens, so
-        the accumulated gradient is that of the minibatch's token-mean loss. Returns the
-        minibatch's stats (token-weighted means) and per-row token ratios.
+        Each micro-batch's loss is weighted by its share of the minibatch's response tokens (all
+        processes' rows), so the accumulated (and all-reduced) gradient is that of the
+        minibatch's token-mean loss. ``old``: recomputed logprobs, PPO's old policy in place of
+        the sampler's, with truncated importance weights. Returns this process's share of the
+        minibatch's stats (token-weighted) and its rows' per-token ratios.
         """
         cfg = self.config
         use_critic = self.credit.needs_values
         mb_tokens = sum(len(rows[i].response_ids) for i in mb_idx)
+        mine = [i for i in mb_idx if owned[i]]
         stats: dict[str, float] = {}
         ratios: dict[int, list[float]] = {}
         err = 0.0
-        for micro in self._chunks([rows[i] for i in mb_idx]):
-            idx = [mb_idx[j] for j in micro]
+        for micro in self._chunks([rows[i] for i in mine]):
+            idx = [mine[j] for j in micro]
             mb = [rows[i] for i in idx]
             fwd = self._forward(mb, grad=True, hidden=use_critic)
-            old_logprobs = _flat([tr.logprobs for tr in mb], fwd.logprobs)
+            old_logprobs = _flat([tr.logprobs for tr in mb], fwd.logprobs)  # the sampler's
+            is_weights = None
+            weight = len(old_logprobs) / mb_tokens
+            if old is not None:
+                behaviour, old_logprobs = old_logprobs, torch.cat([old[i] for i in idx])
+                corr = truncated_is_weights(old_logprobs, behaviour, cap=cfg.tis_cap)
+                is_weights = corr.weights
+                err = max(err, float(corr.max_abs_logprob_diff))
+                for key, val in (("is_mismatch_kl", corr.mismatch_kl),
+                                 ("is_truncation_frac", corr.truncation_frac),
+                                 ("is_weight_mean", corr.weights.mean())):
+                    stats[key] = stats.get(key, 0.0) + weight * float(val)
             advantages = torch.cat([torch.full((len(tr.response_ids),), float(tr.advantage))
                                     for tr in mb]).to(fwd.logprobs)
             ref_logprobs = torch.cat([ref[i] for i in idx]) if ref is not None else None
             out = ppo_loss(fwd.logprobs, old_logprobs, advantages, ref_logprobs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
-            weight = len(old_logprobs) / mb_tokens
+                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high,
+                           is_weights=is_weights)
             loss = out.loss * weight
             value_loss = torch.zeros(())
             if use_critic:
@@ -261,7 +346,8 @@ class PPOTrainer:
                 value_loss = 0.5 * ((values - targets) ** 2).mean()
                 loss = loss + cfg.value_coef * value_loss * (len(idx) / len(mb_idx))
             loss.backward()
-            err = max(err, (fwd.logprobs.detach() - old_logprobs).abs().max().item())
+            if old is None:
+                err = max(err, (fwd.logprobs.detach() - old_logprobs).abs().max().item())
             for key, val in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
                              ("approx_kl", out.approx_kl), ("clip_frac", out.clip_frac),
                              ("entropy", fwd.entropy.mean()), ("value_loss", value_loss)):
@@ -281,8 +367,13 @@ class PPOTrainer:
         return chunk_rows(rows, self.config.max_tokens_per_forward)
 
     def _reference_logprobs(self, rows: list[Transition]) -> list[torch.Tensor]:
+        with self._reference_context() as model:
+            return self._policy_logprobs(rows, model)
+
+    def _policy_logprobs(self, rows: list[Transition], model: Any = None) -> list[torch.Tensor]:
+        """Per-row response logprobs under ``model`` (default: the policy as it is now), no grad."""
         out: list[torch.Tensor] = []
-        with torch.no_grad(), self._reference_context() as model:
+        with torch.no_grad():
             for chunk in self._chunks(rows):
                 fwd = self._forward([rows[i] for i in chunk], grad=False, model=model)
                 out.extend(fwd.logprobs.split(fwd.lengths))
@@ -309,7 +400,8 @@ class PPOTrainer:
                  model: Any = None) -> Scores:
         """Response-token logprobs of ``rows`` under ``model`` (default: the policy)."""
         return score(model if model is not None else self.policy.model, rows,
-                     device=self.policy.device, grad=grad, hidden=hidden)
+                     device=self.policy.device, grad=grad, hidden=hidden,
+                     checkpointing=self.config.gradient_checkpointing)
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
@@ -377,8 +469,19 @@ class PPOTrainer:
 
     def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
         """Atomic checkpoint under ``directory``; ``keep_last=k`` prunes all but the newest k."""
+        # the portable copy of the weights, written into the checkpoint: a PEFT adapter folder
+        extra = ((lambda tmp: self.save_adapter(tmp / "adapter")) if has_adapter(self.policy.model)
+                 else None)
         return save_checkpoint(self.state_dict(), Path(directory), self.step_count,
-                               model=getattr(self.policy, "name", ""), keep_last=keep_last)
+                               model=getattr(self.policy, "name", ""), keep_last=keep_last,
+                               extra=extra)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """The policy's LoRA adapter as a standard PEFT folder (``peft.PeftModel.from_pretrained``
+        and vLLM load it); see ``export.py``."""
+        from .export import save_adapter
+
+        return save_adapter(self.policy, directory, step=self.step_count)
 
     @classmethod
     def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],

@@ -1,0 +1,153 @@
+"""Live weight sync: the trainer's LoRA adapter into an OpenAI-compatible server (vLLM), by version.
+
+Why adapters and not weights: vLLM can add a LoRA adapter to a running server
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, ``--enable-lora``) through ``POST
+/v1/load_lora_adapter {"lora_name", "lora_path"}`` and serve it as ``model=<lora_name>``; a
+LoRA adapter is megabytes, written in PEFT's format (``export.save_adapter``). Each sync is a new
+name, ``<prefix>-v<step>``, so a request names exactly the weights it wants and a transition can
+record which version sampled it; older versions are unloaded after the new one is live.
+
+Consistency: a sync runs at the start of a trainer step, before any rollout. It either completes
+(adapter written, loaded, the backend switched to the new name) or raises ``AdapterSyncError``
+naming the server and the version, with the previous version still current and the trainer's step
+not started; the next ``step()`` retries the same version from scratch.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AdapterSync", "AdapterSyncError", "SyncConfig"]
+
+
+class AdapterSyncError(RuntimeError):
+    """Loading an adapter version into the inference server failed; nothing was switched."""
+
+
+@dataclass
+class SyncConfig:
+    export_dir: str
+    """Where adapter versions are written; the server must be able to read this path."""
+    every: int = 1
+    """Trainer steps between syncs (1 = rollouts are always on-policy up to numerics)."""
+    prefix: str = "ll-policy"
+    """Adapter names are ``<prefix>-v<step>``."""
+    keep_loaded: int = 1
+    """Versions left loaded on the server (older ones are unloaded after a successful sync)."""
+    keep_files: int = 2
+    """Exported adapter folders kept on disk."""
+    timeout_s: float = 120.0
+    """Per-request timeout of the management calls."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "keep_loaded", "keep_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SyncConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class AdapterSync:
+    """Exports the policy's adapter and loads it into the server behind ``backend``.
+
+    ``backend`` is the ``RemoteBackend`` the rollouts use (its ``name`` is switched to the newest
+    version, so every later request samples from it); it supplies the server URL and API key.
+    """
+
+    def __init__(self, backend: Any, config: SyncConfig):
+        self.backend = backend
+        self.config = config
+        self.version: str | None = None
+        """The adapter name rollouts use now; None before the first sync."""
+        self.synced_step: int | None = None
+        self._loaded: list[str] = []
+        self._attempted: set[str] = set()
+
+    @property
+    def server(self) -> str:
+        return self.backend.base_url
+
+    def due(self, step: int) -> bool:
+        return self.synced_step is None or step - self.synced_step >= self.config.every
+
+    def version_name(self, step: int) -> str:
+        return f"{self.config.prefix}-v{step}"
+
+    def sync(self, policy: Any, step: int) -> str:
+        """Export the adapter as version ``step``, load it, switch rollouts to it; returns its name."""
+        from .export import save_adapter
+
+        name = self.version_name(step)
+        path = (Path(self.config.export_dir) / name).resolve()
+        try:
+            save_adapter(policy, path, step=step)
+        except OSError as exc:
+            raise AdapterSyncError(f"could not write adapter version {name} to {path} for "
+                                   f"{self.server}: {exc}") from exc
+        if name in self._attempted:  # a failed or timed-out try may have loaded it server-side
+            self._post("/unload_lora_adapter", {"lora_name": name}, name, quiet=True, warn=False)
+        self._attempted.add(name)
+        self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, name)
+        self._attempted.discard(name)
+        self._loaded.append(name)
+        self.backend.name = name  # from here on, rollouts sample from the new version
+        self.version, self.synced_step = name, step
+        self._retire()
+        return name
+
+    def adopt(self, version: str, step: int) -> None:
+        """Switch this process's rollouts to a version another process synced (data parallel:
+        rank 0 exports and loads, the other ranks only rename their requests)."""
+        self.backend.name = version
+        self.version, self.synced_step = version, step
+
+    def _retire(self) -> None:
+        """Unload versions beyond ``keep_loaded`` and delete old folders; failures only warn."""
+        import shutil
+
+        while len(self._loaded) > self.config.keep_loaded:
+            old = self._loaded.pop(0)
+            self._post("/unload_lora_adapter", {"lora_name": old}, old, quiet=True)
+        pattern = re.compile(rf"{re.escape(self.config.prefix)}-v(\d+)")
+        versions = [(int(m.group(1)), p) for p in Path(self.config.export_dir).iterdir()
+                    if p.is_dir() and (m := pattern.fullmatch(p.name))]
+        folders = [p for _, p in sorted(versions)]
+        for old_dir in folders[:-self.config.keep_files]:
+            if old_dir.name not in self._loaded:
+                shutil.rmtree(old_dir, ignore_errors=True)
+
+    def _post(self, route: str, body: dict[str, Any], version: str, quiet: bool = False,
+              warn: bool = True) -> None:
+        """POST a management call; a failure raises ``AdapterSyncError`` unless ``quiet`` (then
+        it warns, or with ``warn=False`` passes silently: a clean-up that found nothing)."""
+        import httpx
+
+        url = f"{self.server}{route}"
+        what = f"{route.strip('/')} of adapter version {version} at {self.server}"
+        try:
+            response = httpx.post(url, json=body, headers=dict(self.backend.headers),
+                                  timeout=self.config.timeout_s)
+            if response.status_code >= 400:
+                problem = f"refused with HTTP {response.status_code}: {_message(response)}"
+            else:
+                return
+        except httpx.TimeoutException:
+            problem = f"timed out after {self.config.timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            problem = f"server unreachable ({type(exc).__name__}: {exc})"
+        if quiet:
+            if warn:
+                warnings.warn(f"{what} {problem}", stacklevel=3)
+            return
+        current = f"rollouts stay on {self.version}" if self.version else "no version is live yet"
+        raise AdapterSyncError(f"{what} {problem}; {current}, the next step retries")
+
+
+def _message(response: Any) -> str:
+    try:
+        body = response.json()
+        return str(body.get("error", {}).get("message") or body.get("message") or body)[:500]
+    except ValueError:
+        return response.text[:500]
