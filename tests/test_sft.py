@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lightning_lab as ll
-from agents import parity_agent
+from shared_agents import parity_agent
 from lightning_lab.train.offline import OfflineBatchError, offline_ppo_step
 from lightning_lab.train.rejection import RejectionConfig, keep_above, rejection_sampling_finetune
 from lightning_lab.train.sft import (Demonstration, SFTConfig, SFTTrainer, demonstrations_to_batch,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lightning_lab as ll
-from agents import parity_agent
+from shared_agents import parity_agent
 from lightning_lab.traces.agentlightning import load_agentlightning
 from lightning_lab.traces.otel import (export_otlp_http, load_otlp_json, request_to_batch,
                                        save_otlp_json)
