@@ -51,3 +51,13 @@ def tiny_lora(device):
     import lightning_lab as ll
 
     return ll.models.load("tiny", lora=True, device=device)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """A tiny LoRA policy, fresh per test module (the proxy tests serve it over HTTP)."""
+    import lightning_lab as ll
+
+    p = ll.models.load("tiny", lora=True)
+    yield p
+    p.close()

@@ -28,13 +28,6 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     with ll.serve(policy, default_max_tokens=16, served_model_names=("my-agent-model",)) as s:
         yield s

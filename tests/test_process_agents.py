@@ -20,13 +20,6 @@ HERE = Path(__file__).resolve().parent / "process_agents"
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     with ll.serve(policy, default_max_tokens=8) as s:
         yield s

@@ -26,13 +26,6 @@ USER = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     with ll.serve(policy, default_max_tokens=16) as s:
         yield s

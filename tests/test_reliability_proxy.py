@@ -24,13 +24,6 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     limits = Limits(max_body_bytes=1 << 20, max_tokens=4096, max_request_tokens=20000,
                     max_queued_tokens=40000)

@@ -31,13 +31,6 @@ Small = Annotated[int, Field(ge=0, le=999)]
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     with ll.serve(policy, default_max_tokens=64) as s:
         yield s

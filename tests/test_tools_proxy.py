@@ -28,13 +28,6 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def policy():
-    p = ll.models.load("tiny", lora=True)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     with ll.serve(policy, default_max_tokens=40) as s:
         yield s
