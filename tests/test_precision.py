@@ -16,13 +16,13 @@ IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 60, 7], [11, 12, 13, 14, 15, 16, 17, 1
 
 def test_auto_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(precision, "cpu_info", lambda: ("x", frozenset({"avx2", "avx512_bf16"})))
-    assert precision.resolve_decode_dtype("auto") == torch.bfloat16
-    assert precision.resolve_decode_dtype("auto", device="cuda") == torch.float32
+    assert precision.resolve_dtype("auto") == torch.bfloat16
+    assert precision.resolve_dtype("auto", device="cuda") == torch.float32
     monkeypatch.setattr(precision, "cpu_info", lambda: ("x", frozenset({"avx2", "avx512f"})))
-    assert precision.resolve_decode_dtype("auto") == torch.float32
-    assert precision.resolve_decode_dtype("bfloat16") == torch.bfloat16
+    assert precision.resolve_dtype("auto") == torch.float32
+    assert precision.resolve_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
-        precision.resolve_decode_dtype("fp8")
+        precision.resolve_dtype("fp8")
 
 
 def test_cpu_info_names_this_cpu():

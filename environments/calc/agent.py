@@ -21,6 +21,16 @@ from .problems import CalcTask
 SYSTEM = ("You solve arithmetic word problems. Use the calculator tool for the arithmetic, "
           "then reply with the final number only.")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# Deliberately unlike every generated problem (no shared name or item), so it teaches the
+# format, not an answer.
+WORKED_EXAMPLE: list[dict[str, Any]] = [
+    {"role": "user", "content": "A farm has 17 ducks and buys 25 more. How many ducks now?"},
+    {"role": "assistant", "content": "", "tool_calls": [{
+        "id": "call_example", "type": "function",
+        "function": {"name": "calculator", "arguments": json.dumps({"expression": "17 + 25"})}}]},
+    {"role": "tool", "tool_call_id": "call_example", "content": "42"},
+    {"role": "assistant", "content": "42"},
+]
 
 
 @dataclass
@@ -44,6 +54,11 @@ class CalcAgentConfig:
     tool_credit: float = 0.0
     """Reward when a calculator result equals the exact answer but the final reply does not
     (the right computation, not yet reported); 1.0 is for the exact final answer."""
+    worked_example: bool = True
+    """Open the conversation with one solved problem (question, calculator call, tool result,
+    answer), as OpenAI users do to show a format: the untrained 135M model then writes a
+    parseable call on its own in a share of problems, which gives RL something to reinforce
+    (without it, almost never)."""
 
 
 def final_number(text: str | None) -> int | None:
@@ -63,6 +78,7 @@ def solve(question: str, base_url: str, cfg: CalcAgentConfig, model: str = "poli
     first_tool_choice = first_tool_choice or cfg.first_tool_choice
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM},
+                                      *(WORKED_EXAMPLE if cfg.worked_example else []),
                                       {"role": "user", "content": question}]
     calls, results, first_call_ok = 0, [], None
     answer = None
@@ -90,8 +106,7 @@ def solve(question: str, base_url: str, cfg: CalcAgentConfig, model: str = "poli
             messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     return {"answer_text": answer, "tool_calls": calls, "tool_results": results,
             "first_tool_choice": first_tool_choice,
-            "first_call_valid": first_call_ok, "turns": len([m for m in messages
-                                                             if m["role"] == "assistant"])}
+            "first_call_valid": first_call_ok, "turns": turn + 1}
 
 
 def make_agent(policy: Any, server: Any = None, **options: Any) -> Callable[[CalcTask], None]:
@@ -108,7 +123,8 @@ def make_agent(policy: Any, server: Any = None, **options: Any) -> Callable[[Cal
     def run(task: CalcTask, base_url: str) -> None:
         sampling = (ll.tracing.current_temperature() or 1.0) > 0  # None: the 1.0 default
         forced = sampling and random.random() < cfg.required_fraction
-        outcome = solve(task.question, base_url, cfg, first_tool_choice="required" if forced else None)
+        outcome = solve(task.question, base_url, cfg, model=server.backend.name,
+                        first_tool_choice="required" if forced else None)
         predicted = final_number(outcome["answer_text"])
         correct = predicted == task.answer
         computed = str(task.answer) in outcome["tool_results"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from lightning_lab.inference.decoding import DecodeBatch, Row
-from lightning_lab.inference.precision import resolve_decode_dtype
+from lightning_lab.inference.precision import resolve_dtype
 from lightning_lab.inference.sampling import SamplingParams
 
 
@@ -115,7 +115,7 @@ class Engine:
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         device = next(model.parameters()).device.type
-        self.decode_dtype = resolve_decode_dtype(self.config.decode_dtype, device)
+        self.decode_dtype = resolve_dtype(self.config.decode_dtype, device)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None

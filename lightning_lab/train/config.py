@@ -66,6 +66,11 @@ class PPOConfig:
     rollouts from vLLM, bf16 sampling or a lagging adapter version; see ``offpolicy.py``)."""
     tis_cap: float = 2.0
     """Truncation C of the importance weight min(pi_trainer / pi_behaviour, C)."""
+    update_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
+    """Matmul dtype of the update's forward and backward (autocast; weights, adapter, optimizer
+    and logits stay fp32): float32 | auto (bf16 on a CPU with native bf16 and on CUDA) |
+    bfloat16. Not float32 turns ``recompute_logprobs`` on: the old policy then comes from the
+    same bf16 forward, so PPO's ratio stays exact and the sampler gap is importance-weighted."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in the backward instead of storing activations (for models whose
     update does not fit in memory; each row is then scored without prompt sharing)."""

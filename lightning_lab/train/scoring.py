@@ -131,16 +131,19 @@ def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
     return chunks
 
 
-def _autocast(device: str | torch.device) -> Any:
-    """bf16 autocast on CUDA (fp32 LoRA weights meet bf16 base weights in bf16 matmuls); the
-    logits are taken in float32 either way."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: str | torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """bf16 autocast on CUDA always (fp32 LoRA weights meet bf16 base weights in bf16 matmuls),
+    on CPU when ``dtype`` asks for it (native bf16 matmuls run ~2x fp32 there); the logits are
+    taken in float32 either way."""
+    kind = torch.device(device).type
+    if kind == "cuda" or dtype == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device = "cpu",
-          grad: bool = False, hidden: bool = False, checkpointing: bool = False) -> Scores:
+          grad: bool = False, hidden: bool = False, checkpointing: bool = False,
+          dtype: torch.dtype = torch.float32) -> Scores:
     """Logprobs (at each transition's sampling temperature) of every response token of ``rows``.
 
     Two decoder passes over the host rows (see ``hosts``): their distinct prompts, right-padded
@@ -153,11 +156,12 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     ``checkpointing=True`` (with ``gradient_checkpointing_enable()`` called on the model) trades
     compute for activation memory: each row then runs as one prompt+response sequence without a
     KV cache (a cache cannot be recomputed in the backward), every decoder layer recomputed.
+    ``dtype=torch.bfloat16`` runs the matmuls under bf16 autocast (see ``_autocast``).
     """
     core = base_model(model)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
     if checkpointing and grad:
-        return _score_whole_rows(decoder, head, rows, device, hidden)
+        return _score_whole_rows(decoder, head, rows, device, hidden, dtype)
     of_row = hosts(rows)
     host_ids = sorted(set(of_row))
     slot = {h: b for b, h in enumerate(host_ids)}  # row index -> position among hosts
@@ -168,7 +172,7 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     host_prompt = torch.tensor(of_host)
     width = max(len(tr.response_ids) for tr in host_rows) - 1  # a last token predicts nothing
     lengths = [len(tr.response_ids) for tr in rows]
-    with torch.set_grad_enabled(grad), _autocast(device):
+    with torch.set_grad_enabled(grad), _autocast(device, dtype):
         p_ids, p_mask = _padded(prompts, lp)
         first = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
                         use_cache=width > 0)
@@ -203,7 +207,7 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
         if hidden:
             last = torch.tensor([flat(i, len(tr.prompt_ids) - 1) for i, tr in enumerate(rows)],
                                 dtype=torch.long, device=device)
-            prompt_hidden = states[last]  # (B, H)
+            prompt_hidden = states[last].float()  # (B, H); the critic's head is fp32
     return Scores(logprobs=logprobs, entropy=entropy, prompt_hidden=prompt_hidden, lengths=lengths)
 
 
@@ -242,12 +246,12 @@ def _layers_checkpointed(decoder: Any) -> Iterator[None]:
 
 
 def _score_whole_rows(decoder: Any, head: Any, rows: Sequence[Transition], device: Any,
-                      hidden: bool) -> Scores:
+                      hidden: bool, dtype: torch.dtype) -> Scores:
     """``score`` with gradient checkpointing: every row is one right-padded prompt+response."""
     lengths = [len(tr.response_ids) for tr in rows]
     seqs = [list(tr.prompt_ids) + list(tr.response_ids[:-1]) for tr in rows]
     ids, mask = _padded(seqs, max(map(len, seqs)))
-    with torch.enable_grad(), _autocast(device), _layers_checkpointed(decoder):
+    with torch.enable_grad(), _autocast(device, dtype), _layers_checkpointed(decoder):
         states = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                          use_cache=False).last_hidden_state  # (B, L, H)
         # Row b's response token j is predicted at position len(prompt) - 1 + j.
@@ -256,7 +260,7 @@ def _score_whole_rows(decoder: Any, head: Any, rows: Sequence[Transition], devic
                              for j in range(n)], device=device)
         logprobs, entropy = _token_logprobs(head(states[b_at, t_at]), rows, lengths, device)
         plen = torch.tensor([len(tr.prompt_ids) - 1 for tr in rows], device=device)
-        last_prompt = states[torch.arange(len(rows), device=device), plen]  # (B, H)
+        last_prompt = states[torch.arange(len(rows), device=device), plen].float()  # (B, H)
     return Scores(logprobs=logprobs, entropy=entropy,
                   prompt_hidden=last_prompt if hidden else None, lengths=lengths)
 

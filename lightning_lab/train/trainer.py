@@ -30,6 +30,7 @@ from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
 from ..tracing import derive_seed
 from ..inference.adapters import has_adapter
+from ..inference.precision import resolve_dtype
 from .scoring import Scores, chunk_rows, score, sharing_groups
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
@@ -112,6 +113,13 @@ class PPOTrainer:
         self.minibatch_rng = random.Random(f"minibatches/{self.config.seed}")
         self.task_queue: list[int] = []
         model = policy.model
+        self.update_dtype = resolve_dtype(self.config.update_dtype, str(policy.device))
+        sampler_dtype = getattr(getattr(policy, "engine", None), "decode_dtype", torch.float32)
+        self.recompute_logprobs = (self.config.recompute_logprobs or sampler_dtype != torch.float32
+                                   or self.update_dtype != torch.float32)
+        """PPO's old policy = the trainer's own forward before the update, not the sampler's
+        logprobs: asked for, or implied when the sampler or the update multiply in bf16 (their
+        logprobs then differ by ~1e-2, which would shift every ratio)."""
         self.critic = ValueHead(model.config.hidden_size).to(policy.device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -252,14 +260,21 @@ class PPOTrainer:
         owned = owned or [True] * len(rows)
         mine = [i for i, o in enumerate(owned) if o]
         ref = self._by_row(self._reference_logprobs, rows, mine) if cfg.kl_coef > 0 else None
-        old = self._by_row(self._policy_logprobs, rows, mine) if cfg.recompute_logprobs else None
+        orders = [self._minibatch_order(rows)]  # epoch 0's now: the recompute skips its first minibatch
+        old = None
+        if self.recompute_logprobs:
+            # Rows of the first minibatch take their old logprobs from their own forward in
+            # _accumulate (no step has happened yet: it is the same model), so a one-minibatch
+            # update recomputes nothing; the rest are scored now, before the first step.
+            first = set(orders[0][:cfg.minibatch_size])
+            old = self._by_row(self._policy_logprobs, rows, [i for i in mine if i not in first])
         policy_params = self.optimizer.param_groups[0]["params"]
         all_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sums: dict[str, float] = {}
         ratios: dict[tuple[str, int], list[float]] = {}
         n_mb, grad_norms, first_err = 0, 0.0, 0.0
         for epoch in range(cfg.ppo_epochs):
-            order = self._minibatch_order(rows)
+            order = orders[0] if epoch == 0 else self._minibatch_order(rows)
             for start in range(0, len(order), cfg.minibatch_size):
                 mb_idx = order[start:start + cfg.minibatch_size]
                 self.optimizer.zero_grad(set_to_none=True)
@@ -306,7 +321,9 @@ class PPOTrainer:
         Each micro-batch's loss is weighted by its share of the minibatch's response tokens (all
         processes' rows), so the accumulated (and all-reduced) gradient is that of the
         minibatch's token-mean loss. ``old``: recomputed logprobs, PPO's old policy in place of
-        the sampler's, with truncated importance weights. Returns this process's share of the
+        the sampler's, with truncated importance weights; a row missing from it (first minibatch
+        of the first epoch) gets this forward's values, stored for later epochs. Returns this
+        process's share of the
         minibatch's stats (token-weighted) and its rows' per-token ratios.
         """
         cfg = self.config
@@ -324,6 +341,8 @@ class PPOTrainer:
             is_weights = None
             weight = len(old_logprobs) / mb_tokens
             if old is not None:
+                for i, fresh in zip(idx, fwd.logprobs.detach().split(fwd.lengths)):
+                    old.setdefault(i, fresh)
                 behaviour, old_logprobs = old_logprobs, torch.cat([old[i] for i in idx])
                 corr = truncated_is_weights(old_logprobs, behaviour, cap=cfg.tis_cap)
                 is_weights = corr.weights
@@ -401,7 +420,7 @@ class PPOTrainer:
         """Response-token logprobs of ``rows`` under ``model`` (default: the policy)."""
         return score(model if model is not None else self.policy.model, rows,
                      device=self.policy.device, grad=grad, hidden=hidden,
-                     checkpointing=self.config.gradient_checkpointing)
+                     checkpointing=self.config.gradient_checkpointing, dtype=self.update_dtype)
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
