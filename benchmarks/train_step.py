@@ -5,9 +5,12 @@ prompt, 8 completions of at most 64 tokens per step, temperature 1, a cheap prog
 (shorter answers score higher, so both trainers see varied rewards) and no KL term on either side
 (TRL's default beta=0). Each side runs in its own subprocess so peak RSS is its own.
 
-Ours runs with its defaults (``decode_dtype="auto"``: bf16 sampling matmuls on a CPU with native
-bf16, fp32 elsewhere; fp32 update) and, as a lever measured alone, with fp32 sampling. TRL runs
-in fp32 as configured below (its generation uses the same fp32 HF model it trains).
+Ours runs three ways, one lever at a time: all fp32 (the library default); bf16 sampling only
+(``decode_dtype="auto"``: bf16 matmuls on a CPU with native bf16, fp32 elsewhere); bf16 sampling
+and bf16 update (``update_dtype="auto"``: autocast of the update's matmuls). Either bf16 setting
+makes PPO's old policy the trainer's own forward (free with one minibatch), so the ratio stays
+exact and the sampler gap is importance-weighted. TRL runs in fp32 as configured below (its
+generation uses the same fp32 HF model it trains).
 
     pip install trl==1.16.0   # benchmark-only extra: pip install -e ".[bench]"
     python benchmarks/train_step.py [--steps 3]
@@ -36,7 +39,7 @@ def reward_fn(text: str) -> float:
     return 1.0 / (1.0 + len(text.split()))
 
 
-def run_ours(steps: int, decode_dtype: str = "auto") -> dict:
+def run_ours(steps: int, decode_dtype: str, update_dtype: str) -> dict:
     import lightning_lab as ll
 
     policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32},
@@ -46,7 +49,8 @@ def run_ours(steps: int, decode_dtype: str = "auto") -> dict:
         ll.reward(reward_fn(policy.chat(PROMPT, max_new_tokens=MAX_NEW)))
 
     config = ll.PPOConfig(tasks_per_step=1, group_size=GROUP, lr=LR, kl_coef=0.0,
-                          minibatch_size=GROUP, ppo_epochs=1, temperature=1.0)
+                          minibatch_size=GROUP, ppo_epochs=1, temperature=1.0,
+                          update_dtype=update_dtype)
     trainer = ll.PPOTrainer(policy, agent, [{"task_id": "weather"}], config=config)
     trainer.step()  # warm-up (allocator, first-call overheads), as TRL's first step is discarded
     times, tokens, errs = [], [], []
@@ -57,7 +61,7 @@ def run_ours(steps: int, decode_dtype: str = "auto") -> dict:
         tokens.append(m["response_tokens"])
         errs.append(m["behaviour_logprob_err"])
     return {"times": times, "tokens": tokens, "behaviour_logprob_err": max(errs),
-            "decode_dtype": str(policy.engine.decode_dtype)}
+            "decode_dtype": str(policy.engine.decode_dtype), "update_dtype": str(trainer.update_dtype)}
 
 
 def run_trl(steps: int) -> dict:
@@ -99,7 +103,10 @@ def run_trl(steps: int) -> dict:
     return {"times": times[1:], "tokens": tokens[1:len(times)]}
 
 
-SIDES = {"trl": run_trl, "ours": run_ours, "ours-fp32": lambda steps: run_ours(steps, "float32")}
+SIDES = {"trl": run_trl,
+         "ours-fp32": lambda steps: run_ours(steps, "float32", "float32"),
+         "ours-bf16-sampling": lambda steps: run_ours(steps, "auto", "float32"),
+         "ours-bf16": lambda steps: run_ours(steps, "auto", "auto")}
 
 
 def child(side: str, steps: int) -> None:
@@ -124,26 +131,27 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--child", choices=list(SIDES))
-    parser.add_argument("--sides", default="trl,ours,ours-fp32",
+    parser.add_argument("--sides", default=",".join(SIDES),
                         help="comma-separated subset of " + ",".join(SIDES))
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps)
         sys.exit(0)
     print(banner())
-    names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours": "lightning-lab step (auto)",
-             "ours-fp32": "lightning-lab step (fp32 sampling)"}
+    names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours-fp32": "lightning-lab step (fp32)",
+             "ours-bf16-sampling": "lightning-lab step (bf16 sampling)",
+             "ours-bf16": "lightning-lab step (bf16 sampling+update)"}
     print(f"medians of {args.steps} steps after one warm-up step", flush=True)
     results = {}
     for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run
         r = results[side] = measure(side, args.steps)
-        extra = (f"  sampling {r['decode_dtype']}, behaviour_logprob_err {r['behaviour_logprob_err']:.2g}"
-                 if "decode_dtype" in r else "")
-        print(f"{names[side]:36s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s"
+        extra = (f"  sampling {r['decode_dtype']}, update {r['update_dtype']}, "
+                 f"behaviour_logprob_err {r['behaviour_logprob_err']:.2g}" if "decode_dtype" in r else "")
+        print(f"{names[side]:42s} {r['s_per_step']:6.2f} s/step  {r['tok_per_s']:6.1f} completion tok/s"
               f"  peak RSS {r['peak_rss_mb']:.0f} MB{extra}", flush=True)
     trl = results.get("trl")
-    for side in ("ours", "ours-fp32"):
-        if trl and side in results:
+    for side in names:
+        if trl and side != "trl" and side in results:
             r = results[side]
             print(f"{names[side]} vs TRL: {r['tok_per_s'] / trl['tok_per_s']:.2f}x completion tok/s "
                   f"(target >= 2x), {trl['s_per_step'] / r['s_per_step']:.2f}x s/step, "
