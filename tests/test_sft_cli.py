@@ -73,3 +73,41 @@ def test_sft_rejection_mode_runs_rounds(tmp_path):
     assert summary["rows"] == 16 and summary["loss"]  # 8 trajectories of 2 calls (namer, shouter)
     _, state = load_checkpoint(out / "checkpoints", require=("params",))
     assert state["step"] == len(summary["loss"])
+
+
+def test_warm_started_run_takes_its_warm_start_as_kl_reference(tmp_path):
+    """``train --init-from`` (LoRA): the KL reference is the fine-tuned adapter, not the
+    adapter-off base, so the first update's KL is 0 (one minibatch, nothing stepped yet) although
+    the warm start moved far from the base; a resumed run keeps that reference."""
+    from lightning_lab.train.config import RunConfig
+    from lightning_lab.train.run import build
+
+    sft_out = tmp_path / "sft"
+    assert main(["sft", "--model", "tiny", "--lora", "on", "--env", "wordplay", "--mode",
+                 "rejection", "--n", "2", "--rounds", "1", "--tasks-per-round", "4", "--threshold",
+                 "-1", "--batch-size", "8", "--lr", "5e-2", "--eval-limit", "0",
+                 "--out", str(sft_out)]) == 0
+    _, sft_state = load_checkpoint(sft_out / "checkpoints", require=("params",))
+    rl_out = tmp_path / "rl"
+    args = ["train", "--model", "tiny", "--lora", "on", "--env", "wordplay", "--steps", "1",
+            "--init-from", str(sft_out / "checkpoints"), "--tasks-per-step", "2",
+            "--group-size", "2", "--minibatch-size", "64", "--kl-coef", "0.1", "--eval-limit", "0",
+            "--out", str(rl_out)]
+    assert main(args) == 0
+    kl = json.loads((rl_out / "metrics.jsonl").read_text().splitlines()[0])["kl"]
+    assert abs(kl) < 1e-5, kl
+
+    setup = build(RunConfig(model="tiny", lora="on", env="wordplay", init_from=str(sft_out / "checkpoints"),
+                            out=str(rl_out), resume=True))
+    assert setup.resumed and setup.trainer.step_count == 1
+    ref = setup.trainer.reference_weights
+    assert set(ref) == set(sft_state["params"])
+    assert all(torch.equal(ref[n], t) for n, t in sft_state["params"].items())
+    params = dict(setup.policy.model.named_parameters())
+    with torch.no_grad():
+        params[next(iter(ref))].add_(1.0)  # stands in for an RL update away from the warm start
+    before = {n: params[n].detach().clone() for n in ref}
+    with setup.policy.reference(ref) as model:
+        swapped = {n: p.detach().clone() for n, p in model.named_parameters() if n in ref}
+    assert all(torch.equal(swapped[n], ref[n]) for n in ref)
+    assert all(torch.equal(params[n], before[n]) for n in ref)  # and the policy's are put back

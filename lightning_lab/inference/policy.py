@@ -14,6 +14,8 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Union
 
+import torch
+
 from lightning_lab.inference.adapters import has_adapter
 from lightning_lab.inference.chat import ChatPlan, plan_chat
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
@@ -266,16 +268,31 @@ class Policy:
         return _chat_reply((await self.agenerate([prompt], **options))[0], prefill, tools)
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[Any]:
-        """Yield the model acting as the PPO reference (the adapter-off base model).
+    def reference(self, weights: dict[str, torch.Tensor] | None = None) -> Iterator[Any]:
+        """Yield the model acting as the PPO reference: the adapter-off base model, or the model
+        with ``weights`` (trainable parameters by name, e.g. a warm start's adapter) in place.
 
-        With a peft adapter this disables it in place, so no second copy sits in memory. Without
-        one the reference *is* the policy model, so KL to it is 0 unless the trainer keeps its own
-        frozen copy. Sampling is paused meanwhile (the engine lock), so no rollout is ever sampled
-        from the reference by accident; do not call ``chat``/``generate`` inside this block.
+        With a peft adapter this disables it in place, so no second copy sits in memory; given
+        ``weights``, the current values are set aside and put back on exit (only the trainable
+        ones, a few MB for LoRA). Without either the reference *is* the policy model, so KL to it
+        is 0 unless the trainer keeps its own frozen copy. Sampling is paused meanwhile (the
+        engine lock), so no rollout is ever sampled from the reference by accident; do not call
+        ``chat``/``generate`` inside this block.
         """
         with self.engine.lock:
-            if has_adapter(self.model):
+            if weights is not None:
+                params = dict(self.model.named_parameters())
+                current = {n: params[n].detach().clone() for n in weights}
+                try:
+                    with torch.no_grad():
+                        for n, w in weights.items():
+                            params[n].copy_(w)
+                    yield self.model
+                finally:
+                    with torch.no_grad():
+                        for n, w in current.items():
+                            params[n].copy_(w)
+            elif has_adapter(self.model):
                 with self.model.disable_adapter():
                     yield self.model
             else:

@@ -37,7 +37,7 @@ _META, _STATE, _LATEST = "meta.json", "state.pt", "LATEST"
 _META_KEYS = {"format_version": int, "step": int, "model": str, "config": dict, "credit": dict,
               "params": dict}
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "latest_checkpoint",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "read_policy_weights", "latest_checkpoint",
            "resolve", "clean_orphans", "CheckpointError"]
 
 
@@ -240,15 +240,22 @@ def load_checkpoint(directory: Path, require: Sequence[str] = TRAINER_KEYS
     return path, state
 
 
-def load_policy_weights(policy: Any, directory: Path) -> Path:
-    """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
+def read_policy_weights(policy: Any, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint's trained weights, checked to fit ``policy``'s trainable parameters."""
     path, state = load_checkpoint(Path(directory), require=("params",))
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     saved = state["params"]
     mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not fit this policy; e.g. {mismatch[:3]}")
+    return path, {n: saved[n] for n in params}
+
+
+def load_policy_weights(policy: Any, directory: Path) -> Path:
+    """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
+    path, weights = read_policy_weights(policy, directory)
+    params = dict(policy.model.named_parameters())
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
+        for name, w in weights.items():
+            params[name].copy_(w)
     return path

@@ -153,7 +153,8 @@ class RunConfig:
     """Continue from <out>/checkpoints, with <out>/config.yaml as the base config."""
     init_from: str | None = None
     """Start from the weights of this checkpoint (a warm start, e.g. lightning-lab sft's
-    <out>/checkpoints); a resumed run continues from its own checkpoint instead."""
+    <out>/checkpoints), which is then also the KL reference; a resumed run continues from its
+    own checkpoint instead (the reference stays the warm start)."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless logged in)."""
     out: str = "runs/demo"
@@ -174,9 +175,10 @@ class RunConfig:
         return params
 
 
-FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed", "tasks")
-"""Fields a resumed run cannot change: they decide the weights' shapes or the task list that
-the saved task order indexes."""
+FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed", "tasks",
+                    "init_from")
+"""Fields a resumed run cannot change: they decide the weights' shapes, the KL reference
+(``init_from``) or the task list that the saved task order indexes."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -152,17 +152,20 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     ckpt_dir = Path(config.out) / "checkpoints"
     # A crash during the very first save leaves no complete checkpoint: start from step 0.
     resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
-    if config.init_from and not resumed:
-        from .checkpoint import load_policy_weights
+    warm_start = None  # the KL reference too, read again on resume
+    if config.init_from:
+        from .checkpoint import load_policy_weights, read_policy_weights
 
-        load_policy_weights(policy, Path(config.init_from))
+        _, warm_start = read_policy_weights(policy, Path(config.init_from))
+        if not resumed:
+            load_policy_weights(policy, Path(config.init_from))
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
-                                  config=config.ppo, callbacks=cbs)
+                                  config=config.ppo, callbacks=cbs, reference_weights=warm_start)
         trainer.parallel = parallel
     else:
         trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
-                             callbacks=cbs, parallel=parallel)
+                             callbacks=cbs, parallel=parallel, reference_weights=warm_start)
     for cb in cbs:
         cb.attach(trainer)
     return RunSetup(config, env, policy, agent, train_tasks, dev_tasks, trainer, cbs, resumed,

@@ -88,7 +88,8 @@ class PPOTrainer:
     def __init__(self, policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any], *,
                  credit: str | credit_lib.CreditStrategy = "uniform",
                  config: PPOConfig | None = None, callbacks: Sequence[Any] = (),
-                 sync: Any = None, parallel: DataParallel | None = None):
+                 sync: Any = None, parallel: DataParallel | None = None,
+                 reference_weights: dict[str, torch.Tensor] | None = None):
         if not tasks:
             raise ValueError("PPOTrainer needs at least one task")
         self.policy = policy
@@ -102,6 +103,9 @@ class PPOTrainer:
         self.sync = sync
         """An ``AdapterSync``: before a step's rollouts, push the adapter to the inference server."""
         self.parallel = parallel or DataParallel()
+        self.reference_weights = reference_weights
+        """Trainable weights of the KL reference, e.g. the warm start's adapter (``train
+        --init-from``), as TRL's reference is the SFT model; None = the adapter-off base model."""
         """This process's rank in a data-parallel group (``distributed.py``); one process by default."""
         self.step_count = 0
         self.history: list[dict[str, float]] = []
@@ -132,7 +136,7 @@ class PPOTrainer:
         ])
         # Without an adapter, "disable the adapter" is impossible: keep a frozen copy for the KL.
         self._ref_model = None
-        if self.config.kl_coef > 0 and not has_adapter(model):
+        if self.config.kl_coef > 0 and not has_adapter(model) and reference_weights is None:
             self._ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ the loop
@@ -403,7 +407,7 @@ class PPOTrainer:
 
         if self._ref_model is not None:
             return nullcontext(self._ref_model)
-        return self.policy.reference()
+        return self.policy.reference(self.reference_weights)
 
     def critic_values(self, batch: Batch) -> None:
         """Fill ``Transition.value`` for every transition of the usable trajectories."""
@@ -505,7 +509,8 @@ class PPOTrainer:
     @classmethod
     def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],
              tasks: Sequence[Any], *, credit: str | credit_lib.CreditStrategy | None = None,
-             config: PPOConfig | None = None, callbacks: Sequence[Any] = ()) -> "PPOTrainer":
+             config: PPOConfig | None = None, callbacks: Sequence[Any] = (),
+             reference_weights: dict[str, torch.Tensor] | None = None) -> "PPOTrainer":
         """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones."""
         path, state = load_checkpoint(Path(directory))
         try:
@@ -516,7 +521,8 @@ class PPOTrainer:
         except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks
             raise CheckpointError(f"checkpoint {path}: its config does not fit this version: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks)
+        trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks,
+                      reference_weights=reference_weights)
         try:
             trainer.load_state_dict(state)
         except ValueError as exc:
