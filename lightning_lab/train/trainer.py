@@ -103,10 +103,10 @@ class PPOTrainer:
         self.sync = sync
         """An ``AdapterSync``: before a step's rollouts, push the adapter to the inference server."""
         self.parallel = parallel or DataParallel()
+        """This process's rank in a data-parallel group (``distributed.py``); one process by default."""
         self.reference_weights = reference_weights
         """Trainable weights of the KL reference, e.g. the warm start's adapter (``train
         --init-from``), as TRL's reference is the SFT model; None = the adapter-off base model."""
-        """This process's rank in a data-parallel group (``distributed.py``); one process by default."""
         self.step_count = 0
         self.history: list[dict[str, float]] = []
         torch.manual_seed(self.config.seed)
@@ -327,8 +327,7 @@ class PPOTrainer:
         minibatch's token-mean loss. ``old``: recomputed logprobs, PPO's old policy in place of
         the sampler's, with truncated importance weights; a row missing from it (first minibatch
         of the first epoch) gets this forward's values, stored for later epochs. Returns this
-        process's share of the
-        minibatch's stats (token-weighted) and its rows' per-token ratios.
+        process's share of the minibatch's stats (token-weighted) and its rows' per-token ratios.
         """
         cfg = self.config
         use_critic = self.credit.needs_values
