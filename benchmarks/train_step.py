@@ -39,11 +39,12 @@ def reward_fn(text: str) -> float:
     return 1.0 / (1.0 + len(text.split()))
 
 
-def run_ours(steps: int, decode_dtype: str, update_dtype: str) -> dict:
+def run_ours(steps: int, decode_dtype: str, update_dtype: str, decode_threads: int | None = None
+             ) -> dict:
     import lightning_lab as ll
 
     policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32},
-                            decode_dtype=decode_dtype)
+                            decode_dtype=decode_dtype, decode_threads=decode_threads)
 
     def agent(task):
         ll.reward(reward_fn(policy.chat(PROMPT, max_new_tokens=MAX_NEW)))
@@ -106,7 +107,8 @@ def run_trl(steps: int) -> dict:
 SIDES = {"trl": run_trl,
          "ours-fp32": lambda steps: run_ours(steps, "float32", "float32"),
          "ours-bf16-sampling": lambda steps: run_ours(steps, "auto", "float32"),
-         "ours-bf16": lambda steps: run_ours(steps, "auto", "auto")}
+         "ours-bf16": lambda steps: run_ours(steps, "auto", "auto"),
+         "ours-bf16-sampling-1t": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1)}
 
 
 def child(side: str, steps: int) -> None:
@@ -140,7 +142,8 @@ if __name__ == "__main__":
     print(banner())
     names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours-fp32": "lightning-lab step (fp32)",
              "ours-bf16-sampling": "lightning-lab step (bf16 sampling)",
-             "ours-bf16": "lightning-lab step (bf16 sampling+update)"}
+             "ours-bf16": "lightning-lab step (bf16 sampling+update)",
+             "ours-bf16-sampling-1t": "lightning-lab step (bf16 sampling, 1 decode thread)"}
     print(f"medians of {args.steps} steps after one warm-up step", flush=True)
     results = {}
     for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run

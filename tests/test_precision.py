@@ -90,3 +90,19 @@ def test_bf16_sampling_records_its_own_logprobs():
     recorded = torch.tensor([x for g in gens for x in g.logprobs])
     err = (trainer_lp - recorded).abs()
     assert 0 < err.mean().item() < 0.05 * recorded.abs().mean().item()
+
+
+def test_decode_threads_apply_to_the_sampling_worker_only():
+    """``decode_threads`` sets torch's intra-op threads on the engine's worker thread (seen from
+    the token listener, which runs there); the caller's thread keeps its own count."""
+    from lightning_lab.inference.engine import Request
+    from lightning_lab.inference.sampling import SamplingParams
+
+    before = torch.get_num_threads()
+    policy = ll.models.load("tiny", decode_threads=1)
+    seen = []
+    request = Request(prompt_ids=[5, 17, 42], params=SamplingParams(max_new_tokens=3),
+                      on_token=lambda row: seen.append(torch.get_num_threads()))
+    policy.engine.submit(request).result(timeout=60)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before

@@ -68,6 +68,10 @@ class EngineConfig:
     """Dtype of the lean forward's matmuls: ``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16 on
     a CPU with native bf16, see ``precision``). Recorded logprobs are those of this forward; the
     trainer's fp32 forward differs from bf16 ones by ~1e-2 (``behaviour_logprob_err``)."""
+    num_threads: int | None = None
+    """Intra-op threads of the decode worker; None = torch's setting. torch's thread count is
+    per Python thread, so this sets the sampling phase's threads and leaves the update's alone
+    (decode matmuls of a small model are too small to split well across cores)."""
 
 
 class _Pending:
@@ -175,6 +179,8 @@ class Engine:
     # ---- worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)  # this thread only
         with torch.inference_mode():
             self._loop()
 

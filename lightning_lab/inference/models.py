@@ -153,6 +153,7 @@ def load(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     decode_dtype: str = "float32",
+    decode_threads: int | None = None,
 ) -> Policy:
     """Load a policy.
 
@@ -165,7 +166,8 @@ def load(
     ``decode_dtype`` is the sampling forward's matmul dtype (``EngineConfig.decode_dtype``):
     ``"float32"`` by default (sampling logprobs equal the trainer's to float noise); ``"auto"``
     (bf16 where the CPU has it natively) or ``"bfloat16"`` opt in to faster sampling whose
-    logprobs the fp32 update recomputes only to ~1e-2.
+    logprobs the fp32 update recomputes only to ~1e-2. ``decode_threads`` sets the sampling
+    worker's intra-op threads only (``EngineConfig.num_threads``).
     """
     _set_threads(device)
     if dtype is None:
@@ -180,7 +182,7 @@ def load(
             model = _wrap_lora(model, lora)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path,
-                  engine_config=EngineConfig(decode_dtype=decode_dtype))
+                  engine_config=EngineConfig(decode_dtype=decode_dtype, num_threads=decode_threads))
 
 
 def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, bool]:
