@@ -108,7 +108,9 @@ SIDES = {"trl": run_trl,
          "ours-fp32": lambda steps: run_ours(steps, "float32", "float32"),
          "ours-bf16-sampling": lambda steps: run_ours(steps, "auto", "float32"),
          "ours-bf16": lambda steps: run_ours(steps, "auto", "auto"),
-         "ours-bf16-sampling-1t": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1)}
+         "ours-bf16-sampling-1t": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1),
+         "ours-fp32-1t": lambda steps: run_ours(steps, "float32", "float32", decode_threads=1),
+         "ours-bf16-1t": lambda steps: run_ours(steps, "auto", "auto", decode_threads=1)}
 
 
 def child(side: str, steps: int) -> None:
@@ -143,7 +145,9 @@ if __name__ == "__main__":
     names = {"trl": "TRL 1.16 GRPOTrainer (fp32)", "ours-fp32": "lightning-lab step (fp32)",
              "ours-bf16-sampling": "lightning-lab step (bf16 sampling)",
              "ours-bf16": "lightning-lab step (bf16 sampling+update)",
-             "ours-bf16-sampling-1t": "lightning-lab step (bf16 sampling, 1 decode thread)"}
+             "ours-bf16-sampling-1t": "lightning-lab step (bf16 sampling, 1 decode thread)",
+             "ours-fp32-1t": "lightning-lab step (fp32, 1 decode thread)",
+             "ours-bf16-1t": "lightning-lab step (bf16 sampling+update, 1 decode thread)"}
     print(f"medians of {args.steps} steps after one warm-up step", flush=True)
     results = {}
     for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run

@@ -153,7 +153,7 @@ def load(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     decode_dtype: str = "float32",
-    decode_threads: int | None = None,
+    decode_threads: int | None = 1,
 ) -> Policy:
     """Load a policy.
 
@@ -166,8 +166,11 @@ def load(
     ``decode_dtype`` is the sampling forward's matmul dtype (``EngineConfig.decode_dtype``):
     ``"float32"`` by default (sampling logprobs equal the trainer's to float noise); ``"auto"``
     (bf16 where the CPU has it natively) or ``"bfloat16"`` opt in to faster sampling whose
-    logprobs the fp32 update recomputes only to ~1e-2. ``decode_threads`` sets the sampling
-    worker's intra-op threads only (``EngineConfig.num_threads``).
+    logprobs the fp32 update recomputes only to ~1e-2. ``decode_threads`` (CPU only) sets the
+    sampling worker's intra-op threads (``EngineConfig.num_threads``; None = torch's setting, every
+    core); the update keeps every core. One is the default because it measured fastest on 2 cores:
+    a decode step's matmuls are too small to split, and a 2-thread decode made a whole train step
+    1.4x slower (``benchmarks/train_step.py``).
     """
     _set_threads(device)
     if dtype is None:
@@ -182,7 +185,8 @@ def load(
             model = _wrap_lora(model, lora)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path,
-                  engine_config=EngineConfig(decode_dtype=decode_dtype, num_threads=decode_threads))
+                  engine_config=EngineConfig(decode_dtype=decode_dtype,
+                                             num_threads=decode_threads if device == "cpu" else None))
 
 
 def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, bool]:

@@ -105,8 +105,11 @@ class RunConfig:
     device: str = "cpu"
     """Torch device of the policy."""
     decode_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
-    """Sampling matmuls: float32 | auto (bf16 on a CPU with native bf16) | bfloat16. bf16 is
-    opt-in: the fp32 update then sees ~1e-2 logprob gaps (behaviour_logprob_err)."""
+    """Sampling matmuls: float32 | auto (bf16 on a CPU with native bf16) | bfloat16. bf16 makes
+    PPO's old policy the trainer's own forward and importance-weights the ~1e-2 sampler gap
+    (``behaviour_logprob_err``); the README's quick start uses auto."""
+    decode_threads: int | None = 1
+    """CPU intra-op threads of the sampling worker (the update keeps every core); None = all."""
     seed: int = 0
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
     env: str = "wordplay"

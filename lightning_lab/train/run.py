@@ -126,7 +126,8 @@ def load_policy(config: RunConfig) -> Any:
     from ..inference.adapters import lora_flag
 
     return models.load(config.model, lora=lora_flag(config.lora), device=config.device,
-                       seed=config.seed, decode_dtype=config.decode_dtype)
+                       seed=config.seed, decode_dtype=config.decode_dtype,
+                       decode_threads=config.decode_threads)
 
 
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
