@@ -96,7 +96,7 @@ def main(args: Args) -> None:
     print(banner())
     policy = ll.models.load("smollm2-135m", lora=False, decode_dtype="float32")
     bf16 = Policy(policy.model, policy.tokenizer, name="smollm2-135m",
-                  engine_config=EngineConfig(decode_dtype="bfloat16"))
+                  engine_config=EngineConfig(decode_dtype="bfloat16", num_threads=1))  # as load()
     hf_bf16_model = ll.models.load("smollm2-135m", lora=False, dtype=torch.bfloat16).model
     messages = [[{"role": "user", "content": q}] for q in (QUESTIONS * 4)[: args.prompts]]
     texts = [policy.prompt_text(m) for m in messages]
