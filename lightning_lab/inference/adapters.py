@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["base_model", "has_adapter", "lora_flag"]
+import torch
+
+__all__ = ["base_model", "has_adapter", "lora_flag", "set_weights"]
 
 _LORA_FLAGS = {"auto": None, "on": True, "off": False}
 
@@ -17,6 +19,14 @@ def base_model(model: Any) -> Any:
 def has_adapter(model: Any) -> bool:
     """True when the model carries a PEFT adapter that can be switched off (the reference)."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def set_weights(model: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (parameter name -> tensor, e.g. an adapter's) into ``model`` in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in weights.items():
+            params[name].copy_(w)
 
 
 def lora_flag(value: str) -> bool | None:

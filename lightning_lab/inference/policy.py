@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from lightning_lab.inference.adapters import has_adapter
+from lightning_lab.inference.adapters import has_adapter, set_weights
 from lightning_lab.inference.chat import ChatPlan, plan_chat
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
 from lightning_lab.inference.sampling import SamplingParams
@@ -284,14 +284,10 @@ class Policy:
                 params = dict(self.model.named_parameters())
                 current = {n: params[n].detach().clone() for n in weights}
                 try:
-                    with torch.no_grad():
-                        for n, w in weights.items():
-                            params[n].copy_(w)
+                    set_weights(self.model, weights)
                     yield self.model
                 finally:
-                    with torch.no_grad():
-                        for n, w in current.items():
-                            params[n].copy_(w)
+                    set_weights(self.model, current)
             elif has_adapter(self.model):
                 with self.model.disable_adapter():
                     yield self.model

@@ -31,14 +31,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..inference.adapters import set_weights
+
 FORMAT_VERSION = 2
 """2: ``state.pt`` is a trainer's ``state_dict()``, readable with ``weights_only=True``."""
 _META, _STATE, _LATEST = "meta.json", "state.pt", "LATEST"
 _META_KEYS = {"format_version": int, "step": int, "model": str, "config": dict, "credit": dict,
               "params": dict}
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "read_policy_weights", "latest_checkpoint",
-           "resolve", "clean_orphans", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "read_policy_weights",
+           "latest_checkpoint", "resolve", "clean_orphans", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
@@ -254,8 +256,5 @@ def read_policy_weights(policy: Any, directory: Path) -> tuple[Path, dict[str, t
 def load_policy_weights(policy: Any, directory: Path) -> Path:
     """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
     path, weights = read_policy_weights(policy, directory)
-    params = dict(policy.model.named_parameters())
-    with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(w)
+    set_weights(policy.model, weights)
     return path

@@ -155,11 +155,12 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
     warm_start = None  # the KL reference too, read again on resume
     if config.init_from:
-        from .checkpoint import load_policy_weights, read_policy_weights
+        from ..inference.adapters import set_weights
+        from .checkpoint import read_policy_weights
 
         _, warm_start = read_policy_weights(policy, Path(config.init_from))
         if not resumed:
-            load_policy_weights(policy, Path(config.init_from))
+            set_weights(policy.model, warm_start)
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
                                   config=config.ppo, callbacks=cbs, reference_weights=warm_start)
