@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import lightning_lab as ll
 
+from .grammar import schema_grammar
 from .prompts import checker_messages, parse_verdict, rewriter_messages, writer_messages
 from .reward import RewardConfig, score_sql
 from .schema import schema_prompt
@@ -48,14 +49,20 @@ class SQLAgentConfig:
     """Sampling temperature; None = the rollout's default (0 in evaluation)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Shaping bonuses and sandbox limits of the final score."""
+    constrain: bool = False
+    """Decode the writer's and rewriter's queries under the database's schema grammar
+    (`grammar.schema_grammar`): only its own tables and columns, Spider's SELECT subset, one line.
+    Needs `prefill` "" or "SELECT"; roles style only."""
     style: str = "roles"
     """"roles": writer/checker/rewriter prompts; "tools": one agent calling a `run_sql` tool
     (OpenAI tools format; `max_turns` queries, then an answer; see `tool_agent`)."""
 
 
-def _sql_call(policy: Any, messages: list[dict[str, str]], cfg: SQLAgentConfig) -> str:
+def _sql_call(policy: Any, messages: list[dict[str, str]], cfg: SQLAgentConfig,
+              task: SQLTask) -> str:
+    grammar = schema_grammar(str(task.db_path), cfg.prefill) if cfg.constrain else None
     return policy.chat(messages, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       stop=list(cfg.stop), prefill=cfg.prefill)
+                       stop=list(cfg.stop), prefill=cfg.prefill, grammar=grammar)
 
 
 def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]:
@@ -63,7 +70,7 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
     schema = (task.schema if cfg.schema_style == "ddl" and not cfg.sample_rows
               else schema_prompt(task.db_path, cfg.schema_style, cfg.sample_rows))
     with ll.step("writer"):
-        raw = _sql_call(policy, writer_messages(schema, task.question), cfg)
+        raw = _sql_call(policy, writer_messages(schema, task.question), cfg, task)
     sql = extract_sql(raw)
     result = run_sql(task.db_path, sql) if sql else None
     verdicts: list[bool | None] = []
@@ -83,7 +90,8 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
         elif not failed:
             break  # no checker: a query that runs is kept
         with ll.step("rewriter"):
-            raw = _sql_call(policy, rewriter_messages(schema, task.question, sql, result), cfg)
+            raw = _sql_call(policy, rewriter_messages(schema, task.question, sql, result), cfg,
+                           task)
         rewrites += 1
         new_sql = extract_sql(raw)
         if new_sql:  # a rewrite without SQL keeps the previous query
@@ -119,6 +127,10 @@ def make_agent(policy: Any, config: SQLAgentConfig | None = None,
         raise ValueError(f"max_turns must be >= 1, got {cfg.max_turns}")
     if cfg.style not in ("roles", "tools"):
         raise ValueError(f"style must be 'roles' or 'tools', got {cfg.style!r}")
+    if cfg.constrain and cfg.style == "tools":
+        raise ValueError("constrain=True applies to the roles style (tool arguments are JSON)")
+    if cfg.constrain and cfg.prefill.strip().upper() not in ("", "SELECT"):
+        raise ValueError(f"constrain=True needs prefill '' or 'SELECT', got {cfg.prefill!r}")
     run = run_tool_agent if cfg.style == "tools" else run_agent
 
     def agent(task: SQLTask) -> None:

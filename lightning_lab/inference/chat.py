@@ -8,7 +8,8 @@ so an in-process agent and an HTTP agent get the same prompt ids for the same co
 
 When is a reply constrained: ``tool_choice`` ``"required"`` or a named function (a call grammar
 from the tool format), else ``response_format`` ``json_object``/``json_schema`` when no call is
-possible (no tools, or ``tool_choice="none"``). ``"auto"`` is never constrained: the model may
+possible (no tools, or ``tool_choice="none"``), else a caller's own Lark ``grammar`` (vLLM's
+``guided_grammar``: e.g. SQL over one database's identifiers). ``"auto"`` is never constrained: the model may
 answer in text, and text that looks like a broken call stays ``content`` with the reason in
 ``meta["tool_parse_error"]``.
 """
@@ -73,11 +74,14 @@ class ChatPlan:
 def plan_chat(tokenizer: Any, messages: list[dict[str, Any]], *, tools: Any = None,
               tool_choice: Any = None, parallel_tool_calls: bool = True,
               response_format: Any = None, tool_format: str | ToolFormat = "auto",
-              prefill: str = "", compile_grammar: Any = None) -> ChatPlan:
+              prefill: str = "", grammar: str | None = None,
+              compile_grammar: Any = None) -> ChatPlan:
     """Validate and render one turn. Raises ``ToolError`` (a ValueError) naming the bad field.
 
-    ``compile_grammar(lark) -> str`` checks a grammar against the model's vocabulary (the
-    engine's ``compile_grammar``); without it no constraint is applied.
+    ``grammar`` is a Lark grammar (llguidance's dialect) of the generated text, after
+    ``prefill``; it cannot be combined with a forced call or a ``response_format``, which bring
+    their own. ``compile_grammar(lark) -> str`` checks a grammar against the model's vocabulary
+    (the engine's ``compile_grammar``); without it no constraint is applied.
     """
     parsed_tools = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, parsed_tools)
@@ -89,7 +93,14 @@ def plan_chat(tokenizer: Any, messages: list[dict[str, Any]], *, tools: Any = No
     plan = ChatPlan(normalized, parsed_tools, choice, parallel_tool_calls, schema, fmt, text,
                     meta={"tool_format": fmt.name} if parsed_tools else {})
     lark = None
-    if choice.forced:
+    if grammar is not None:
+        if choice.forced or schema is not None:
+            raise ToolError("grammar cannot be combined with a forced tool call or a "
+                            "response_format", "grammar")
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise ToolError("grammar must be a non-empty Lark grammar string", "grammar")
+        lark = grammar
+    elif choice.forced:
         allowed = [t for t in parsed_tools if choice.name in (None, t.name)]
         lark = fmt.call_grammar(allowed, parallel_tool_calls and choice.name is None)
     elif schema is not None and (not parsed_tools or choice.mode == "none"):
@@ -100,6 +111,7 @@ def plan_chat(tokenizer: Any, messages: list[dict[str, Any]], *, tools: Any = No
         try:
             plan.grammar = compile_grammar(lark)
         except ValueError as exc:  # a schema llguidance cannot compile is the client's field
-            param = "tools" if choice.forced else "response_format"
-            raise ToolError(f"cannot constrain to this schema: {exc}", param) from exc
+            param = ("grammar" if grammar is not None else "tools" if choice.forced
+                     else "response_format")
+            raise ToolError(f"cannot constrain to this {param}: {exc}", param) from exc
     return plan

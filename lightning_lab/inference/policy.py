@@ -101,6 +101,9 @@ class Policy:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
                  for p in prompts]
+        grammar = tool_options.get("grammar")
+        plain_grammar = (self.engine.compile_grammar(grammar)
+                         if grammar is not None and None in plans else None)
         texts = [p + prefill if plan is None else plan.prompt_text
                  for p, plan in zip(prompts, plans)]
         requests = [
@@ -112,7 +115,7 @@ class Policy:
                     max_new_tokens=max_new_tokens,
                     stop=stops,
                     seed=None if seed is None else (seed * 1_000_003 + i) % 2**62,
-                    grammar=None if plan is None else plan.grammar,
+                    grammar=plain_grammar if plan is None else plan.grammar,
                 ),
                 n=n,
             )
@@ -175,7 +178,8 @@ class Policy:
         else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
         with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
         OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
-        prompts only); each generation then carries its parsed ``message``.
+        prompts only; each generation then carries its parsed ``message``) and ``grammar`` (a
+        Lark grammar of the generated text, for string prompts too).
         """
         texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
                                                 stop, prefill, seed, tool_options)
@@ -235,6 +239,7 @@ class Policy:
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool = True,
         response_format: dict[str, Any] | None = None,
+        grammar: str | None = None,
     ) -> Any:
         """One assistant turn; returns ``prefill + generated text``, or with ``tools`` the
         OpenAI assistant message ``{"role", "content", "tool_calls"?}`` (append it to
@@ -245,7 +250,8 @@ class Policy:
         ``response_format`` constrain decoding to a valid call / JSON (see ``inference.chat``).
         """
         prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
-                                     tools, tool_choice, parallel_tool_calls, response_format)
+                                     tools, tool_choice, parallel_tool_calls, response_format,
+                                     grammar)
         return _chat_reply(self.generate([prompt], **options)[0], prefill, tools)
 
     async def achat(
@@ -261,10 +267,12 @@ class Policy:
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool = True,
         response_format: dict[str, Any] | None = None,
+        grammar: str | None = None,
     ) -> Any:
         """``chat`` for ``async def`` agents (same arguments, same reply, same tracing)."""
         prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
-                                     tools, tool_choice, parallel_tool_calls, response_format)
+                                     tools, tool_choice, parallel_tool_calls, response_format,
+                                     grammar)
         return _chat_reply((await self.agenerate([prompt], **options))[0], prefill, tools)
 
     @contextlib.contextmanager
@@ -314,7 +322,7 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
 def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
                top_p: float | None, stop: list[str] | str | None, prefill: str,
                tools: Any, tool_choice: Any, parallel_tool_calls: bool,
-               response_format: Any) -> tuple[Prompt, dict[str, Any]]:
+               response_format: Any, grammar: str | None) -> tuple[Prompt, dict[str, Any]]:
     """``chat``'s defaults: a string is one user message; no temperature = the rollout's, else 1."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
@@ -325,7 +333,8 @@ def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
     return messages, dict(temperature=1.0 if temperature is None else temperature,
                           top_p=1.0 if top_p is None else top_p, max_new_tokens=max_new_tokens,
                           stop=stop, prefill=prefill, tools=tools, tool_choice=tool_choice,
-                          parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+                          parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+                          grammar=grammar)
 
 
 def _chat_reply(generation: Generation, prefill: str, tools: Any) -> Any:
