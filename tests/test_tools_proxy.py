@@ -94,6 +94,23 @@ def test_response_format_json_schema_and_json_object(server):
     assert r.choices[0].message.content.lstrip().startswith("{")
 
 
+def test_guided_grammar_as_vllm_clients_send_it(server):
+    """`extra_body={"guided_grammar": ...}` (vLLM's name) constrains the reply, streamed too,
+    and the recorded transition says so."""
+    grammar = 'start: " " ("yes" | "no") "."\n'
+    with server.rollout(task_id="g", temperature=1.0) as rollout:
+        c = client(rollout.base_url)
+        r = c.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
+                                      extra_body={"guided_grammar": grammar})
+        assert r.choices[0].message.content in (" yes.", " no.")
+        chunks = c.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
+                                           stream=True, extra_body={"guided_grammar": grammar})
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) in (
+            " yes.", " no.")
+    first, second = rollout.trajectory.transitions
+    assert first.meta["constrained"] and second.meta["constrained"]
+
+
 def test_streaming_tool_calls_accumulate_in_the_sdk(server):
     c = client(server.base_url)
     with c.chat.completions.stream(model="tiny", messages=USER, tools=[WEATHER],
@@ -124,6 +141,9 @@ def test_streaming_tool_calls_accumulate_in_the_sdk(server):
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"guided_grammar": 3}, "guided_grammar"),
+    ({"guided_grammar": 'start: "a"', "response_format": {"type": "json_object"}}, "guided_grammar"),
 ])
 def test_bad_tool_input_is_a_400_naming_the_field(server, extra, param):
     body = {"messages": USER, "max_tokens": 2, **extra}
@@ -132,7 +152,8 @@ def test_bad_tool_input_is_a_400_naming_the_field(server, extra, param):
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     with pytest.raises(openai.BadRequestError) as info:  # the SDK surfaces it as such
-        client(server.base_url).chat.completions.create(model="tiny", **body)
+        extra = {k: body.pop(k) for k in ("guided_grammar",) if k in body}  # not an SDK kwarg
+        client(server.base_url).chat.completions.create(model="tiny", **body, extra_body=extra)
     assert info.value.body["param"] == param
 
 

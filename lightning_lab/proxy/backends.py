@@ -89,7 +89,8 @@ class LocalBackend:
         try:
             plan = self.policy.plan(request.messages, **request.tool_options)
         except ToolError as exc:
-            raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+            param = "guided_grammar" if exc.param == "grammar" else exc.param  # the wire name
+            raise ProtocolError(exc.message, param=param, code=exc.code) from exc
         text = plan.prompt_text
         ids = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.context_limit:
@@ -262,7 +263,7 @@ class RemoteBackend:
             payload["seed"] = request.seed
         for key, value in request.tool_options.items():  # the remote server parses calls itself
             if value is not None and (key != "parallel_tool_calls" or request.tools):
-                payload[key] = value
+                payload["guided_grammar" if key == "grammar" else key] = value
         import httpx
 
         try:

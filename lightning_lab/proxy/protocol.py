@@ -26,6 +26,8 @@ MAX_MESSAGES = 4096
 """More messages than this is a client error (the app's byte and token caps bound the rest)."""
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 1 << 16
+"""A longer ``guided_grammar`` is refused before llguidance compiles it."""
 KNOWN_IGNORED = frozenset({
     "frequency_penalty", "presence_penalty", "logit_bias", "service_tier", "store", "modalities",
     "audio", "prediction", "reasoning_effort", "top_k", "web_search_options",
@@ -35,7 +37,7 @@ CONSUMED = frozenset({
     "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
     "seed", "logprobs", "top_logprobs", "stream", "stream_options", "user", "metadata",
     "return_token_ids", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-    "functions", "function_call",
+    "functions", "function_call", "guided_grammar",
 })
 
 
@@ -74,6 +76,9 @@ class ChatRequest:
     tool_choice: Any = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    guided_grammar: str | None = None
+    """vLLM's extension (``extra_body={"guided_grammar": ...}``): a Lark grammar (llguidance's
+    dialect) the reply must follow, e.g. SQL over one database's identifiers."""
     ignored: list[str] = field(default_factory=list)
     """Parameters that were sent but have no effect here."""
 
@@ -82,7 +87,7 @@ class ChatRequest:
         """Keyword arguments for ``Policy.plan`` / ``inference.chat.plan_chat``."""
         return {"tools": self.tools or None, "tool_choice": self.tool_choice,
                 "parallel_tool_calls": self.parallel_tool_calls,
-                "response_format": self.response_format}
+                "response_format": self.response_format, "grammar": self.guided_grammar}
 
 
 def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
@@ -257,6 +262,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
         parse_response_format(body.get("response_format"))
     except ToolError as exc:
         raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+    grammar = body.get("guided_grammar")
+    if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()
+                                or len(grammar) > MAX_GRAMMAR_CHARS):
+        raise ProtocolError(f"'guided_grammar' must be a non-empty Lark grammar string of at most "
+                            f"{MAX_GRAMMAR_CHARS} characters", param="guided_grammar",
+                            code="invalid_value")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise ProtocolError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls",
@@ -267,6 +278,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
         response_format=body.get("response_format"),
+        guided_grammar=grammar,
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=1.0 if top_p is None else max(top_p, 1e-6),  # OpenAI allows 0: only the top token
