@@ -7,6 +7,7 @@ The HTTP agents each call a *traced* rollout URL, so the number includes buildin
 the Transition. Counted tokens are the useful ones (up to and including the stop token).
 
     python benchmarks/proxy_throughput.py [--prompts 32] [--max-new-tokens 64] [--loop-subset 4]
+        [--decode-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import lightning_lab as ll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import banner  # noqa: E402
 from rollout_throughput import QUESTIONS, hf_generate  # noqa: E402
 
 
@@ -43,6 +45,9 @@ class Args:
     trace_samples: int = 20000
     """Calls of the isolated tracing micro-benchmark."""
     seed: int = 0
+    decode_dtype: str = "float32"
+    """The proxied engine's sampling matmuls (``models.load(decode_dtype=)``): float32, bfloat16
+    or auto; HF ``generate`` stays fp32 either way, as in ``rollout_throughput.py``."""
 
 
 def http_round(server, messages: list, max_new_tokens: int) -> tuple[float, int, list[float]]:
@@ -104,12 +109,13 @@ def tracing_microbenchmark(n: int) -> float:
 
 def main(args: Args) -> None:
     torch.manual_seed(args.seed)
-    policy = ll.models.load("smollm2-135m", lora=False)
+    policy = ll.models.load("smollm2-135m", lora=False, decode_dtype=args.decode_dtype)
     messages = [[{"role": "user", "content": q}] for q in (QUESTIONS * 4)[: args.prompts]]
     texts = [policy.prompt_text(m) for m in messages]
     stop_ids = policy.engine.stop_token_ids
+    print(banner())
     print(f"{len(texts)} prompts, max_new_tokens={args.max_new_tokens}, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, engine decode dtype {policy.engine.decode_dtype}")
     results: dict[str, float] = {}
 
     hf_generate(policy, texts[:2], 4, stop_ids)  # warm up

@@ -1,7 +1,8 @@
 """Microseconds per recorded transition: tracing + record keeping, with the model call excluded.
 
-The stand-in "model call" returns a prebuilt generation, so what is timed is exactly what an agent
-pays per LLM call on top of the model: the contextvar lookups of ``ll.step``, building the
+The stand-in "model call" returns a prebuilt ``Generation`` (the policy's own type, so attribute
+reads cost what they cost in a real call), so what is timed is exactly what an agent pays per LLM
+call on top of the model: the contextvar lookups of ``ll.step``, building the
 Transition and appending it, plus the ``ll.reward`` that usually follows. Compared in the same run
 against the bare loop (the floor), a plain dict append per call (the least any in-process
 recorder can do) and serialising each transition to JSON (the least an out-of-process tracer
@@ -15,18 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import lightning_lab as ll
+from lightning_lab.inference.policy import Generation
 from lightning_lab.tracing import record_generation
 
 from common import banner, interleaved, median
 
 N_ROLLOUTS, CALLS = 2000, 8
 TARGET_US = 1.5
-GEN = SimpleNamespace(prompt_ids=list(range(60)), response_ids=list(range(40)),
-                      logprobs=[-0.5] * 40, prompt_text="p" * 200, text="r" * 120,
-                      temperature=1.0, finish_reason="stop")
+GEN = Generation(prompt_ids=list(range(60)), response_ids=list(range(40)), logprobs=[-0.5] * 40,
+                 prompt_text="p" * 200, text="r" * 120, temperature=1.0, finish_reason="stop")
 
 
 def traced() -> None:

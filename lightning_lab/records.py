@@ -45,7 +45,8 @@ _ID_PREFIX = uuid.uuid4().hex[:8]
 _ID_COUNTER = itertools.count()
 
 
-def _new_traj_id() -> str:
+def new_traj_id() -> str:
+    """A fresh ``Trajectory.traj_id`` (the default of the field)."""
     return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 
@@ -101,7 +102,7 @@ class Trajectory:
     error: str = ""
     group_id: str = ""
     """Trajectories sampled for the same task in one step share a group id (GRPO baselines)."""
-    traj_id: str = field(default_factory=_new_traj_id)
+    traj_id: str = field(default_factory=new_traj_id)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

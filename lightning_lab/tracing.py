@@ -13,9 +13,9 @@ import threading
 from contextvars import ContextVar
 from typing import Any, Callable
 
-from .records import MAX_ABS_REWARD, Trajectory, Transition, reward_problem
+from .records import MAX_ABS_REWARD, Trajectory, Transition, new_traj_id, reward_problem
 
-__all__ = ["rollout", "step", "reward", "current", "traced", "record_generation",
+__all__ = ["rollout", "step", "reward", "current", "active_trajectory", "traced", "record_generation",
            "current_temperature", "current_control", "call_seed", "derive_seed",
            "RolloutControl", "RolloutCancelled", "TracingError"]
 
@@ -78,10 +78,11 @@ class RolloutControl:
             raise RolloutCancelled(f"rollout cancelled: {self.reason}")
 
 
-_trajectory: ContextVar[Trajectory | None] = ContextVar("ll_trajectory", default=None)
+_Open = tuple[Trajectory, "float | None", "RolloutControl | None"]
+_open: ContextVar[_Open | None] = ContextVar("ll_rollout", default=None)
+"""(trajectory, default temperature, control) of the open rollout: one variable, so a traced call
+pays one lookup for all three."""
 _agent: ContextVar[str] = ContextVar("ll_agent", default="")
-_temperature: ContextVar[float | None] = ContextVar("ll_temperature", default=None)
-_control: ContextVar[RolloutControl | None] = ContextVar("ll_control", default=None)
 
 
 class rollout:
@@ -105,24 +106,25 @@ class rollout:
     per use, a large share of the tracing budget of a short rollout.
     """
 
-    __slots__ = ("trajectory", "_catch", "_temperature", "_control", "_tokens")
+    __slots__ = ("trajectory", "_catch", "_control", "_state", "_tokens")
 
     def __init__(self, task_id: str = "", *, group_id: str = "", temperature: float | None = None,
                  catch: bool = False, meta: dict[str, Any] | None = None,
                  seed: int | None = None, control: RolloutControl | None = None):
-        self.trajectory = Trajectory(task_id=str(task_id), group_id=group_id,
-                                     meta=dict(meta) if meta else {})
+        # Positional, in field order: keyword arguments make a dataclass call ~2x slower.
+        traj = self.trajectory = Trajectory(
+            task_id if type(task_id) is str else str(task_id), [], "ok", "", group_id,
+            new_traj_id(), dict(meta) if meta else {})
         if seed is not None:
-            self.trajectory.meta["sampling_seed"] = int(seed)
+            traj.meta["sampling_seed"] = int(seed)
         if control is not None:
-            control.trajectory = self.trajectory
+            control.trajectory = traj
         self._catch = catch
-        self._temperature = temperature
         self._control = control
+        self._state = (traj, temperature, control)
 
     def __enter__(self) -> Trajectory:
-        self._tokens = (_trajectory.set(self.trajectory), _agent.set(""),
-                        _temperature.set(self._temperature), _control.set(self._control))
+        self._tokens = (_open.set(self._state), _agent.set(""))
         return self.trajectory
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
@@ -135,11 +137,9 @@ class rollout:
             if control is None or not control.cancelled:
                 _finalize(traj)
         finally:
-            tokens = self._tokens
-            _control.reset(tokens[3])
-            _temperature.reset(tokens[2])
-            _agent.reset(tokens[1])
-            _trajectory.reset(tokens[0])
+            open_token, agent_token = self._tokens
+            _agent.reset(agent_token)
+            _open.reset(open_token)
         return exc_type is not None and self._catch and not _is_interruption(
             exc if exc is not None else exc_type())
 
@@ -169,25 +169,37 @@ class step:
     def __enter__(self) -> None:
         self._token = _agent.set(self.agent)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         _agent.reset(self._token)
+
+
+_NO_ROLLOUT = "no rollout is open: wrap the agent call in `with ll.rollout(task_id=...)`"
 
 
 def current() -> Trajectory:
     """The open trajectory (to put evaluation facts into ``current().meta``)."""
-    traj = _trajectory.get()
-    if traj is None:
-        raise TracingError("no rollout is open: wrap the agent call in `with ll.rollout(task_id=...)`")
-    return traj
+    state = _open.get()
+    if state is None:
+        raise TracingError(_NO_ROLLOUT)
+    return state[0]
+
+
+def active_trajectory() -> Trajectory | None:
+    """The open trajectory, or None outside any rollout (for code that joins one if present)."""
+    state = _open.get()
+    return None if state is None else state[0]
 
 
 def current_temperature() -> float | None:
-    return _temperature.get()
+    """The open rollout's default sampling temperature (None: none set, or no rollout)."""
+    state = _open.get()
+    return None if state is None else state[1]
 
 
 def current_control() -> RolloutControl | None:
     """The open rollout's cancellation handle (None outside a runner-managed rollout)."""
-    return _control.get()
+    state = _open.get()
+    return None if state is None else state[2]
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -201,7 +213,7 @@ def derive_seed(*parts: int | str) -> int:
 def call_seed(trajectory: Trajectory | None = None) -> int | None:
     """The seed for the next LLM call of ``trajectory`` (default: the open one), or None when it
     was opened without ``seed``."""
-    traj = trajectory if trajectory is not None else _trajectory.get()
+    traj = trajectory if trajectory is not None else active_trajectory()
     if traj is None or traj.meta.get("sampling_seed") is None:
         return None
     return derive_seed(traj.meta["sampling_seed"], len(traj.transitions))
@@ -229,10 +241,14 @@ def reward(value: float, *, final: bool = False, trajectory: Trajectory | None =
             raise ValueError(problem)
         value = float(value)
     if trajectory is None:
-        control = _control.get()
-        if control is not None:
+        state = _open.get()
+        if state is None:
+            raise TracingError(_NO_ROLLOUT)
+        traj, _, control = state
+        if control is not None and control.reason:
             control.check()
-    traj = trajectory if trajectory is not None else current()
+    else:
+        traj = trajectory
     if final:
         traj.meta["final_reward"] = traj.meta.get("final_reward", 0.0) + value
         return
@@ -248,17 +264,21 @@ def _finalize(traj: Trajectory) -> None:
     Each reward was checked on its own; their sums are checked here, so a trajectory whose
     rewards add up past ``MAX_ABS_REWARD`` fails with the reason instead of reaching the trainer.
     """
-    extra = traj.meta.pop("final_reward", 0.0) + traj.meta.pop("pending_reward", 0.0)
-    if traj.transitions:
-        traj.transitions[-1].reward += extra
+    meta, transitions = traj.meta, traj.transitions
+    extra = meta.pop("final_reward", 0.0) + meta.pop("pending_reward", 0.0)
+    if transitions:
+        transitions[-1].reward += extra
     elif traj.status == "ok":
-        traj.meta["no_llm_calls"] = True
-        traj.meta["unassigned_reward"] = extra
-    sums = [tr.reward for tr in traj.transitions]
-    sums += (float(sum(sums)), extra)
-    if all(-MAX_ABS_REWARD <= x <= MAX_ABS_REWARD for x in sums):  # NaN fails the comparison
-        return  # the common case, without a function call per reward
-    problem = next(filter(None, map(reward_problem, sums)), None)
+        meta["no_llm_calls"] = True
+        meta["unassigned_reward"] = extra
+    rewards = [tr.reward for tr in transitions] or [0.0]
+    total = float(sum(rewards))
+    # The common case in C calls only: a NaN or inf reward makes the total NaN or inf, which
+    # fails its comparison (min/max alone would skip a NaN).
+    if (-MAX_ABS_REWARD <= total <= MAX_ABS_REWARD and -MAX_ABS_REWARD <= extra <= MAX_ABS_REWARD
+            and -MAX_ABS_REWARD <= min(rewards) and max(rewards) <= MAX_ABS_REWARD):
+        return
+    problem = next(filter(None, map(reward_problem, [*rewards, total, extra])), None)
     if problem and traj.status == "ok":
         traj.status = "failed"
         traj.error = f"RewardError: rewards summed out of range: {problem}"
@@ -273,20 +293,23 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
     lists (no copies): each generation is fresh from the engine and recorded once.
     """
     if trajectory is None:
-        traj, control = _trajectory.get(), _control.get()
-        if control is not None:  # a timed-out agent's late call: its trajectory is already reported
-            control.check()
+        state = _open.get()
+        if state is None:
+            return None
+        traj, _, control = state
+        if control is not None and control.reason:  # a timed-out agent's late call: its
+            control.check()                          # trajectory is already reported
     else:
         traj = trajectory
-    if traj is None:
-        return None
     transitions = traj.transitions
+    temperature = gen.temperature
     # Positional, in Transition's field order (prompt_ids, response_ids, logprobs, prompt,
     # response, agent, step, reward, temperature, finish_reason, meta): keyword arguments make
     # this call, the bulk of the per-transition tracing cost, about twice as slow.
     tr = Transition(gen.prompt_ids, gen.response_ids, gen.logprobs, gen.prompt_text, gen.text,
                     (_agent.get() if agent is None else agent) or DEFAULT_ROLE, len(transitions),
-                    0.0, float(gen.temperature) if gen.temperature else 1.0, gen.finish_reason,
+                    0.0, (temperature if type(temperature) is float else float(temperature))
+                    if temperature else 1.0, gen.finish_reason,
                     dict(gen.meta) if getattr(gen, "meta", None) else {})
     if not transitions and "pending_reward" in traj.meta:
         tr.reward += traj.meta.pop("pending_reward")

@@ -106,3 +106,26 @@ def test_decode_threads_apply_to_the_sampling_worker_only():
     policy.engine.submit(request).result(timeout=60)
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+def test_decode_threads_follow_the_batch_size_when_asked():
+    """``decode_rows_per_thread`` gives the worker one thread per that many rows, between
+    ``decode_threads`` and the building thread's count; off by default."""
+    from lightning_lab.inference.engine import Request
+    from lightning_lab.inference.sampling import SamplingParams
+
+    assert ll.models.load("tiny").engine.threads_for(64) == 1  # default: fixed
+    policy = ll.models.load("tiny", decode_threads=1, decode_rows_per_thread=2)
+    engine = policy.engine
+    engine.max_threads = 2  # the same ceiling on any CPU
+    assert [engine.threads_for(rows) for rows in (1, 2, 3, 4, 64)] == [1, 1, 1, 2, 2]
+    seen = []
+    request = Request(prompt_ids=[5, 17, 42], params=SamplingParams(max_new_tokens=2), n=8,
+                      on_token=lambda row: seen.append(torch.get_num_threads()))
+    engine.submit(request).result(timeout=60)
+    assert seen[-1] == 2  # the 8-row step ran on two threads (>= 4 rows even if some stopped)
+    small = Request(prompt_ids=[5, 17], params=SamplingParams(max_new_tokens=2),
+                    on_token=lambda row: seen.append(torch.get_num_threads()))
+    engine.submit(small).result(timeout=60)
+    assert seen[-1] == 1  # back to one for a single row
+    policy.close()

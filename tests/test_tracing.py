@@ -46,6 +46,17 @@ def test_reward_rejects_non_numbers(bad):
             ll.reward(bad)
 
 
+@pytest.mark.parametrize("rewards", [[math.nan, 1.0], [1.0, math.inf], [2e12, -2e12], [-3e12, 0.0]])
+def test_rewards_set_directly_are_checked_when_the_rollout_ends(rewards):
+    """Rewards written onto transitions without ``ll.reward`` (each unchecked) still fail the
+    trajectory when one is non-finite or out of range, even if their sum is in range."""
+    with ll.rollout(task_id="t") as traj:
+        for value in rewards:
+            _call()
+            traj.transitions[-1].reward = value
+    assert traj.status == "failed" and traj.error.startswith("RewardError")
+
+
 def test_agent_exception_marks_trajectory_failed():
     with ll.rollout(task_id="t", catch=True) as traj:
         _call()

@@ -154,6 +154,7 @@ def load(
     seed: int = 0,
     decode_dtype: str = "float32",
     decode_threads: int | None = 1,
+    decode_rows_per_thread: int | None = None,
 ) -> Policy:
     """Load a policy.
 
@@ -170,7 +171,9 @@ def load(
     sampling worker's intra-op threads (``EngineConfig.num_threads``; None = torch's setting, every
     core); the update keeps every core. One is the default because it measured fastest on 2 cores:
     a decode step's matmuls are too small to split, and a 2-thread decode made a whole train step
-    1.4x slower (``benchmarks/train_step.py``).
+    1.4x slower (``benchmarks/train_step.py``). ``decode_rows_per_thread`` (CPU only; default
+    off) adds a thread per that many rows in the batch (``EngineConfig.rows_per_thread``), for
+    large standalone decodes on a machine whose cores are free.
     """
     _set_threads(device)
     if dtype is None:
@@ -185,8 +188,10 @@ def load(
             model = _wrap_lora(model, lora)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path,
-                  engine_config=EngineConfig(decode_dtype=decode_dtype,
-                                             num_threads=decode_threads if device == "cpu" else None))
+                  engine_config=EngineConfig(
+                      decode_dtype=decode_dtype,
+                      num_threads=decode_threads if device == "cpu" else None,
+                      rows_per_thread=decode_rows_per_thread if device == "cpu" else None))
 
 
 def _build(name_or_path: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any, bool]:

@@ -28,7 +28,7 @@ class LangGraphRoles(BaseCallbackHandler):
     raise_error = False  # a labelling problem must never break the user's graph
 
     def __init__(self, trajectory: Trajectory | None = None, override: bool = False):
-        self.trajectory = trajectory if trajectory is not None else tracing._trajectory.get()
+        self.trajectory = trajectory if trajectory is not None else tracing.active_trajectory()
         if self.trajectory is None:
             raise tracing.TracingError("LangGraphRoles() needs an open rollout (create it inside "
                                        "the agent function) or an explicit trajectory")

@@ -211,7 +211,7 @@ class ProxyServer:
         rollout's default temperature applies to calls that send none, and its cancellation (a
         runner's timeout) closes the URL. ``max_tokens`` is this rollout's default budget.
         """
-        joined = tracing._trajectory.get()
+        joined = tracing.active_trajectory()
         if joined is not None:
             if temperature is None:
                 temperature = tracing.current_temperature()
