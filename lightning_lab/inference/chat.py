@@ -9,9 +9,9 @@ so an in-process agent and an HTTP agent get the same prompt ids for the same co
 When is a reply constrained: ``tool_choice`` ``"required"`` or a named function (a call grammar
 from the tool format), else ``response_format`` ``json_object``/``json_schema`` when no call is
 possible (no tools, or ``tool_choice="none"``), else a caller's own Lark ``grammar`` (vLLM's
-``guided_grammar``: e.g. SQL over one database's identifiers). ``"auto"`` is never constrained: the model may
-answer in text, and text that looks like a broken call stays ``content`` with the reason in
-``meta["tool_parse_error"]``.
+``guided_grammar``: e.g. SQL over one database's identifiers). ``"auto"`` is never constrained:
+the model may answer in text, and text that looks like a broken call stays ``content`` with the
+reason in ``meta["tool_parse_error"]``.
 """
 
 from __future__ import annotations
