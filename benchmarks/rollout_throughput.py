@@ -6,7 +6,8 @@ to and including the stop token (a batched HF call keeps computing finished rows
 tokens are not counted). The engine runs with fp32 matmuls and with bf16 ones (``decode_dtype``;
 the default ``"auto"`` picks bf16 only on a CPU with native bf16), and HF ``generate`` runs on
 an fp32 and on a bf16 copy of the model, so each lever is measured alone and the bf16 engine is
-also compared with a bf16 HF. Methods are interleaved; medians of ``--repeats`` runs.
+also compared with a bf16 HF; (c'') adds a decode thread per 16 rows (``rows_per_thread``, off by
+default). Methods are interleaved; medians of ``--repeats`` runs.
 
     python benchmarks/rollout_throughput.py [--repeats 3] [--prompts 32] [--max-new-tokens 64]
 """
@@ -97,6 +98,9 @@ def main(args: Args) -> None:
     policy = ll.models.load("smollm2-135m", lora=False, decode_dtype="float32")
     bf16 = Policy(policy.model, policy.tokenizer, name="smollm2-135m",
                   engine_config=EngineConfig(decode_dtype="bfloat16", num_threads=1))  # as load()
+    bf16_wide = Policy(policy.model, policy.tokenizer, name="smollm2-135m",  # rows_per_thread
+                       engine_config=EngineConfig(decode_dtype="bfloat16", num_threads=1,
+                                                  rows_per_thread=16))
     hf_bf16_model = ll.models.load("smollm2-135m", lora=False, dtype=torch.bfloat16).model
     messages = [[{"role": "user", "content": q}] for q in (QUESTIONS * 4)[: args.prompts]]
     texts = [policy.prompt_text(m) for m in messages]
@@ -105,7 +109,7 @@ def main(args: Args) -> None:
     print(f"{len(texts)} prompts, {sum(lengths) / len(lengths):.1f} tokens avg, "
           f"max_new_tokens={args.max_new_tokens}, threads={torch.get_num_threads()}")
 
-    for p in (policy, bf16):
+    for p in (policy, bf16, bf16_wide):
         p.generate(messages[:2], max_new_tokens=4)  # warm up allocator, kernels, bf16 copies
 
     def hf_loop() -> int:
@@ -139,6 +143,8 @@ def main(args: Args) -> None:
         "(b') HF generate, batched, bf16 model": (hf_batched_bf16, args.repeats),
         "(c) Policy.generate, fp32": (lambda: engine_batch(policy), args.repeats),
         "(c') Policy.generate, bf16 matmuls": (lambda: engine_batch(bf16), args.repeats),
+        "(c'') Policy.generate, bf16, a decode thread per 16 rows": (
+            lambda: engine_batch(bf16_wide), args.repeats),
         f"(d) {n} threads of policy.chat, fp32": (lambda: engine_threads(policy), args.repeats),
         f"(d') {n} threads of policy.chat, bf16": (lambda: engine_threads(bf16), args.repeats),
     }
@@ -160,8 +166,8 @@ def main(args: Args) -> None:
         print(f"{name:<44} {wall:7.1f} {wall / base_a[0]:6.2f}x {wall / base_b[0]:6.2f}x | "
               f"{cpu:9.1f} {cpu / base_b[1]:6.2f}x")
     print("target: engine >= 1.5x (b), the batched HF generate of the same (fp32) model")
-    policy.close()
-    bf16.close()
+    for p in (policy, bf16, bf16_wide):
+        p.close()
 
 
 if __name__ == "__main__":
