@@ -7,6 +7,7 @@ matcher over the tokenizer's ids, the path decoding takes.
 """
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from sqlglot import exp
 
 import lightning_lab as ll
 from environments.text_to_sql import generate_tasks, load_tasks, make_agent
-from environments.text_to_sql.grammar import schema_grammar, schema_identifiers
+from environments.text_to_sql.grammar import schema_grammar, schema_identifiers, table_columns
+from environments.text_to_sql.qualify import qualify_sql
 from lightning_lab.inference.constraints import _ll_tokenizer
 from lightning_lab.inference.tools import ToolError
 
@@ -32,11 +34,12 @@ def dev(tmp_path_factory):
     return generate_tasks(seed=0, split="dev", cache_dir=tmp_path_factory.mktemp("t2s"))
 
 
-def _accepts(model, db_path: str, text: str, prefill: str = "SELECT") -> bool:
+def _accepts(model, db_path: str, text: str, prefill: str = "SELECT",
+             qualified: bool = False) -> bool:
     import llguidance
 
     engine = model.engine
-    compiled = engine.compile_grammar(schema_grammar(db_path, prefill))
+    compiled = engine.compile_grammar(schema_grammar(db_path, prefill, qualified=qualified))
     matcher = llguidance.LLMatcher(
         _ll_tokenizer(model.tokenizer, engine.vocab_size, tuple(sorted(engine.stop_token_ids))),
         compiled)
@@ -85,6 +88,38 @@ def test_grammar_rejects_what_it_exists_to_forbid(model, dev, text, ok):
     assert _accepts(model, str(task.db_path), text.format(t=table)) is ok
 
 
+@pytest.mark.skipif(not (SPIDER / "dev.json").is_file(), reason=f"no Spider slice at {SPIDER}")
+def test_every_qualified_spider_gold_query_is_in_the_qualified_grammar(model):
+    tasks = load_tasks("dev", SPIDER)
+    rewritten = [(t, qualify_sql(t.gold_sql, str(t.db_path))) for t in tasks]
+    rewritten = [(t, q) for t, q in rewritten if q is not None]
+    assert len(rewritten) >= 630
+    rejected = [q for t, q in rewritten
+                if not _accepts(model, str(t.db_path), _after_select(q), qualified=True)]
+    assert rejected == []
+
+
+def test_qualified_grammar_binds_each_column_to_its_own_table(model, tmp_path):
+    db = tmp_path / "school.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE teacher (teacher_id INT, name TEXT);"
+                       "CREATE TABLE course (course_id INT, teacher_id INT, title TEXT);")
+    conn.close()
+    ok = [" teacher.name FROM teacher",
+          " COUNT(*) FROM course JOIN teacher ON course.teacher_id = teacher.teacher_id",
+          " Teacher.NAME FROM teacher WHERE teacher.teacher_id IN (SELECT course.teacher_id FROM"
+          " course)"]
+    bad = [" course.name FROM course",          # a real column, of another table
+           " name FROM teacher",                # bare columns
+           " T1.name FROM teacher AS T1",       # aliases
+           " teacher.title FROM teacher"]
+    for text in ok:
+        assert _accepts(model, str(db), text, qualified=True), text
+    for text in bad:
+        assert not _accepts(model, str(db), text, qualified=True), text
+    assert _accepts(model, str(db), " name FROM teacher")  # the plain grammar takes bare ones
+
+
 def test_names_match_in_ascii_case_only(model, dev):
     """Any ASCII case (SQLite's rule), but not Unicode folding: 'ſ' (U+017F) folds to 's'."""
     db = str(dev[0].db_path)
@@ -121,35 +156,36 @@ def test_chat_grammar_errors_name_the_field(model):
     assert info.value.param == "grammar"
 
 
-def test_constrained_agent_samples_only_inside_the_grammar(model, dev):
+@pytest.mark.parametrize("qualify", [False, True])
+def test_constrained_agent_samples_only_inside_the_grammar(model, dev, qualify):
     """The random tiny model, sampling freely under the grammar: every token it chose is one
-    the grammar allows, and a query it finished names only the database's tables and columns."""
+    the grammar allows, and a query it finished names only the database's tables and columns
+    (with `qualify`, only real `table.column` pairs)."""
     import llguidance
 
-    agent = make_agent(model, max_turns=1, max_new_tokens=48, constrain=True,
-                       schema_style="compact")
+    agent = make_agent(model, max_turns=1, max_new_tokens=64, constrain=True,
+                       schema_style="compact", qualify=qualify)
     engine = model.engine
     ll_tok = _ll_tokenizer(model.tokenizer, engine.vocab_size, tuple(sorted(engine.stop_token_ids)))
-    finished = 0
-    for seed, task in enumerate(dev[:8]):
+    for seed, task in enumerate(dev[:12]):
         with ll.rollout(task_id=task.task_id, temperature=1.0, seed=seed) as traj:
             agent(task)
         (writer,) = traj.transitions
         assert writer.meta["constrained"]
         matcher = llguidance.LLMatcher(
-            ll_tok, engine.compile_grammar(schema_grammar(str(task.db_path))))
+            ll_tok, engine.compile_grammar(schema_grammar(str(task.db_path), qualified=qualify)))
         assert all(matcher.consume_token(i) for i in writer.response_ids), writer.response
         if writer.finish_reason == "length":
-            continue  # cut by max_new_tokens: a prefix of a valid query
-        finished += 1
-        tables, columns = (set(map(str.lower, names))
-                           for names in schema_identifiers(str(task.db_path)))
+            continue  # cut by max_new_tokens: a prefix of a valid query (most random samples)
+        pairs = {(t.lower(), c.lower()) for t, cols in table_columns(str(task.db_path)).items()
+                 for c in cols}
         tree = sqlglot.parse_one(traj.meta["pred_sql"], read="sqlite")
-        assert {t.name.lower() for t in tree.find_all(exp.Table)} <= tables
+        assert {t.name.lower() for t in tree.find_all(exp.Table)} <= {t for t, _ in pairs}
         # (a double-quoted string is a literal to SQLite unless a column has that name)
-        assert {c.name.lower() for c in tree.find_all(exp.Column)
-                if not c.this.quoted} <= columns
-    return finished
+        named = [c for c in tree.find_all(exp.Column) if not c.this.quoted]
+        assert {c.name.lower() for c in named} <= {c for _, c in pairs}
+        if qualify:
+            assert {(c.table.lower(), c.name.lower()) for c in named} <= pairs
 
 
 def test_constrain_needs_the_roles_style_and_a_select_prefill(model):

@@ -53,6 +53,10 @@ class SQLAgentConfig:
     """Decode the writer's and rewriter's queries under the database's schema grammar
     (`grammar.schema_grammar`): only its own tables and columns, Spider's SELECT subset, one line.
     Needs `prefill` "" or "SELECT"; roles style only."""
+    qualify: bool = False
+    """Columns as `table.column`, no table aliases: demonstrations are the gold rewritten so
+    (`qualify.qualify_sql`), and with `constrain` the grammar admits only the database's real
+    `table.column` pairs (`schema_grammar(qualified=True)`), binding each column to its table."""
     style: str = "roles"
     """"roles": writer/checker/rewriter prompts; "tools": one agent calling a `run_sql` tool
     (OpenAI tools format; `max_turns` queries, then an answer; see `tool_agent`)."""
@@ -60,7 +64,8 @@ class SQLAgentConfig:
 
 def _sql_call(policy: Any, messages: list[dict[str, str]], cfg: SQLAgentConfig,
               task: SQLTask) -> str:
-    grammar = schema_grammar(str(task.db_path), cfg.prefill) if cfg.constrain else None
+    grammar = (schema_grammar(str(task.db_path), cfg.prefill, qualified=cfg.qualify)
+               if cfg.constrain else None)
     return policy.chat(messages, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        stop=list(cfg.stop), prefill=cfg.prefill, grammar=grammar)
 

@@ -4,7 +4,9 @@ The target is what the writer would have produced had it written the gold query:
 `writer_messages(schema, question)` with the agent's prefill ("SELECT") in the prompt, and the
 target is the rest of the gold query plus the first stop string (";"), so after fine-tuning the
 agent stops where it should. Gold queries that do not start with the prefill cannot be written
-as that call and are left out (counted in the returned report).
+as that call and are left out (counted in the returned report). With the agent's `qualify`
+option the gold is first rewritten with table-qualified columns (`qualify.qualify_sql`); a query
+the rewrite refuses (self-joins, derived tables) is kept as written and counted.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lightning_lab.train.sft import Demonstration
 
 from .agent import SQLAgentConfig
 from .prompts import writer_messages
+from .qualify import qualify_sql
 from .schema import schema_prompt
 from .task import SQLTask
 
@@ -29,7 +32,8 @@ def demonstrations(tasks: Sequence[SQLTask], config: SQLAgentConfig | None = Non
 
     `options` are the agent's options (`max_turns`, `prefill`, `schema_style`, ...), so the
     prompt is byte for byte the one `make_agent(policy, **options)` would send. Tasks left out
-    are counted in `report["prefill_mismatch"]` when a Counter is given.
+    are counted in `report["prefill_mismatch"]`, gold kept unqualified in `report["unqualified"]`,
+    when a Counter is given.
     """
     options = {k: v for k, v in options.items() if k != "reward"}  # scoring only, not the prompt
     cfg = replace(config or SQLAgentConfig(), **options)
@@ -37,6 +41,11 @@ def demonstrations(tasks: Sequence[SQLTask], config: SQLAgentConfig | None = Non
     out = []
     for task in tasks:
         gold = _SPACE.sub(" ", task.gold_sql).strip().rstrip(";").strip()
+        if cfg.qualify:
+            qualified = qualify_sql(gold, str(task.db_path))
+            if qualified is None and report is not None:
+                report["unqualified"] += 1
+            gold = qualified or gold
         if not gold.upper().startswith(cfg.prefill.upper()):
             if report is not None:
                 report["prefill_mismatch"] += 1
