@@ -8,10 +8,10 @@ only by `course`'s columns, `grammar.schema_grammar(qualified=True)`). Demonstra
 way teach the model to choose the table first, and the grammar keeps the pair real.
 
 The rewrite works on sqlglot's scopes: an alias is replaced by its table's name, a bare unquoted
-column (HAVING's and ORDER BY's included) is qualified by the one table of its scope that has it. Queries it cannot rewrite without
-changing their meaning are refused (None): a table read twice in one scope (self-join), a derived
-table (`FROM (SELECT ...)`), a reference to an outer query's alias (correlated subquery), or text
-sqlglot cannot parse. A bare column no table of its scope has (Spider's double-quoted strings parse
+column (HAVING's and ORDER BY's included) is qualified by the one table of its scope that has it.
+Queries it cannot rewrite without changing their meaning are refused (None): a table read twice
+in one scope (self-join), a derived table (`FROM (SELECT ...)`), a reference to an outer query's
+alias (correlated subquery), or text sqlglot cannot parse. A bare column no table of its scope has (Spider's double-quoted strings parse
 as columns) is left as it is. On the 647 Spider dev queries 637 are rewritten, each returning the
 same rows as the original (tested).
 """
@@ -30,9 +30,11 @@ def _columns(scope: Scope) -> list[exp.Column]:
     """The scope's columns, with the bare ones of HAVING and ORDER BY that sqlglot leaves out
     (they could name a result alias; one that no table has stays bare below)."""
     columns = list(scope.columns)
+    if not isinstance(scope.expression, exp.Select):
+        return columns
     seen = {id(c) for c in columns}  # by identity: equal nodes compare equal
     for key in ("having", "order"):
-        clause = scope.expression.args.get(key) if isinstance(scope.expression, exp.Select) else None
+        clause = scope.expression.args.get(key)
         if clause is not None:
             columns += [c for c in clause.find_all(exp.Column) if id(c) not in seen and not c.table]
     return columns
