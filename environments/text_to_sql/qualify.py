@@ -9,11 +9,11 @@ way teach the model to choose the table first, and the grammar keeps the pair re
 
 The rewrite works on sqlglot's scopes: an alias is replaced by its table's name, a bare unquoted
 column (HAVING's and ORDER BY's included) is qualified by the one table of its scope that has it.
-Queries it cannot rewrite without changing their meaning are refused (None): a table read twice
-in one scope (self-join), a derived table (`FROM (SELECT ...)`), a reference to an outer query's
-alias (correlated subquery), or text sqlglot cannot parse. A bare column no table of its scope has (Spider's double-quoted strings parse
-as columns) is left as it is. On the 647 Spider dev queries 637 are rewritten, each returning the
-same rows as the original (tested).
+Queries it cannot rewrite without changing their meaning are refused (None): a table read twice in
+one scope (self-join), a derived table (`FROM (SELECT ...)`), a reference to an outer query's alias
+(correlated subquery), or text sqlglot cannot parse. A bare column no table of its scope has
+(Spider's double-quoted strings parse as columns) is left as it is. On the 647 Spider dev queries
+637 are rewritten, each returning the same rows as the original (tested).
 """
 from __future__ import annotations
 
