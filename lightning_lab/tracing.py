@@ -210,13 +210,26 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") % (1 << 62)
 
 
+_seed_lock = threading.Lock()
+
+
 def call_seed(trajectory: Trajectory | None = None) -> int | None:
-    """The seed for the next LLM call of ``trajectory`` (default: the open one), or None when it
-    was opened without ``seed``."""
+    """The seed of an LLM call starting now in ``trajectory`` (default: the open one), or None
+    when it was opened without ``seed``.
+
+    The k-th call to *start* gets ``derive_seed(seed, k)``; k is a counter taken under a lock
+    (``meta["sampling_calls"]``), not the number of recorded transitions, because calls sent
+    concurrently (a fan-out agent, ``asyncio.gather``) all start before any is recorded and
+    would otherwise share one seed and return identical samples. A sequential agent's k-th call
+    is still its k-th transition, so its samples are reproducible.
+    """
     traj = trajectory if trajectory is not None else active_trajectory()
     if traj is None or traj.meta.get("sampling_seed") is None:
         return None
-    return derive_seed(traj.meta["sampling_seed"], len(traj.transitions))
+    with _seed_lock:
+        k = traj.meta.get("sampling_calls", 0)
+        traj.meta["sampling_calls"] = k + 1
+    return derive_seed(traj.meta["sampling_seed"], k)
 
 
 def reward(value: float, *, final: bool = False, trajectory: Trajectory | None = None) -> None:

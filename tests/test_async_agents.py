@@ -216,3 +216,38 @@ def test_trainer_step_goes_on_without_the_timed_out_rollouts(policy, hang_s):
     assert m["n_loss_transitions"] == 2  # both finished rollouts trained
     with pytest.raises(ll.train.config.ConfigError):
         ll.PPOConfig(rollout_timeout_s=0)
+
+
+def test_concurrent_calls_in_one_seeded_rollout_draw_different_samples(policy, server):
+    """A fan-out agent inside a seeded (trainer) rollout: its concurrent calls all start before any
+    is recorded, so a seed taken from the transition count gave all of them one seed and 8 copies
+    of one sample. Each started call now takes its own seed; sequential calls keep theirs."""
+    async def fan_out(task):
+        return await asyncio.gather(*(policy.achat("same prompt", max_new_tokens=12, temperature=1.0)
+                                      for _ in range(8)))
+
+    async def run_in_rollout(agent):
+        with ll.rollout("t", seed=123) as traj:
+            replies = await agent({})
+        return traj, replies
+
+    traj, replies = asyncio.run(run_in_rollout(fan_out))
+    assert len(traj.transitions) == 8
+    assert len({tuple(t.response_ids) for t in traj.transitions}) >= 6  # 8 draws of 12 random tokens
+
+    async def http_fan_out(task):  # the same through the proxy, as a trainer's rollout runs it
+        with server.rollout() as handle:
+            async with openai.AsyncOpenAI(base_url=handle.base_url, api_key="x") as client:
+                return await asyncio.gather(*(client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "same prompt"}],
+                    max_tokens=12, temperature=1.0) for _ in range(8)))
+
+    http_traj, _ = asyncio.run(run_in_rollout(http_fan_out))
+    assert len(http_traj.transitions) == 8
+    assert len({tuple(t.response_ids) for t in http_traj.transitions}) >= 6
+
+    async def sequential(task):
+        return [await policy.achat("same prompt", max_new_tokens=12, temperature=1.0) for _ in range(3)]
+
+    first, again = (asyncio.run(run_in_rollout(sequential))[0] for _ in range(2))
+    assert [t.response_ids for t in first.transitions] == [t.response_ids for t in again.transitions]
