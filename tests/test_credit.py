@@ -116,5 +116,11 @@ def test_registry_errors_and_user_strategies(monkeypatch):
             return batch
 
     assert "last_only" in ll.credit.names()
+    with pytest.raises(ValueError, match="'discounted' is already registered .*replace=True"):
+        ll.credit.register("discounted")(LastOnly)  # another class may not take a name silently
+    assert ll.credit.get("discounted", gamma=0.5).gamma == 0.5
+    LastOnly = ll.credit.register("last_only")(dataclass(type(  # a re-run cell: same definition
+        "LastOnly", (ll.credit.CreditStrategy,), {"__qualname__": LastOnly.__qualname__,
+                                                  "assign": LastOnly.assign})))
     batch = ll.credit.get("last_only").assign(_batch({"a": [[1.0, 2.0]]}))
     assert _col(batch, "advantage") == [[0.0, 3.0]]

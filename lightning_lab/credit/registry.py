@@ -32,10 +32,21 @@ _REGISTRY: dict[str, type[CreditStrategy]] = {}
 S = TypeVar("S", bound=type)
 
 
-def register(name: str) -> Callable[[S], S]:
-    """Class decorator adding a strategy under ``name`` (re-registering a name replaces it)."""
+def register(name: str, *, replace: bool = False) -> Callable[[S], S]:
+    """Class decorator adding a strategy under ``name``.
+
+    A name taken by another class is refused unless ``replace=True``: silently replacing
+    ``"discounted"`` would change every run that asks for it by name. The same definition run
+    again (same module and qualified name: a notebook cell re-executed) replaces its old self.
+    """
 
     def deco(cls: S) -> S:
+        old = _REGISTRY.get(name)
+        same_definition = old is not None and (old.__module__, old.__qualname__) == (
+            cls.__module__, cls.__qualname__)
+        if old is not None and not (replace or same_definition):
+            raise ValueError(f"credit strategy {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__}; pass replace=True to override it")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -1,6 +1,6 @@
 """``value``: turn-level GAE against a learned critic.
 
-The critic (``lightning_lab/critic.py``) estimates V(s_t) for the state *before* transition t (the
+The critic (``lightning_lab/train/critic.py``) estimates V(s_t) for the state *before* transition t (the
 policy's hidden state at the last prompt token) and the trainer writes it into
 ``Transition.value``. This file only does the arithmetic, so it can be swapped onto any batch whose
 values are filled.
