@@ -189,9 +189,16 @@ class Batch:
 
     # -- JSONL: one trajectory per line, appended and flushed, so a crash loses at most one line.
     def save_jsonl(self, path: str | Path, append: bool = False) -> None:
+        """Write one line per trajectory; one that JSON cannot hold (an inf reward) raises
+        ``TraceFormatError`` naming the file and the trajectory."""
         with open(path, "a" if append else "w", encoding="utf-8") as f:
-            for traj in self.trajectories:
-                f.write(json.dumps(traj.to_dict(), allow_nan=False) + "\n")
+            for i, traj in enumerate(self.trajectories):
+                try:
+                    line = json.dumps(traj.to_dict(), allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    raise TraceFormatError(f"{path}: trajectory {i} ({traj.traj_id}) cannot be "
+                                           f"saved: {exc}") from exc
+                f.write(line + "\n")
                 f.flush()
 
     @classmethod

@@ -30,6 +30,60 @@ def test_calculator_evaluates_arithmetic_only(expression, result):
     assert calculate(expression) == result
 
 
+NESTED_POWERS = [
+    "(((((9**10)**10)**10)**10)**10)**10",  # 35 characters: 9**(10**6), ~954,000 digits
+    "((((((9**10)**10)**10)**10)**10)**10)**10",  # 41: held a PPO step for 7.9 s
+    "((((((((9**10)**10)**10)**10)**10)**10)**10)**10)**10",  # froze every thread for > 30 s
+]
+
+
+@pytest.mark.parametrize("expression", NESTED_POWERS)
+def test_nested_powers_are_refused_before_any_huge_number_is_computed(expression, monkeypatch):
+    """Big-int ``pow`` holds the GIL, so the bound must hold before an operation runs: every
+    operand and result any operation sees stays within ``10 ** MAX_DIGITS``."""
+    from environments.calc import calculator
+
+    bound = 10 ** calculator.MAX_DIGITS
+    seen: list[float] = []
+
+    def bounded(op):
+        def run(left, right):
+            assert abs(left) <= bound and abs(right) <= bound, "a huge operand reached an operation"
+            result = op(left, right)
+            seen.append(abs(result))
+            assert abs(result) <= bound, "an operation computed a huge number"
+            return result
+        return run
+
+    monkeypatch.setattr(calculator, "_OPS", {k: bounded(op) for k, op in calculator._OPS.items()})
+    result = calculate(expression)
+    assert result.startswith("error:") and "too large" in result
+    assert seen and max(seen) == 9 ** 100  # ((9**10)**10) is computed, the next power is not
+
+
+def test_a_result_too_long_to_print_is_an_error_string_not_an_exception():
+    """The 35-character form used to raise ``ValueError: Exceeds the limit (4300 digits)``
+    out of ``calculate`` while printing its ~954,000-digit result."""
+    assert calculate(NESTED_POWERS[0]) == "error: result too large (limit 1e100)"
+
+
+@pytest.mark.parametrize("expression", [
+    "9" * 101, "(10 ** 10) ** 10 * 10", "1e300 / 1e-300", "1e308 * 10", "1e999", "(-8) ** 0.5",
+])
+def test_results_beyond_the_bound_or_not_real_are_error_strings(expression):
+    result = calculate(expression)
+    assert isinstance(result, str) and result.startswith("error:"), result
+
+
+@pytest.mark.parametrize("expression, result", [
+    ("(10 ** 10) ** 10", "1" + "0" * 100), ("(9 ** 10) ** 10", str(9 ** 100)),  # at the bound
+    ("-(2 ** 10) ** 3", str(-(2 ** 30))), ("2 ** -2", "0.25"),
+    ("0 ** -1", "error: division by zero"), ("1e-300 * 1e-300", "0"), ("7 % 3 - 8 // 3", "-1"),
+])
+def test_large_and_ordinary_results_within_the_bound_still_work(expression, result):
+    assert calculate(expression) == result
+
+
 def test_final_number_reads_the_last_integer():
     assert final_number("The answer is 42.") == 42
     assert final_number("3 boxes of 7 make 21") == 21

@@ -400,6 +400,26 @@ def test_sandbox_caps_huge_results(toy_db):
     assert res.ok and res.truncated and len(res.rows) == 500
 
 
+def test_checker_and_rewriter_previews_are_capped_with_a_marker(tmp_path):
+    from environments.text_to_sql.prompts import MAX_CELL_CHARS, result_preview, rewriter_messages
+
+    path = tmp_path / "big.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE big (id INTEGER, t TEXT, b BLOB)")
+    conn.execute("INSERT INTO big VALUES (1, ?, ?)", ("x" * 1_000_000, bytes(1_000_000)))
+    conn.commit()
+    conn.close()
+    result = run_sql(path, "SELECT * FROM big")
+    preview = result_preview(result)
+    assert result.ok and len(preview) <= 300 and preview.startswith("Result (1 rows): 1, xxx")
+    assert "…[truncated" in preview and len(preview.split(", ")[1]) <= MAX_CELL_CHARS
+    error = result_preview(run_sql(path, f"SELECT {'y' * 50_000} FROM big"))
+    assert error.startswith("Error: no such column: yyy") and len(error) <= 300
+    assert error.endswith(" chars]")
+    prompt = rewriter_messages("CREATE TABLE big (id, t, b)", "What?", "SELECT * FROM big", result)
+    assert len(prompt[-1]["content"]) < 400
+
+
 def test_sandbox_never_raises(toy_db, tmp_path):
     assert run_sql(toy_db, None).error == "empty query"
     assert not run_sql(toy_db, "\x00garbage").ok

@@ -21,23 +21,48 @@ def writer_messages(schema: str, question: str) -> list[dict[str, str]]:
     return _messages(f"{schema}\n\nQuestion: {question}\nSQL:")
 
 
+MAX_CELL_CHARS = 200
+"""Most characters of one result value (or column name) shown to the model, marker included."""
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters in all, ending with a visible
+    ``…[truncated N chars]`` marker when anything was cut, so the model knows it saw a part."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(f"…[truncated {len(text)} chars]"), 0)
+    return f"{text[:keep]}…[truncated {len(text) - keep} chars]"
+
+
+def cell_text(value: object, limit: int = MAX_CELL_CHARS) -> str:
+    """One result value as prompt text, at most ``limit`` characters.
+
+    A value is cut before it is turned into text: the repr of a 1 MB blob is up to 4 MB, and one
+    8 MB row once made a 32 M-character prompt that took 21 s to tokenize.
+    """
+    if not isinstance(value, bytes):
+        return clip(str(value), limit)
+    text = str(value[:limit])
+    if len(value) <= limit and len(text) <= limit:
+        return text
+    marker = f"…[truncated; {len(value)} bytes]"
+    return text[:max(limit - len(marker), 0)] + marker
+
+
 def result_preview(result: ExecResult, max_rows: int = 5, max_chars: int = 300) -> str:
-    """A few result rows (or the error) in a compact form the model can read."""
+    """A few result rows (or the error) in a compact form the model can read, at most
+    ``max_chars`` characters (cut values and a cut preview say so)."""
     if not result.ok:
-        return f"Error: {result.error}"
+        return clip(f"Error: {result.error}", max_chars)
     if not result.rows:
         return "Result: no rows"
-    # Each value is cut before it is turned into text: str() of a 100 MB value (or repr of a
-    # blob, ~4x its size) would cost more memory than the whole query.
-    def cell(v: object) -> str:
-        return str(v[:max_chars] if isinstance(v, (str, bytes)) else v)[:max_chars]
-
-    shown = "; ".join(", ".join(cell(v) for v in row) for row in result.rows[:max_rows])
+    limit = min(MAX_CELL_CHARS, max_chars)
+    shown = "; ".join(", ".join(cell_text(v, limit) for v in row) for row in result.rows[:max_rows])
     more = len(result.rows) - max_rows
     text = f"Result ({len(result.rows)}{'+' if result.truncated else ''} rows): {shown}"
     if more > 0:
         text += f"; ... {more} more"
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    return clip(text, max_chars)
 
 
 def checker_messages(question: str, sql: str, result: ExecResult) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning_lab as ll
 
+from .prompts import cell_text, clip
 from .reward import score_sql
 from .schema import schema_prompt
 from .sql import ExecResult, run_sql
@@ -25,18 +26,24 @@ RUN_SQL = {"type": "function", "function": {
 SYSTEM = ("You answer questions about a SQLite database. Call run_sql with a SELECT query, read "
           "the rows, fix the query if it fails, then answer briefly.\n\n")
 MAX_RESULT_ROWS = 10
+"""Rows shown to the model per query (the rest are counted)."""
+MAX_RESULT_CHARS = 2000
+"""Most characters of one tool result, marker included; each value is also cut to
+``prompts.MAX_CELL_CHARS``. Without caps one 8 MB row became a 32 M-character prompt."""
 
 
 def result_text(result: ExecResult) -> str:
-    """What the model sees: an error, or columns plus the first rows."""
+    """What the model sees: an error, or columns plus the first rows, every value and the
+    whole text cut to their caps with a visible ``…[truncated ...]`` marker."""
     if not result.ok:
-        return f"error: {result.error}"
-    lines = [" | ".join(result.columns)] + [" | ".join(map(str, row))
-                                            for row in result.rows[:MAX_RESULT_ROWS]]
+        return clip(f"error: {result.error}", MAX_RESULT_CHARS)
+    if not result.rows:
+        return "(no rows)"
+    lines = [" | ".join(map(cell_text, result.columns))]
+    lines += [" | ".join(map(cell_text, row)) for row in result.rows[:MAX_RESULT_ROWS]]
     more = len(result.rows) - MAX_RESULT_ROWS
-    if more > 0 or result.truncated:
-        lines.append(f"... ({max(more, 0)} more rows)")
-    return "\n".join(lines) if result.rows else "(no rows)"
+    tail = f"\n... ({max(more, 0)} more rows)" if more > 0 or result.truncated else ""
+    return clip("\n".join(lines), MAX_RESULT_CHARS - len(tail)) + tail
 
 
 def run_tool_agent(policy: Any, task: SQLTask, cfg: Any) -> dict[str, Any]:

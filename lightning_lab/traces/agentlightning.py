@@ -23,8 +23,10 @@ One ``Trajectory`` per ``(rollout_id, attempt_id)``. When token ids are missing,
 rebuilt with the policy tokenizer's chat template and re-tokenised (and the response text too);
 the transition's ``meta["retokenized"]`` says so, and such transitions carry no logprobs (the
 behaviour policy's tokenisation is unknown), so offline PPO refuses them and SFT takes them.
-A malformed record or a rollout with contradictory parts is skipped and named in
-``Batch.load_errors`` (``file:record N`` or ``file: rollout R``); the rest are kept.
+A malformed record, a rollout with contradictory parts or with rewards out of range (each and
+summed, as ``records.reward_problem`` defines it) is skipped and named in ``Batch.load_errors``
+(``file:record N`` or ``file: rollout R``), with one warning; the rest are kept. A file with
+nothing loadable raises ``TraceFormatError`` naming it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..records import Batch, Trajectory, Transition
+from ..records import Batch, TraceFormatError, Trajectory, Transition, reward_problem
+from ._checks import finish_load, rewards_problem
 
 __all__ = ["load_agentlightning", "spans_to_batch", "LLM_CALL_MATCH"]
 
@@ -59,7 +62,8 @@ def load_agentlightning(path: str | Path, tokenizer: Any = None, *,
         doc = json.loads(text)
         items = doc.get("spans", []) if isinstance(doc, dict) else doc
         if not isinstance(items, list):
-            raise ValueError("expected a list of spans")
+            raise TraceFormatError(f"{path}: expected a list of spans (or an object with a "
+                                   f"'spans' list), got {type(items).__name__}")
         records = [(f"{path}:record {i}", item) for i, item in enumerate(items)]
     except json.JSONDecodeError:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -69,7 +73,8 @@ def load_agentlightning(path: str | Path, tokenizer: Any = None, *,
                 records.append((f"{path}:line {lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 records.append((f"{path}:line {lineno}", exc))
-    return spans_to_batch(records, tokenizer, llm_call_match=llm_call_match, source=str(path))
+    return finish_load(spans_to_batch(records, tokenizer, llm_call_match=llm_call_match,
+                                      source=str(path)), path)
 
 
 def spans_to_batch(records: Iterable[tuple[str, Any]], tokenizer: Any = None, *,
@@ -88,7 +93,7 @@ def spans_to_batch(records: Iterable[tuple[str, Any]], tokenizer: Any = None, *,
         try:
             batch.trajectories.append(_trajectory(rollout_id, attempt_id, spans, tokenizer,
                                                   re.compile(llm_call_match)))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, OverflowError, TypeError, ValueError) as exc:
             batch.load_errors.append(f"{source}: rollout {rollout_id!r} attempt {attempt_id!r} "
                                      f"(first record {spans[0][0]}): {exc} (rollout skipped)")
     return batch
@@ -129,10 +134,14 @@ def _trajectory(rollout_id: str, attempt_id: str, spans: list[tuple[str, dict[st
         before = [i for i, c in enumerate(calls) if _time(c, "end_time") <= start]
         # a reward emitted before any call (unusual) belongs to the first, as ll.reward does
         transitions[before[-1] if before else 0].reward += reward
-    return Trajectory(task_id=rollout_id, transitions=transitions, traj_id=f"{rollout_id}/{attempt_id}",
-                      group_id=rollout_id,
+    traj = Trajectory(task_id=rollout_id, transitions=transitions,
+                      traj_id=f"{rollout_id}/{attempt_id}", group_id=rollout_id,
                       meta={"source": "agentlightning", "rollout_id": rollout_id,
                             "attempt_id": attempt_id})
+    problem = rewards_problem(traj)
+    if problem:
+        raise ValueError(problem)
+    return traj
 
 
 def _time(span: dict[str, Any], key: str) -> float:
@@ -237,7 +246,7 @@ def _agent(span: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
 
 
 def _reward(span: dict[str, Any]) -> float | None:
-    """The primary reward a span carries, or None; a reward that is not a finite number raises."""
+    """The primary reward a span carries, or None; one ``records.reward_problem`` refuses raises."""
     attrs = span.get("attributes") or {}
     value: Any = None
     dims = sorted((int(m.group(1)), v) for k, v in attrs.items() if (m := _REWARD.match(k)))
@@ -256,6 +265,7 @@ def _reward(span: dict[str, Any]) -> float | None:
         return None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"span {span['span_id']!r}: reward {value!r} is not a finite number")
+    problem = reward_problem(value)
+    if problem:
+        raise ValueError(f"span {span['span_id']!r}: {problem}")
     return float(value)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..records import Batch, Trajectory, Transition
+from ._checks import finish_load, rewards_problem
 
 __all__ = ["batch_to_spans", "spans_to_batch", "save_otlp_json", "load_otlp_json",
            "export_otlp_http", "request_to_batch", "SCOPE"]
@@ -155,7 +156,7 @@ def save_otlp_json(batch: Batch, path: str | Path, *, model: str = "") -> Path:
     from google.protobuf.json_format import MessageToDict
 
     doc = MessageToDict(_request(batch_to_spans(batch, model=model)), use_integers_for_enums=True)
-    for span in _iter_span_dicts(doc):
+    for _, span in _span_records(doc, "", []):
         for key in ("traceId", "spanId", "parentSpanId"):
             if span.get(key):  # protobuf's JSON gives bytes as base64; OTLP/JSON wants hex
                 span[key] = base64.b64decode(span[key]).hex()
@@ -183,8 +184,14 @@ def export_otlp_http(batch: Batch, endpoint: str, *, model: str = "", timeout: f
 # ------------------------------------------------------------------------------ import
 def load_otlp_json(path: str | Path) -> Batch:
     """A ``Batch`` from an OTLP/JSON file written by ``save_otlp_json`` (or a collector's file
-    exporter: one request per line is read too). Traces that are not lightning-lab trajectories
-    or are malformed are skipped and named in ``Batch.load_errors`` (``file:line: reason``)."""
+    exporter: one request per line is read too).
+
+    A part of the file that is not OTLP's shape (a null span, ``"spans": 5``) is skipped and named
+    with its position (``file: resourceSpans[0].scopeSpans[0].spans[7]: reason``); a trace that
+    is not a lightning-lab trajectory, is malformed or has rewards out of range is skipped and
+    named with its trace id; one warning says how many. The rest are kept. A file with nothing
+    loadable raises ``TraceFormatError`` naming it.
+    """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     docs: list[tuple[str, Any]] = []
@@ -202,10 +209,11 @@ def load_otlp_json(path: str | Path) -> Batch:
         if isinstance(doc, Exception):
             batch.load_errors.append(f"{where}: not JSON ({doc})")
             continue
-        part = spans_to_batch(list(_iter_span_dicts(doc)), source=where)
+        errors: list[str] = []
+        part = _records_to_batch(_span_records(doc, where, errors), source=where)
         batch.trajectories.extend(part.trajectories)
-        batch.load_errors.extend(part.load_errors)
-    return batch
+        batch.load_errors.extend(errors + part.load_errors)
+    return finish_load(batch, path)
 
 
 def request_to_batch(body: bytes, *, source: str = "otlp-http") -> Batch:
@@ -215,32 +223,79 @@ def request_to_batch(body: bytes, *, source: str = "otlp-http") -> Batch:
 
     request = ExportTraceServiceRequest()
     request.ParseFromString(body)
-    return spans_to_batch(list(_iter_span_dicts(MessageToDict(request))), source=source)
+    errors: list[str] = []
+    batch = _records_to_batch(_span_records(MessageToDict(request), source, errors), source=source)
+    batch.load_errors[:0] = errors
+    return batch
 
 
-def _iter_span_dicts(doc: Any) -> Iterable[dict[str, Any]]:
-    for rs in (doc or {}).get("resourceSpans", []):
-        for ss in rs.get("scopeSpans", []):
-            yield from ss.get("spans", [])
+_LEVELS = ("resourceSpans", "scopeSpans", "spans")
 
 
-def spans_to_batch(spans: list[dict[str, Any]], *, source: str = "spans") -> Batch:
+def _span_records(doc: Any, where: str, errors: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``(position, span)`` for every span of one OTLP/JSON request, position as
+    ``where: resourceSpans[i].scopeSpans[j].spans[k]``. A part that is not the shape OTLP gives
+    it (a null span, ``"spans": 5``) is named in ``errors`` and skipped: it costs itself only."""
+    nodes: list[tuple[str, Any]] = [("request", doc)]
+    for key in (*_LEVELS, None):  # None: the spans themselves, which must be objects too
+        children: list[tuple[str, Any]] = []
+        for at, node in nodes:
+            field = key if at == "request" else f"{at}.{key}"
+            if not isinstance(node, dict):
+                errors.append(f"{where}: {at}: expected an object, got {type(node).__name__} "
+                              "(skipped)")
+            elif key is None:
+                children.append((f"{where}: {at}", node))
+            elif not isinstance(items := node.get(key, []), list):
+                errors.append(f"{where}: {field}: expected a list, got {type(items).__name__} "
+                              "(skipped)")
+            else:
+                children += [(f"{field}[{i}]", item) for i, item in enumerate(items)]
+        nodes = children
+    return nodes
+
+
+def spans_to_batch(spans: Sequence[Any], *, source: str = "spans") -> Batch:
     """Trajectories from OTLP span dicts (as in OTLP/JSON), grouped by trace id.
 
     A trace without a lightning-lab root span, or with contradictory parts (a transition whose
     step is out of order, logprobs that do not match the response tokens, a reward attribute
-    that disagrees with its event), is skipped with the reason; the others are kept.
+    that disagrees with its event, rewards out of range), is skipped with the reason, and so is
+    a span that is not an object or has no usable trace id (``source: spans[i]``); the others
+    are kept.
     """
+    return _records_to_batch([(f"{source}: spans[{i}]", span) for i, span in enumerate(spans)],
+                             source=source)
+
+
+def _records_to_batch(records: Iterable[tuple[str, Any]], *, source: str) -> Batch:
     traces: dict[str, list[dict[str, Any]]] = {}
-    for span in spans:
-        traces.setdefault(_hex_id(span.get("traceId", "")), []).append(span)
     batch = Batch()
+    for where, span in records:
+        problem = _span_problem(span)
+        if problem:
+            batch.load_errors.append(f"{where}: {problem} (span skipped)")
+            continue
+        traces.setdefault(_hex_id(span.get("traceId", "")), []).append(span)
     for trace_id, members in traces.items():
         try:
             batch.trajectories.append(_trajectory(members))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, OverflowError, TypeError, ValueError) as exc:
             batch.load_errors.append(f"{source}: trace {trace_id}: {type(exc).__name__}: {exc}")
     return batch
+
+
+def _span_problem(span: Any) -> str | None:
+    if not isinstance(span, dict):
+        return f"expected a span object, got {type(span).__name__}"
+    trace_id = span.get("traceId", "")
+    if not isinstance(trace_id, str):
+        return f"traceId must be a string, got {type(trace_id).__name__}"
+    try:
+        _hex_id(trace_id)
+    except ValueError as exc:  # binascii.Error: neither hex nor base64
+        return f"traceId {trace_id[:40]!r} is neither hex nor base64 ({exc})"
+    return None
 
 
 def _trajectory(spans: list[dict[str, Any]]) -> Trajectory:
@@ -281,6 +336,9 @@ def _trajectory(spans: list[dict[str, Any]]) -> Trajectory:
     total = float(ra.get(_LL + "total_reward", traj.total_reward))
     if not math.isclose(total, traj.total_reward, rel_tol=1e-9, abs_tol=1e-9):
         raise ValueError(f"total reward {total} contradicts the steps' rewards ({traj.total_reward})")
+    problem = rewards_problem(traj)
+    if problem:
+        raise ValueError(problem)
     return traj
 
 
