@@ -26,7 +26,7 @@ TINY = ["--model", "tiny", "--env", "wordplay", "--tasks-per-step", "2", "--grou
 # ---------------------------------------------------------------- 9: config values
 @pytest.mark.parametrize("text, message", [
     ("lr: .nan\n", "ppo.lr must be a finite number, got nan"),
-    ("ppo:\n  lr: -1\n", "ppo.lr must be > 0, got -1"),
+    ("ppo:\n  lr: -1\n", "ppo.lr must be >= 0, got -1"),
     ("temperature: -1\n", "ppo.temperature must be > 0"),
     ("ppo:\n  clip_eps: .inf\n", "ppo.clip_eps must be a finite number, got inf"),
     ("keep_checkpoints: -2\n", "keep_checkpoints must be >= 0, got -2"),
@@ -64,7 +64,7 @@ def test_a_bad_sft_yaml_value_names_the_field_and_the_file(tmp_path, text, messa
 
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "nan"], "--lr: ppo.lr must be a finite number, got nan"),
-    (["--lr", "-1"], "--lr: ppo.lr must be > 0, got -1.0"),
+    (["--lr", "-1"], "--lr: ppo.lr must be >= 0, got -1.0"),
     (["--temperature", "-1"], "--temperature: ppo.temperature must be > 0"),
     (["--clip-eps", "inf"], "--clip-eps: ppo.clip_eps must be a finite number"),
     (["--keep-checkpoints", "-2"], "--keep-checkpoints: keep_checkpoints must be >= 0"),
@@ -81,7 +81,7 @@ def test_a_bad_flag_is_a_usage_error_naming_the_flag(tmp_path, capsys, monkeypat
 
 def test_sft_and_resume_flags_are_checked_too(tmp_path, capsys):
     assert main(["sft", "--model", "tiny", "--lr", "-1", "--out", str(tmp_path / "s")]) == 2
-    assert "--lr: sft.lr must be > 0" in capsys.readouterr().err
+    assert "--lr: sft.lr must be >= 0" in capsys.readouterr().err
     path = tmp_path / "run" / "config.yaml"
     path.parent.mkdir()
     path.write_text("model: tiny\n")
@@ -89,7 +89,7 @@ def test_sft_and_resume_flags_are_checked_too(tmp_path, capsys):
     assert "--max-grad-norm: ppo.max_grad_norm must be > 0" in capsys.readouterr().err
     path.write_text("model: tiny\nppo:\n  value_lr: -1\n")  # a hand-edited saved config
     assert main(["train", "--resume", "--out", str(path.parent)]) == 2
-    assert f"{path}: ppo.value_lr must be > 0" in capsys.readouterr().err
+    assert f"{path}: ppo.value_lr must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cls", [RunConfig, PPOConfig, SFTRunConfig, SFTConfig])

@@ -87,7 +87,7 @@ class PPOConfig:
     """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
     minibatch_size: int = bounded(16, ge=1)
     """Transitions per optimizer step."""
-    lr: float = bounded(2e-4, gt=0)
+    lr: float = bounded(2e-4, ge=0)
     """AdamW learning rate of the policy parameters (LoRA adapter or full model)."""
     weight_decay: float = bounded(0.0, ge=0)
     """AdamW weight decay of the policy parameters."""
@@ -102,7 +102,7 @@ class PPOConfig:
     max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
     (gradient accumulation) to fit."""
-    value_lr: float = bounded(1e-3, gt=0)
+    value_lr: float = bounded(1e-3, ge=0)
     """Learning rate of the critic head (used by the ``value`` credit strategy)."""
     value_coef: float = bounded(0.5, ge=0)
     """Weight of the critic's regression loss."""

@@ -124,7 +124,7 @@ class SFTConfig:
     """Passes over the rows by ``fit()`` (fractions allowed: 0.5 = half the rows)."""
     batch_size: int = bounded(16, ge=1)
     """Transitions per optimizer step."""
-    lr: float = bounded(2e-4, gt=0)
+    lr: float = bounded(2e-4, ge=0)
     """AdamW learning rate of the trainable parameters (the LoRA adapter, usually)."""
     weight_decay: float = bounded(0.0, ge=0)
     warmup_steps: int = bounded(0, ge=0)
