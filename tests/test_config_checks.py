@@ -174,6 +174,22 @@ def test_resume_on_an_empty_folder_starts_a_run(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_resume_with_a_config_file_starts_then_applies_its_changes(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    text = (f"model: tiny\nsteps: 1\neval_limit: 1\nout: {out}\n"
+            "ppo: {tasks_per_step: 2, group_size: 2, rollout_workers: 4}\n")
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--resume"]) == 0
+    assert "starting a new run" in capsys.readouterr().out
+    path.write_text(text.replace("steps: 1", "steps: 2"))
+    assert main(["train", "--config", str(path), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: steps changed 1 -> 2" in printed and "resumed from" in printed
+    assert main(["train", "--resume", "--out", ""]) == 2
+    assert "--out: out must name a folder" in capsys.readouterr().err
+
+
 def test_resume_refuses_checkpoints_without_their_config(run_copy, capsys):
     (run_copy / "config.yaml").unlink()
     assert main(["train", "--resume", "--out", str(run_copy)]) == 2

@@ -26,8 +26,8 @@ from .callbacks import Callback, as_callback
 from .checkpoint import clean_orphans, latest_checkpoint
 from .logs import roll_back_logs
 from .threads import ThreadGovernor, requested_threads
-from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, flatten, load_config, load_yaml,
-                     override, save_config)
+from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, flatten, load_config,
+                     load_yaml, override, save_config)
 
 __all__ = ["RunSetup", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
            "make_agent", "credit_strategy"]
@@ -80,8 +80,10 @@ def resume_config(out: str | Path | None, changes: dict[str, Any],
     if config_file is not None:
         load_config(config_file)  # its own errors name the file
         changes = {**load_yaml(config_file), **changes}
-    out = Path(out if out is not None else changes.get("out", RunConfig.out))
-    changes = {**changes, "out": str(out)}  # the folder resumed from, even if it was moved
+    out = str(out if out is not None else changes.get("out", RunConfig.out))
+    check_out(out)  # Path("") would be the current directory
+    changes = {**changes, "out": out}  # the folder resumed from, even if it was moved
+    out = Path(out)
     path = out / CONFIG_FILE
     if not path.exists():
         return _fresh_resume(out, changes, log)
