@@ -7,15 +7,16 @@ the shell and from Jupyter are the same thing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from .train.config import ConfigError, PPOConfig, RunConfig, field_docs, parse_options
+from .train.config import ConfigError, FieldError, PPOConfig, RunConfig, field_docs, parse_options
 
 __all__ = ["main", "build_parser"]
 
@@ -118,19 +119,31 @@ def _changes(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, An
     return out
 
 
+@contextlib.contextmanager
+def naming_flags(changes: Mapping[str, Any]) -> Iterator[None]:
+    """Prefix an invalid value's error with the flag that gave it (``--lr: ppo.lr must be > 0``);
+    values from a config file are named by their file (``load_config``)."""
+    try:
+        yield
+    except FieldError as exc:
+        if exc.field not in changes:
+            raise
+        flag = "--" + exc.field.removeprefix("ppo.").removeprefix("sft.").replace("_", "-")
+        raise ConfigError(f"{flag}: {exc}") from exc
+
+
 def train_config(args: argparse.Namespace) -> RunConfig:
-    """The run ``lightning-lab train`` makes: flags over --config (or over the saved config on
-    --resume) over RunConfig's defaults."""
+    """The run ``lightning-lab train`` makes: flags over --config over RunConfig's defaults; on
+    --resume, flags and --config over the run's saved config."""
     from .train.config import load_config, override
     from .train.run import resume_config
 
     changes = _changes(args)
-    if changes.get("resume"):
-        if args.config:
-            raise ConfigError("--resume continues <out>/config.yaml; drop --config")
-        return resume_config(changes.get("out", RunConfig.out), changes)
-    base = load_config(args.config) if args.config else RunConfig()
-    return override(base, changes)
+    with naming_flags(changes):
+        if changes.get("resume"):
+            return resume_config(changes.get("out"), changes, config_file=args.config)
+        base = load_config(args.config) if args.config else RunConfig()
+        return override(base, changes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,8 +165,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.config import override
     from .train.run import load_env, load_policy, load_tasks, make_agent
 
-    config = override(RunConfig(), _changes(args, skip=("split", "checkpoint", "out",
-                                                        "rollout_timeout_s")))
+    changes = _changes(args, skip=("split", "checkpoint", "out", "rollout_timeout_s"))
+    with naming_flags(changes):
+        config = override(RunConfig(), changes)
     env = load_env(config)
     tasks = load_tasks(env, config, args.split, config.limit)
     policy = load_policy(config)
@@ -181,7 +195,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from .train.sft_run import SFTRunConfig, load_sft_config, run_sft, sft_override
 
     base = load_sft_config(args.config) if args.config else SFTRunConfig()
-    config = sft_override(base, _changes(args))
+    changes = _changes(args)
+    with naming_flags(changes):
+        config = sft_override(base, changes)
     callbacks: list[Any] = []
     if config.wandb:
         from .workbench.tracking import WandbCallback

@@ -14,8 +14,11 @@ Re-saving a step that exists (a finished run run again) points ``LATEST`` at the
 directory before the old ``step-N`` is moved aside. Leftover temp/stale directories are removed
 by the writer (each save, and a run when it resumes), never by a reader, which could be looking
 at a directory another process is still writing. When ``LATEST`` is missing or names nothing,
-loading falls back to the newest complete ``step-*`` directory. Nothing is unpickled: ``state.pt`` holds only tensors and
-plain Python values, read with ``torch.load(weights_only=True)``.
+loading falls back to the newest complete ``step-*`` directory; when the checkpoint found is
+unreadable (a truncated ``state.pt``, a broken ``meta.json``: a disk that lost the tail of a
+write), to the next older one, with a warning naming the skipped file. Nothing is unpickled:
+``state.pt`` holds only tensors and plain Python values, read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -111,20 +114,24 @@ def _complete(path: Path) -> bool:
     return (path / _META).is_file() and (path / _STATE).is_file()
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint to resume from: the one ``LATEST`` names if complete, else the newest
-    complete ``step-*`` directory (``LATEST`` lost or dangling after a crash), else None."""
-    directory = Path(directory)
+def _candidates(directory: Path) -> list[Path]:
+    """Complete checkpoints, best first: the one ``LATEST`` names, then every complete
+    ``step-*`` directory newest first (``LATEST`` lost or dangling after a crash)."""
     named = _named_by_latest(directory)
+    done = sorted((p for p in directory.glob("step-*") if _complete(p)), key=lambda p: p.name,
+                  reverse=True)  # zero-padded step numbers sort by name
     if named is not None and "/" not in named and _complete(directory / named):
-        return directory / named
-    done = sorted((p for p in directory.glob("step-*") if _complete(p)), key=lambda p: p.name)
-    if not done:
-        return None
-    if named is not None:
+        return [directory / named] + [p for p in done if p.name != named]
+    if named is not None and done:
         warnings.warn(f"{directory}/{_LATEST} names {named!r}, which is not a complete "
-                      f"checkpoint; using the newest complete one, {done[-1].name}", stacklevel=3)
-    return done[-1]
+                      f"checkpoint; using the newest complete one, {done[0].name}", stacklevel=3)
+    return done
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint to resume from (the first of ``_candidates``), or None."""
+    found = _candidates(Path(directory))
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- save
@@ -197,9 +204,13 @@ def resolve(directory: Path) -> Path:
         return directory
     found = latest_checkpoint(directory)
     if found is None:
-        raise CheckpointError(f"no complete checkpoint in {directory}: no step-*/{_META} "
-                              "(missing, or half-written by a crash)")
+        raise _nothing_in(directory)
     return found
+
+
+def _nothing_in(directory: Path) -> CheckpointError:
+    return CheckpointError(f"no complete checkpoint in {directory}: no step-*/{_META} "
+                           "(missing, or half-written by a crash)")
 
 
 TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rng", "task_queue",
@@ -210,9 +221,36 @@ TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rn
 def load_checkpoint(directory: Path, require: Sequence[str] = TRAINER_KEYS
                     ) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``directory`` names and its state dict, loaded without unpickling code
-    (``weights_only=True``: tensors and plain containers only). Every error names the file. ``require``: the keys the caller
-    needs (weights alone, as an SFT checkpoint holds, need only ``params``)."""
-    path = resolve(directory)
+    (``weights_only=True``: tensors and plain containers only). Every error names the file.
+    ``require``: the keys the caller needs (weights alone, as an SFT checkpoint holds, need
+    only ``params``).
+
+    A directory of checkpoints yields its newest intact one: an unreadable newest checkpoint is
+    skipped with a warning naming the file and why (the older step loses a few steps of work;
+    refusing to start would lose the run)."""
+    directory = Path(directory)
+    if (directory / _META).exists() or (directory / _STATE).exists():
+        return directory, _read(directory, require)
+    candidates = _candidates(directory)
+    if not candidates:
+        raise _nothing_in(directory)
+    problems: list[CheckpointError] = []
+    for path, older in zip(candidates, candidates[1:] + [None]):
+        try:
+            return path, _read(path, require)
+        except CheckpointError as exc:
+            problems.append(exc)
+            if older is not None:
+                warnings.warn(f"skipping a broken checkpoint: {exc}; using the older "
+                              f"{older.name}", stacklevel=2)
+    if len(problems) == 1:
+        raise problems[0]
+    raise CheckpointError(f"no intact checkpoint in {directory}: "
+                          + "; ".join(str(p) for p in problems))
+
+
+def _read(path: Path, require: Sequence[str]) -> dict[str, Any]:
+    """``path``'s checked ``meta.json`` and its state dict; each error names the file."""
     try:
         meta = json.loads((path / _META).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -239,7 +277,7 @@ def load_checkpoint(directory: Path, require: Sequence[str] = TRAINER_KEYS
     missing = [k for k in require if k not in state]
     if missing:
         raise CheckpointError(f"{path / _STATE}: lacks {missing}")
-    return path, state
+    return state
 
 
 def read_policy_weights(policy: Any, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -247,6 +285,8 @@ def read_policy_weights(policy: Any, directory: Path) -> tuple[Path, dict[str, t
     path, state = load_checkpoint(Path(directory), require=("params",))
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     saved = state["params"]
+    if not (isinstance(saved, dict) and all(isinstance(t, torch.Tensor) for t in saved.values())):
+        raise CheckpointError(f"{path / _STATE}: 'params' is not a mapping of names to tensors")
     mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not fit this policy; e.g. {mismatch[:3]}")

@@ -14,6 +14,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
+import operator
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,40 +23,88 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 
-__all__ = ["PPOConfig", "RunConfig", "ConfigError", "field_docs", "override", "flatten",
-           "parse_options", "load_config", "save_config", "FROZEN_ON_RESUME"]
+__all__ = ["PPOConfig", "RunConfig", "ConfigError", "FieldError", "bounded", "check_ranges",
+           "field_docs", "override", "flatten", "parse_options", "load_config", "load_yaml",
+           "save_config", "FROZEN_ON_RESUME"]
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: what every RNG a run seeds (torch, numpy in task loaders) accepts."""
+
+
+class FieldError(ConfigError):
+    """A config field's value is invalid; ``field`` is its dotted name (``ppo.lr``), so the CLI
+    can name the flag and the loader the file."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name} {problem}")
+        self.field, self.problem = field_name, problem
+
+    def within(self, parent: str) -> "FieldError":
+        """The same error for the field as ``parent.<field>`` (a PPO field inside a run)."""
+        return FieldError(f"{parent}.{self.field}", self.problem)
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None) -> Any:
+    """A numeric dataclass field with its valid range, checked by ``check_ranges`` (floats must
+    also be finite). Declared once here, so YAML, flags, sweeps and notebooks get one check."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+_BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="))
+
+
+def check_ranges(config: Any) -> None:
+    """Raise ``FieldError`` for the first numeric field of ``config`` that is not finite or
+    outside the range its ``bounded`` metadata declares (None values mean "unset" and pass)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FieldError(f.name, f"must be a finite number, got {value}")
+        for key, ok, sign in _BOUNDS:
+            limit = f.metadata.get(key)
+            if limit is not None and not ok(value, limit):
+                raise FieldError(f.name, f"must be {sign} {limit}, got {value}")
+
+
+def check_out(out: str) -> None:
+    """An empty run folder would put the run's files into the current directory."""
+    if not out.strip():
+        raise FieldError("out", "must name a folder, got an empty string")
 
 
 @dataclass
 class PPOConfig:
-    tasks_per_step: int = 8
+    tasks_per_step: int = bounded(8, ge=1)
     """Distinct tasks sampled per step."""
-    group_size: int = 4
+    group_size: int = bounded(4, ge=1)
     """Rollouts per task per step (the group for GRPO-style baselines)."""
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     """Sampling temperature of rollouts (the logprobs and the loss use the same value)."""
-    ppo_epochs: int = 1
+    ppo_epochs: int = bounded(1, ge=1)
     """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
-    minibatch_size: int = 16
+    minibatch_size: int = bounded(16, ge=1)
     """Transitions per optimizer step."""
-    lr: float = 2e-4
+    lr: float = bounded(2e-4, ge=0)
     """AdamW learning rate of the policy parameters (LoRA adapter or full model)."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, ge=0)
     """AdamW weight decay of the policy parameters."""
-    clip_eps: float = 0.2
+    clip_eps: float = bounded(0.2, gt=0)
     """PPO clip range for the ratio pi/pi_behaviour."""
-    clip_eps_high: float | None = None
+    clip_eps_high: float | None = bounded(None, gt=0)
     """Upper clip range if different (DAPO's clip-higher); None = clip_eps."""
-    kl_coef: float = 0.02
+    kl_coef: float = bounded(0.02, ge=0)
     """Weight of the KL penalty to the reference (adapter-off) policy."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, gt=0)
     """Gradient-norm clip of the policy parameters."""
-    max_tokens_per_forward: int = 2048
+    max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
     (gradient accumulation) to fit."""
-    value_lr: float = 1e-3
+    value_lr: float = bounded(1e-3, ge=0)
     """Learning rate of the critic head (used by the ``value`` credit strategy)."""
-    value_coef: float = 0.5
+    value_coef: float = bounded(0.5, ge=0)
     """Weight of the critic's regression loss."""
     trainable_agents: tuple[str, ...] | None = None
     """Only transitions of these agent/role names enter the loss; None = all."""
@@ -64,7 +114,7 @@ class PPOConfig:
     """Recompute the rollouts' logprobs with the trainer's model before the update and use them
     as PPO's old policy, with truncated importance weights for the sampler/trainer mismatch (for
     rollouts from vLLM, bf16 sampling or a lagging adapter version; see ``offpolicy.py``)."""
-    tis_cap: float = 2.0
+    tis_cap: float = bounded(2.0, ge=1)
     """Truncation C of the importance weight min(pi_trainer / pi_behaviour, C)."""
     update_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
     """Matmul dtype of the update's forward and backward (autocast; weights, adapter, optimizer
@@ -74,12 +124,12 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """Recompute decoder layers in the backward instead of storing activations (for models whose
     update does not fit in memory; each row is then scored without prompt sharing)."""
-    rollout_workers: int = 32
+    rollout_workers: int = bounded(32, ge=1)
     """Agents run concurrently; their LLM calls are batched by the policy's engine."""
-    rollout_timeout_s: float | None = None
+    rollout_timeout_s: float | None = bounded(None, gt=0)
     """A rollout running longer fails with reason timeout (its LLM requests are aborted, a
     process agent is killed) and the step goes on without it; None = no limit."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
     """Seeds the task order, the minibatch order and torch's sampling RNG."""
 
     def __post_init__(self) -> None:
@@ -87,11 +137,7 @@ class PPOConfig:
             self.trainable_agents = tuple(a for a in self.trainable_agents.split(",") if a)
         elif self.trainable_agents is not None:
             self.trainable_agents = tuple(self.trainable_agents)
-        for name in ("tasks_per_step", "group_size", "ppo_epochs", "minibatch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.rollout_timeout_s is not None and not self.rollout_timeout_s > 0:
-            raise ConfigError(f"PPOConfig.rollout_timeout_s must be > 0, got {self.rollout_timeout_s}")
+        check_ranges(self)
 
 
 @dataclass
@@ -108,9 +154,13 @@ class RunConfig:
     """Sampling matmuls: float32 | auto (bf16 on a CPU with native bf16) | bfloat16. bf16 makes
     PPO's old policy the trainer's own forward and importance-weights the ~1e-2 sampler gap
     (``behaviour_logprob_err``); the README's quick start uses auto."""
-    decode_threads: int | None = 1
+    decode_threads: int | None = bounded(1, ge=1)
     """CPU intra-op threads of the sampling worker (the update keeps every core); None = all."""
-    seed: int = 0
+    threads: int | None = bounded(None, ge=1)
+    """CPU threads of the update, also capping decode_threads; None: LIGHTNING_LAB_THREADS or
+    OMP_NUM_THREADS if set, else the cores other processes leave idle (1 on a busy machine),
+    re-checked before each step."""
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
     env: str = "wordplay"
     """Environment name (a folder under environments/); unused with --agent / --agent-cmd."""
@@ -120,11 +170,11 @@ class RunConfig:
     """A process agent instead: a command started per rollout with OPENAI_BASE_URL etc. (with --tasks)."""
     tasks: str | None = None
     """JSONL task file for --agent / --agent-cmd: one JSON object per line, optional task_id."""
-    max_tokens_cap: int | None = None
+    max_tokens_cap: int | None = bounded(None, ge=1)
     """Clamp max_tokens of the proxy calls of --agent-cmd / base_url agents (None: no cap)."""
     data: str | None = None
     """Dataset path in the benchmark's own format (default: generated tasks)."""
-    limit: int | None = None
+    limit: int | None = bounded(None, ge=1)
     """Use at most this many training tasks."""
     agent_options: dict[str, Any] = field(default_factory=dict)
     """Options for the environment's agent, e.g. {max_turns: 2} (CLI: --agent-option KEY=VALUE)."""
@@ -132,25 +182,25 @@ class RunConfig:
     """Options for the task loader, train and dev, e.g. {levels: hard,extra} (CLI: --task-option)."""
     credit: str = "uniform"
     """Credit strategy (lightning-lab credit lists them)."""
-    gamma: float | None = None
+    gamma: float | None = bounded(None, ge=0, le=1)
     """Discount of the credit strategy (None: the strategy's default)."""
-    lam: float | None = None
+    lam: float | None = bounded(None, ge=0, le=1)
     """GAE lambda of the value strategy (None: the strategy's default)."""
     baseline: str | None = None
     """none | group | rloo | batch (None: the strategy's default)."""
-    steps: int = 20
+    steps: int = bounded(20, ge=0)
     """Train until the trainer has done this many steps (resumed steps count)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """The update's hyper-parameters (CLI flags without prefix, e.g. --lr, --group-size)."""
-    eval_every: int = 0
+    eval_every: int = bounded(0, ge=0)
     """Greedy dev evaluation every N steps (0: before and after training only)."""
-    eval_limit: int | None = None
+    eval_limit: int | None = bounded(None, ge=0)
     """Evaluate on at most this many dev tasks."""
-    max_minutes: float | None = None
+    max_minutes: float | None = bounded(None, gt=0)
     """Stop after the step that passes this wall-clock budget (evaluations excluded)."""
-    save_every: int = 5
+    save_every: int = bounded(5, ge=0)
     """Checkpoint every N steps (and always at the end)."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = bounded(3, ge=0)
     """Keep the newest K checkpoints, delete older ones (0: keep all)."""
     resume: bool = False
     """Continue from <out>/checkpoints, with <out>/config.yaml as the base config."""
@@ -165,10 +215,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ppo, Mapping):
-            self.ppo = PPOConfig(**self.ppo)
+            try:
+                self.ppo = PPOConfig(**self.ppo)
+            except FieldError as exc:
+                raise exc.within("ppo") from None
         self.ppo.seed = self.seed  # one seed per run; PPOConfig.seed is for library users
         if self.lora not in ("auto", "on", "off"):
-            raise ConfigError(f"lora must be auto, on or off, got {self.lora!r}")
+            raise FieldError("lora", f"must be auto, on or off, got {self.lora!r}")
+        check_ranges(self)
+        check_out(self.out)
 
     def credit_params(self) -> dict[str, Any]:
         """Parameters given for the credit strategy (unset ones keep the strategy's defaults)."""
@@ -248,8 +303,8 @@ def override(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
     run_hints, ppo_hints = _hints(RunConfig), _hints(PPOConfig)
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key == "ppo" and isinstance(value, Mapping):
-            flat.update({f"ppo.{k}": v for k, v in value.items()})
+        if key == "ppo":
+            flat.update({f"ppo.{k}": v for k, v in nested_mapping("ppo", value).items()})
         else:
             flat[key] = value
     for key, value in flat.items():
@@ -268,6 +323,14 @@ def override(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
     return RunConfig(**top)
 
 
+def nested_mapping(name: str, value: Any) -> Mapping[str, Any]:
+    """The value of a nested section (``ppo:``, ``sft:``), which must be a mapping of fields."""
+    if not isinstance(value, Mapping):
+        raise FieldError(name, f"must be a mapping of fields (e.g. {name}: {{lr: 0.0001}}), "
+                               f"got {'null' if value is None else repr(value)}")
+    return value
+
+
 def parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, Any]:
     """``KEY=VALUE`` strings as a dict; values are JSON when they parse, else strings."""
     out: dict[str, Any] = {}
@@ -282,17 +345,38 @@ def parse_options(pairs: list[str], flag: str = "--agent-option") -> dict[str, A
     return out
 
 
-def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from YAML (nested ``ppo:`` mapping or dotted keys), over ``base``."""
+def load_yaml(path: str | Path, what: str = "run config") -> dict[str, Any]:
+    """A YAML config file as a dict of fields; a key given twice is refused (PyYAML would
+    silently keep the last one, so an edit above an old value would not take effect)."""
     import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read run config {path}: {exc}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"run config {path} must be a mapping of field names, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must be a mapping of field names, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from YAML (nested ``ppo:`` mapping or dotted keys), over ``base``; every
+    error names the file."""
+    path = Path(path)
+    data = load_yaml(path)
     try:
         return override(base or RunConfig(), data)
     except ConfigError as exc:

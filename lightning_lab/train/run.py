@@ -25,8 +25,9 @@ from .. import envs
 from .callbacks import Callback, as_callback
 from .checkpoint import clean_orphans, latest_checkpoint
 from .logs import roll_back_logs
-from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, flatten, load_config, override,
-                     save_config)
+from .threads import ThreadGovernor, requested_threads
+from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, flatten, load_config,
+                     load_yaml, override, save_config)
 
 __all__ = ["RunSetup", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
            "make_agent", "credit_strategy"]
@@ -66,16 +67,26 @@ class RunSetup:
         return metrics
 
 
-def resume_config(out: str | Path, changes: dict[str, Any], log: Callable[[str], None] = print
+def resume_config(out: str | Path | None, changes: dict[str, Any],
+                  log: Callable[[str], None] = print, config_file: str | Path | None = None
                   ) -> RunConfig:
-    """The config of a resumed run: the saved ``config.yaml`` with ``changes`` applied.
+    """The config of a resumed run: the saved ``config.yaml`` with the fields of
+    ``config_file`` and then ``changes`` applied (``out`` None: theirs, else the default).
 
     Changes to fields that decide weights or the task list (``FROZEN_ON_RESUME``) are refused;
-    every other change is applied and logged, never silently dropped.
+    every other change is applied and logged, never silently dropped. A run folder with no run
+    in it yet starts a new run, so a restart loop can pass ``--resume`` from the first start.
     """
-    path = Path(out) / CONFIG_FILE
+    if config_file is not None:
+        load_config(config_file)  # its own errors name the file
+        changes = {**load_yaml(config_file), **changes}
+    out = str(out if out is not None else changes.get("out", RunConfig.out))
+    check_out(out)  # Path("") would be the current directory
+    changes = {**changes, "out": out}  # the folder resumed from, even if it was moved
+    out = Path(out)
+    path = out / CONFIG_FILE
     if not path.exists():
-        raise ConfigError(f"cannot resume: {path} does not exist (no run in {out})")
+        return _fresh_resume(out, changes, log)
     saved = load_config(path)
     if "credit" in changes:  # a new strategy keeps only the saved parameters it takes
         takes = credit_lib.param_names(changes["credit"])
@@ -91,6 +102,17 @@ def resume_config(out: str | Path, changes: dict[str, Any], log: Callable[[str],
     for k, (a, b) in sorted(changed.items()):
         log(f"resume: {k} changed {a!r} -> {b!r}")
     return dataclasses.replace(config, resume=True)
+
+
+def _fresh_resume(out: Path, changes: dict[str, Any], log: Callable[[str], None]) -> RunConfig:
+    """``--resume`` where no run was saved yet: a new run, unless checkpoints exist without
+    the config that says what they are."""
+    if latest_checkpoint(out / "checkpoints") is not None:
+        raise ConfigError(f"cannot resume: {out / CONFIG_FILE} does not exist, but "
+                          f"{out / 'checkpoints'} holds checkpoints; restore the config or start "
+                          "a new run (another out)")
+    log(f"resume: no run in {out} yet ({CONFIG_FILE} missing): starting a new run")
+    return dataclasses.replace(override(RunConfig(), changes), resume=True)
 
 
 def load_env(config: RunConfig) -> Any:
@@ -125,9 +147,13 @@ def load_policy(config: RunConfig) -> Any:
     from ..inference import models
     from ..inference.adapters import lora_flag
 
+    cap = requested_threads(config.threads)
+    decode_threads = config.decode_threads
+    if cap is not None:  # the user's thread cap holds for the sampling worker too
+        decode_threads = min(decode_threads or cap, cap)
     return models.load(config.model, lora=lora_flag(config.lora), device=config.device,
                        seed=config.seed, decode_dtype=config.decode_dtype,
-                       decode_threads=config.decode_threads)
+                       decode_threads=decode_threads)
 
 
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
@@ -181,6 +207,7 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     if not setup.parallel.is_main:
         return _follow(setup)
     out, trainer = setup.out, setup.trainer
+    governor = _thread_governor(config, log)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
     ckpt_dir = out / "checkpoints"
@@ -206,6 +233,8 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
             while setup.parallel.broadcast(trainer.step_count < config.steps
                                            and time.monotonic() < deadline):
                 t0 = time.perf_counter()
+                if governor is not None:
+                    governor.adjust()
                 state = _interruptible_step(trainer, ckpt_dir, keep, log)
                 m = state.metrics
                 metrics_log.write(json.dumps(m) + "\n")
@@ -264,6 +293,16 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
         path = trainer.save(ckpt_dir, keep_last=keep)
         log(f"interrupted: saved {path} (step {trainer.step_count}); continue with --resume")
         raise
+
+
+def _thread_governor(config: RunConfig, log: Callable[[str], None]) -> ThreadGovernor | None:
+    """On CPU, the update's threads, decided now and re-checked before each step
+    (``threads.py``: a busy machine gets fewer threads than cores)."""
+    if config.device != "cpu":
+        return None
+    governor = ThreadGovernor(requested_threads(config.threads), log)
+    governor.adjust()
+    return governor
 
 
 def _optimizer_steps(trainer: Any) -> float:

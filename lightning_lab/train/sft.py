@@ -25,6 +25,7 @@ import torch
 
 from ..inference.prompts import dedupe_prompts
 from ..records import Batch, Trajectory, Transition
+from .config import SEED_MAX, bounded, check_ranges
 from .scoring import chunk_rows, score
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
@@ -119,31 +120,29 @@ def sft_loss(logprobs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SFTConfig:
-    epochs: float = 1.0
+    epochs: float = bounded(1.0, gt=0)
     """Passes over the rows by ``fit()`` (fractions allowed: 0.5 = half the rows)."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     """Transitions per optimizer step."""
-    lr: float = 2e-4
+    lr: float = bounded(2e-4, ge=0)
     """AdamW learning rate of the trainable parameters (the LoRA adapter, usually)."""
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
     """Linear learning-rate warm-up over this many optimizer steps."""
-    max_grad_norm: float = 1.0
-    max_tokens_per_forward: int = 2048
+    max_grad_norm: float = bounded(1.0, gt=0)
+    max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward (a shared prompt counts once); larger batches accumulate."""
-    max_context: int | None = None
+    max_context: int | None = bounded(None, ge=1)
     """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
     model's ``max_position_embeddings``."""
     agents: tuple[str, ...] | None = None
     """Train only on transitions of these roles; None = all."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
     def __post_init__(self) -> None:
         if self.agents is not None:
             self.agents = tuple(self.agents)
-        if self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError(f"SFTConfig needs batch_size >= 1 and epochs > 0, got "
-                             f"{self.batch_size} / {self.epochs}")
+        check_ranges(self)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..records import Batch
+from .config import (SEED_MAX, ConfigError, FieldError, bounded, check_out, check_ranges,
+                     load_yaml, nested_mapping)
 from .sft import SFTConfig
 
 __all__ = ["SFTRunConfig", "run_sft", "load_traces", "sft_override", "load_sft_config"]
@@ -40,13 +42,13 @@ class SFTRunConfig:
     """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
     device: str = "cpu"
     """Torch device of the policy."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
     """Seeds the model's init (tiny), the task loaders and the row order."""
     env: str = "wordplay"
     """Environment whose agent prompts and tasks are used (demonstrations, rejection, eval)."""
     data: str | None = None
     """Dataset path in the benchmark's own format (default: generated tasks)."""
-    limit: int | None = None
+    limit: int | None = bounded(None, ge=1)
     """Use at most this many training tasks."""
     agent_options: dict[str, Any] = field(default_factory=dict)
     """Options for the environment's agent (CLI: --agent-option KEY=VALUE); demonstrations use
@@ -61,23 +63,23 @@ class SFTRunConfig:
     """auto (by file name/content) | batch (.jsonl/.parquet) | otlp (OTLP-JSON) | agentlightning."""
     mode: str = field(default="sft", metadata={"choices": ("sft", "rejection")})
     """sft: fine-tune on the given data | rejection: sample n per task, keep above threshold, repeat."""
-    n: int = 8
+    n: int = bounded(8, ge=1)
     """Rejection sampling: samples per task per round."""
-    threshold: float = 0.5
+    threshold: float = bounded(0.5)
     """Rejection sampling: keep trajectories whose total reward is strictly above this."""
-    rounds: int = 2
+    rounds: int = bounded(2, ge=1)
     """Rejection sampling: sample -> keep -> fine-tune cycles."""
-    tasks_per_round: int | None = None
+    tasks_per_round: int | None = bounded(None, ge=1)
     """Rejection sampling: tasks per round (None: all train tasks)."""
-    temperature: float = 0.8
+    temperature: float = bounded(0.8, gt=0)
     """Rejection sampling: sampling temperature."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """The fine-tuning's hyper-parameters (CLI: --epochs, --batch-size, --lr, ...)."""
-    max_minutes: float | None = None
+    max_minutes: float | None = bounded(None, gt=0)
     """Stop fine-tuning after the step that passes this wall-clock budget."""
-    eval_limit: int | None = None
+    eval_limit: int | None = bounded(None, ge=0)
     """Greedy dev evaluation before and after on at most this many tasks (0: no evaluation)."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = bounded(3, ge=0)
     """Keep the newest K checkpoints (0: keep all)."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless logged in)."""
@@ -86,22 +88,25 @@ class SFTRunConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.sft, dict):
-            self.sft = SFTConfig(**self.sft)
+            try:
+                self.sft = SFTConfig(**self.sft)
+            except FieldError as exc:
+                raise exc.within("sft") from None
         self.sft.seed = self.seed
+        check_ranges(self)
+        check_out(self.out)
 
 
 def sft_override(config: SFTRunConfig, values: dict[str, Any]) -> SFTRunConfig:
     """A copy of ``config`` with fields replaced by name; fine-tuning fields as ``sft.lr`` or
     ``lr``. Unknown names fail with the valid ones."""
-    from .config import ConfigError
-
     top = dataclasses.asdict(config)
     run_names = {f.name for f in dataclasses.fields(SFTRunConfig)} - {"sft"}
     sft_names = {f.name for f in dataclasses.fields(SFTConfig)} - {"seed"}
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key == "sft" and isinstance(value, dict):
-            flat.update({f"sft.{k}": v for k, v in value.items()})
+        if key == "sft":
+            flat.update({f"sft.{k}": v for k, v in nested_mapping("sft", value).items()})
         else:
             flat[key] = value
     for key, value in flat.items():
@@ -119,23 +124,20 @@ def sft_override(config: SFTRunConfig, values: dict[str, Any]) -> SFTRunConfig:
                               "and sft.<field>")
     try:
         return SFTRunConfig(**top)
+    except FieldError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
 
 def load_sft_config(path: str | Path) -> SFTRunConfig:
-    """An ``SFTRunConfig`` from YAML (nested ``sft:`` mapping or dotted keys)."""
-    import yaml
-
-    from .config import ConfigError
-
+    """An ``SFTRunConfig`` from YAML (nested ``sft:`` mapping or dotted keys); every error
+    names the file."""
+    data = load_yaml(path, "sft config")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read sft config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"sft config {path} must be a mapping of field names")
-    return sft_override(SFTRunConfig(), data)
+        return sft_override(SFTRunConfig(), data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def _save_config(config: SFTRunConfig, path: Path) -> None:
@@ -246,8 +248,6 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
             skipped["load_errors"] = len(batch.load_errors)
         else:
             if env.demonstrations is None:
-                from .config import ConfigError
-
                 raise ConfigError(f"environment {config.env!r} has no demonstrations; pass --traces "
                                  "or use --mode rejection")
             demos = env.demonstrations(train_tasks, **config.agent_options)

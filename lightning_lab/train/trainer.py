@@ -518,14 +518,16 @@ class PPOTrainer:
             if credit is None:
                 credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
         except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks
-            raise CheckpointError(f"checkpoint {path}: its config does not fit this version: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            raise CheckpointError(f"checkpoint {path / 'state.pt'}: its config does not fit "
+                                  f"this version: {type(exc).__name__}: {exc}") from exc
         trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks,
                       reference_weights=reference_weights)
         try:
             trainer.load_state_dict(state)
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {path} {exc}") from exc
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            # an edited or foreign state.pt: valid torch data of the wrong shape or structure
+            raise CheckpointError(f"checkpoint {path / 'state.pt'}: {type(exc).__name__}: "
+                                  f"{exc}") from exc
         return trainer
 
 
