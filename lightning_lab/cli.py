@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy evaluation of a model on an environment's tasks")
     add_run_fields(ev, MODEL_FIELDS + ENV_FIELDS)
     ev.add_argument("--split", default="dev")
-    _add_field(ev, PPOConfig, "rollout_timeout_s", "rollout_timeout_s", suppress=False)
+    _add_field(ev, PPOConfig, "rollout_timeout_s", "ppo.rollout_timeout_s", suppress=True)
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     ev.add_argument("--out", default=None, help="write per-example results (.jsonl or .parquet)")
 
@@ -165,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.config import override
     from .train.run import load_env, load_policy, load_tasks, make_agent
 
-    changes = _changes(args, skip=("split", "checkpoint", "out", "rollout_timeout_s"))
+    changes = _changes(args, skip=("split", "checkpoint", "out"))
     with naming_flags(changes):
         config = override(RunConfig(), changes)
     env = load_env(config)
@@ -177,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         batch, metrics = evaluate(agent, tasks, summarize=env.summarize, progress=True,
-                                  timeout_s=args.rollout_timeout_s)
+                                  timeout_s=config.ppo.rollout_timeout_s)
     finally:
         if hasattr(env, "close"):  # a user agent's proxy
             env.close()
@@ -208,12 +208,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .records import TraceFormatError
     from .train.checkpoint import CheckpointError
     from .train.export import ExportError
     from .train.sync import AdapterSyncError
 
     # FileNotFoundError: a --data / --checkpoint / --config path that is not there
-    return (ConfigError, CheckpointError, ExportError, AdapterSyncError, FileNotFoundError)
+    return (ConfigError, CheckpointError, ExportError, AdapterSyncError, TraceFormatError,
+            FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

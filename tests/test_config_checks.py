@@ -90,6 +90,12 @@ def test_sft_and_resume_flags_are_checked_too(tmp_path, capsys):
     path.write_text("model: tiny\nppo:\n  value_lr: -1\n")  # a hand-edited saved config
     assert main(["train", "--resume", "--out", str(path.parent)]) == 2
     assert f"{path}: ppo.value_lr must be >= 0" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny", "--env", "calc", "--rollout-timeout-s", "0"]) == 2
+    assert "--rollout-timeout-s: ppo.rollout_timeout_s must be > 0" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["sft", "--model", "tiny", "--traces", str(empty), "--out", str(tmp_path / "t")]) == 2
+    assert f"{empty}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cls", [RunConfig, PPOConfig, SFTRunConfig, SFTConfig])

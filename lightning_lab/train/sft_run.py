@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import Batch
+from ..records import Batch, TraceFormatError
 from .config import (SEED_MAX, ConfigError, FieldError, bounded, check_out, check_ranges,
                      load_yaml, nested_mapping)
 from .sft import SFTConfig
@@ -159,16 +159,20 @@ def load_traces(path: str | Path, fmt: str = "auto", tokenizer: Any = None) -> B
     if fmt == "auto":
         fmt = _guess_format(path)
     if fmt == "batch":
-        return Batch.load_parquet(path) if path.suffix == ".parquet" else Batch.load_jsonl(path)
-    if fmt == "otlp":
+        batch = Batch.load_parquet(path) if path.suffix == ".parquet" else Batch.load_jsonl(path)
+    elif fmt == "otlp":
         from ..traces.otel import load_otlp_json
 
-        return load_otlp_json(path)
-    if fmt == "agentlightning":
+        batch = load_otlp_json(path)
+    elif fmt == "agentlightning":
         from ..traces.agentlightning import load_agentlightning
 
-        return load_agentlightning(path, tokenizer)
-    raise ValueError(f"unknown traces format {fmt!r}; expected auto, batch, otlp or agentlightning")
+        batch = load_agentlightning(path, tokenizer)
+    else:
+        raise ValueError(f"unknown traces format {fmt!r}; expected auto, batch, otlp or agentlightning")
+    if not batch.trajectories:  # refused here, before a model is evaluated for nothing
+        raise TraceFormatError(f"{path}: no trajectories to train on")
+    return batch
 
 
 def _guess_format(path: Path) -> str:
@@ -201,6 +205,9 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
     lora = {"auto": None, "on": True, "off": False}[config.lora]
     policy = models.load(config.model, lora=lora, device=config.device, seed=config.seed)
     agent = env.make_agent(policy, **config.agent_options)
+    stored = None  # read first: a bad trace file fails before minutes of evaluation
+    if config.traces and config.mode != "rejection":
+        stored = load_traces(config.traces, config.traces_format, policy.tokenizer)
     dev_tasks = []
     if config.eval_limit != 0:
         dev_tasks = env.load_tasks("dev", data=config.data, seed=config.seed,
@@ -241,8 +248,8 @@ def run_sft(config: SFTRunConfig, *, log: Callable[[str], None] = print,
         n_rows = sum(len(t.transitions) for r in results for t in r.kept)
         final_params = None
     else:
-        if config.traces:
-            batch = load_traces(config.traces, config.traces_format, policy.tokenizer)
+        if stored is not None:
+            batch = stored
             for error in batch.load_errors:
                 log(f"skipped: {error}")
             skipped["load_errors"] = len(batch.load_errors)
