@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .context import Endpoints
-from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, error_body,
-                       new_id)
-from .streaming import Delta, stream_deltas
+from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, _text,
+                       error_body, new_id)
+from .streaming import Delta, released, stream_deltas
 
 __all__ = ["add_completion_routes", "parse_completion_request"]
 
@@ -46,6 +46,9 @@ def _prompts(value: Any) -> list[str | list[int]]:
     if len(prompts) > MAX_PROMPTS:
         raise ProtocolError(f"at most {MAX_PROMPTS} prompts per request", param="prompt",
                             code="invalid_value")
+    for p in prompts:
+        if isinstance(p, str):
+            _text(p, "prompt")
     return prompts
 
 
@@ -93,6 +96,13 @@ def parse_completion_request(body: Any) -> tuple[list[str | list[int]], ChatRequ
     return prompts, sampling, {"echo": echo}
 
 
+def _prepare(backend: Any, body: Any) -> tuple[ChatRequest, dict[str, Any], list[Any]]:
+    """Runs in a worker thread (a multi-MB prompt takes seconds to tokenise): the validated
+    request and each prompt tokenised."""
+    prompts, sampling, options = parse_completion_request(body)
+    return sampling, options, [backend.prepare_text(p, "prompt") for p in prompts]
+
+
 def _logprobs(token_texts: list[str], logprobs: list[float], start: int) -> dict[str, Any]:
     """The legacy ``logprobs`` object: tokens, their logprobs, offsets into the choice text."""
     offsets, at = [], start
@@ -116,18 +126,18 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
     async def complete(request: Request, rollout_id: str | None):
         ep.check_auth(request)
         entry = ep.lookup(rollout_id)
-        prompts, sampling, options = parse_completion_request(await ep.json_body(request))
         if not hasattr(ep.backend, "prepare_text"):
             raise ProtocolError("/v1/completions needs the local backend", code="unsupported")
+        body = await ep.json_body(request)
+        sampling, options, prepared = await ep.off_loop(_prepare, ep.backend, body)
         warnings = [f"ignored unsupported parameter(s): {', '.join(sampling.ignored)}"] \
             if sampling.ignored else []
-        calls = [ep.make_call(request, entry, sampling, warnings,
-                              ep.backend.prepare_text(p, "prompt")) for p in prompts]
+        calls = [ep.make_call(request, entry, sampling, warnings, p) for p in prepared]
         headers = {"X-LL-Warning": "; ".join(dict.fromkeys(warnings))} if warnings else {}
         request_id = "cmpl-" + new_id().removeprefix("chatcmpl-")
         ticket = ep.admit(calls)
         if sampling.stream:
-            return StreamingResponse(_released(_events(ep, calls, request_id, options["echo"]),
+            return StreamingResponse(released(_events(ep, calls, request_id, options["echo"]),
                                                ticket),
                                      media_type="text/event-stream", headers=headers,
                                      background=BackgroundTask(ticket.release))
@@ -156,13 +166,6 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
                       "total_tokens": prompt_tokens + completion_tokens}}, headers=headers)
 
 
-async def _released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str]:
-    """The stream gives its tokens back when it ends, however it ends (client gone included)."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        ticket.release()
 
 
 async def _events(ep: Endpoints, calls: list[Any], request_id: str, echo: bool

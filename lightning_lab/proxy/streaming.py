@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable
 
 from .backends import Completion
 
-__all__ = ["IncrementalText", "Delta", "stream_deltas"]
+__all__ = ["IncrementalText", "ContentBeforeCalls", "Delta", "stream_deltas", "released"]
 
 
 class IncrementalText:
@@ -47,6 +47,47 @@ class IncrementalText:
             return ""
         delta, self.emitted = final[len(self.emitted):], final
         return delta
+
+
+class ContentBeforeCalls:
+    """The content part of a reply that may hold tool calls, released as it streams.
+
+    Text goes out until the format's call marker (Hermes ``<tool_call>``) appears; a tail that
+    could still become the marker, and trailing whitespace (the parser strips it from content),
+    wait for the next text. After the marker nothing is content: the calls are parsed from the
+    whole reply (``finish``), as the non-streaming answer is, so both agree.
+    """
+
+    def __init__(self, marker: str):
+        self.marker, self.seen, self.emitted, self.calling = marker, "", "", False
+
+    def add(self, text: str) -> str:
+        """Take the next safe text of the reply; return the content that may go out now."""
+        if self.calling:
+            return ""
+        self.seen += text
+        at = self.seen.find(self.marker)
+        self.calling = at >= 0
+        end = at if self.calling else len(self.seen) - _marker_prefix(self.seen, self.marker)
+        safe = self.seen[:end].rstrip()
+        if not safe.startswith(self.emitted) or len(safe) == len(self.emitted):
+            return ""
+        delta, self.emitted = safe[len(self.emitted):], safe
+        return delta
+
+    def finish(self, content: str | None) -> str:
+        """What the parsed reply's ``content`` adds to what went out (none if it disagrees)."""
+        content = content or ""
+        if not content.startswith(self.emitted):
+            return ""
+        delta, self.emitted = content[len(self.emitted):], content
+        return delta
+
+
+def _marker_prefix(text: str, marker: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
+    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1)
+                 if text.endswith(marker[:k])), 0)
 
 
 @dataclass
@@ -85,3 +126,12 @@ async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: 
         delta.logprobs.append(logprob)
         if delta.text:
             yield pending.pop(index)
+
+
+async def released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str]:
+    """The stream gives its tokens back when it ends, however it ends (client gone included)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        ticket.release()
