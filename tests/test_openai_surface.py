@@ -7,6 +7,7 @@ Real ``openai`` / ``openai-agents`` clients against a uvicorn server on loopback
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import httpx
@@ -65,6 +66,51 @@ def test_streaming_never_leaks_a_stop_string(server):
     streamed = "".join(ch.choices[0].delta.content or "" for ch in
                        c.chat.completions.create(stream=True, **kw) if ch.choices)
     assert streamed == text[:text.index(stop)]
+
+
+def _check_top(sampled: float, top: list, k: int, greedy_token: str | None = None) -> None:
+    """k alternatives, best first, a distribution's (mass <= 1), the sampled one not above."""
+    values = [t.logprob for t in top]
+    assert len(top) == k and values == sorted(values, reverse=True)
+    assert sum(math.exp(v) for v in values) <= 1 + 1e-5 and sampled <= values[0] + 1e-5
+    if greedy_token is not None:
+        assert top[0].token == greedy_token and abs(top[0].logprob - sampled) <= 1e-5
+
+
+def test_chat_top_logprobs_streamed_and_not(server):
+    """Issue 23 item 5: ``top_logprobs`` was ignored (``[]``)."""
+    c = client(server.base_url)
+    kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0, logprobs=True,
+              top_logprobs=3)
+    content = c.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) >= 2
+    for entry in content:
+        _check_top(entry.logprob, entry.top_logprobs, 3, entry.token)
+        assert all(t.bytes == list(t.token.encode()) for t in entry.top_logprobs)
+    streamed = [e for ch in c.chat.completions.create(stream=True, **kw) if ch.choices
+                and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == \
+        [(e.token, [t.token for t in e.top_logprobs]) for e in content]
+    sampled = c.chat.completions.create(**{**kw, "temperature": 1.0, "top_logprobs": 20})
+    for entry in sampled.choices[0].logprobs.content:
+        _check_top(entry.logprob, entry.top_logprobs, 20)
+    none = c.chat.completions.create(**{**kw, "top_logprobs": 0})
+    assert all(e.top_logprobs == [] for e in none.choices[0].logprobs.content)
+    r = httpx.post(server.base_url + "/chat/completions",
+                   json={"messages": USER, "top_logprobs": 2})  # OpenAI: needs logprobs=true
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completions_top_logprobs(server):
+    c = client(server.base_url)
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=3)
+    whole = c.completions.create(**kw).choices[0].logprobs
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.top_logprobs] == whole.top_logprobs
+    for token, lp, top in zip(whole.tokens, whole.token_logprobs, whole.top_logprobs):
+        best = max(top, key=top.get)
+        assert len(top) == 3 and best == token and abs(top[best] - lp) <= 1e-5
 
 
 # ---------------------------------------------------------------- /v1/completions

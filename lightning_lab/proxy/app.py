@@ -39,7 +39,7 @@ from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudge
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
-from .streaming import ContentBeforeCalls, Delta, stream_deltas
+from .streaming import ContentBeforeCalls, Delta, stream_deltas, top_texts
 
 __all__ = ["AppConfig", "create_app"]
 
@@ -405,7 +405,8 @@ class _Call:
             completions = await self.generate()
             for i, c in enumerate(completions):
                 if _message(c)["content"]:
-                    yield Delta(i, _message(c)["content"], c.response_ids, c.logprobs)
+                    yield Delta(i, _message(c)["content"], c.response_ids, c.logprobs,
+                                c.top_logprobs)
             yield completions
             return
         splits = [self._content_split() for _ in range(self.request.n)]
@@ -435,17 +436,13 @@ class _Call:
                 finish_reason="abort", agent=self.agent,
                 meta={**self.meta, "truncated": True})
 
-    def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
+    def _logprobs(self, ids: list[int], logprobs: list[float],
+                  top: list[list[tuple[int, float]]]) -> dict[str, Any] | None:
+        """``choices[].logprobs`` of these tokens (None unless the request asked)."""
         if not self.request.logprobs:
             return None
-        return {"content": logprobs_content(self.backend.token_texts(c.response_ids), c.logprobs),
-                "refusal": None}
-
-    def _delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
-        if not self.request.logprobs:
-            return None
-        return {"content": logprobs_content(self.backend.token_texts(delta.token_ids),
-                                            delta.logprobs), "refusal": None}
+        return {"content": logprobs_content(self.backend.token_texts(ids), logprobs,
+                                            top_texts(self.backend, top)), "refusal": None}
 
     def _usage(self, completions: list[Completion]) -> tuple[int, int]:
         return len(self.prepared.prompt_ids), sum(len(c.response_ids) for c in completions)
@@ -454,7 +451,7 @@ class _Call:
         choices = []
         for i, c in enumerate(completions):
             choice = {"index": i, "message": {**_message(c), "refusal": None},
-                      "logprobs": self._choice_logprobs(c), "finish_reason": c.finish_reason}
+                      "logprobs": self._logprobs(c.response_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = c.response_ids
             choices.append(choice)
@@ -486,8 +483,9 @@ class _Call:
         try:
             async for item in self.deltas():
                 if isinstance(item, Delta):
+                    logprobs = self._logprobs(item.token_ids, item.logprobs, item.top_logprobs)
                     yield sse([{"index": item.index, "delta": {"content": item.text},
-                                "logprobs": self._delta_logprobs(item), "finish_reason": None}])
+                                "logprobs": logprobs, "finish_reason": None}])
                 else:
                     completions = item
         except asyncio.CancelledError:

@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 from .context import Endpoints
 from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, _text,
                        error_body, new_id)
-from .streaming import Delta, released, stream_deltas
+from .streaming import Delta, released, stream_deltas, top_texts
 
 __all__ = ["add_completion_routes", "parse_completion_request"]
 
@@ -90,6 +90,7 @@ def parse_completion_request(body: Any) -> tuple[list[str | list[int]], ChatRequ
         top_p=1.0 if top_p is None else max(top_p, 1e-6),
         max_tokens=_integer(body, "max_tokens", 1, 1 << 20), n=n, stop=_stop(body.get("stop")),
         seed=None if seed is None else seed % (1 << 62), logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
         stream=_boolean(body, "stream"),
         include_usage=bool(stream_options.get("include_usage", False)), user=user)
     sampling.ignored = sorted(k for k in body if k not in CONSUMED)
@@ -103,14 +104,19 @@ def _prepare(backend: Any, body: Any) -> tuple[ChatRequest, dict[str, Any], list
     return sampling, options, [backend.prepare_text(p, "prompt") for p in prompts]
 
 
-def _logprobs(token_texts: list[str], logprobs: list[float], start: int) -> dict[str, Any]:
-    """The legacy ``logprobs`` object: tokens, their logprobs, offsets into the choice text."""
+def _logprobs(backend: Any, ids: list[int], logprobs: list[float],
+              top: list[list[tuple[int, float]]], start: int) -> dict[str, Any]:
+    """The legacy ``logprobs`` object: tokens, their logprobs, offsets into the choice text, and
+    per token a {text: logprob} of the ``logprobs=k`` most likely tokens and the sampled one."""
+    token_texts = backend.token_texts(ids)
     offsets, at = [], start
     for t in token_texts:
         offsets.append(at)
         at += len(t)
+    alternatives = top_texts(backend, top) if top else [[] for _ in token_texts]
     return {"tokens": token_texts, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(token_texts, logprobs)],
+            "top_logprobs": [dict(alts) | {t: lp}
+                             for t, lp, alts in zip(token_texts, logprobs, alternatives)],
             "text_offset": offsets}
 
 
@@ -154,8 +160,9 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
             for j, c in enumerate(completions):
                 choices.append({
                     "text": prefix + c.text, "index": p * sampling.n + j,
-                    "logprobs": _logprobs(ep.backend.token_texts(c.response_ids), c.logprobs,
-                                          len(prefix)) if sampling.logprobs else None,
+                    "logprobs": _logprobs(ep.backend, c.response_ids, c.logprobs,
+                                          c.top_logprobs, len(prefix))
+                    if sampling.logprobs else None,
                     "finish_reason": c.finish_reason})
         prompt_tokens = sum(len(call.prepared.prompt_ids) for call in calls)
         completion_tokens = sum(len(c.response_ids) for r in results for c in r)
@@ -191,9 +198,9 @@ async def _events(ep: Endpoints, calls: list[Any], request_id: str, echo: bool
             async for item in stream_deltas(ep.backend, call.prepared, call.request,
                                             call.temperature, call.max_tokens):
                 if isinstance(item, Delta):
-                    texts = ep.backend.token_texts(item.token_ids)
                     yield sse({"text": item.text, "index": p * n + item.index,
-                               "logprobs": _logprobs(texts, item.logprobs, 0)
+                               "logprobs": _logprobs(ep.backend, item.token_ids, item.logprobs,
+                                                     item.top_logprobs, 0)
                                if call.request.logprobs else None, "finish_reason": None})
                     continue
                 call.record(item)

@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Callable
 
 from .backends import Completion
 
-__all__ = ["IncrementalText", "ContentBeforeCalls", "Delta", "stream_deltas", "released"]
+__all__ = ["IncrementalText", "ContentBeforeCalls", "Delta", "stream_deltas", "released",
+           "top_texts"]
 
 
 class IncrementalText:
@@ -98,6 +99,8 @@ class Delta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, its most likely alternatives (when the request asked for them)."""
 
 
 async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: float,
@@ -119,11 +122,13 @@ async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: 
                     yield delta
             yield item
             return
-        index, token, logprob = item
+        index, token, logprob, top = item
         delta = pending.setdefault(index, Delta(index, ""))
         delta.text += texts[index].add(token)
         delta.token_ids.append(token)
         delta.logprobs.append(logprob)
+        if top is not None:
+            delta.top_logprobs.append(top)
         if delta.text:
             yield pending.pop(index)
 
@@ -135,3 +140,9 @@ async def released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str
             yield event
     finally:
         ticket.release()
+
+
+def top_texts(backend: Any, top: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+    """Per-token alternatives with their token ids replaced by the tokens' texts."""
+    texts = iter(backend.token_texts([i for alts in top for i, _ in alts]))
+    return [[(next(texts), lp) for _, lp in alts] for alts in top]
