@@ -451,7 +451,8 @@ class _Call:
         choices = []
         for i, c in enumerate(completions):
             choice = {"index": i, "message": {**_message(c), "refusal": None},
-                      "logprobs": self._logprobs(c.response_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
+                      "logprobs": self._logprobs(c.response_ids, c.logprobs, c.top_logprobs),
+                      "finish_reason": c.finish_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = c.response_ids
             choices.append(choice)
