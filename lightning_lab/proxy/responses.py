@@ -10,6 +10,7 @@ chat reply is turned back into output items. Streaming and stored state are refu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -293,6 +294,9 @@ async def _events(body: dict[str, Any], call: Any, model: str) -> AsyncIterator[
             text += item.text
             yield event("response.output_text.delta", item_id=message_id, output_index=0,
                         content_index=0, delta=item.text, logprobs=[])
+    except asyncio.CancelledError:  # the client hung up: keep a trace of the call
+        call.record_abort()
+        raise
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
         error = exc if isinstance(exc, ProtocolError) else ProtocolError(
             f"{type(exc).__name__}: {exc}", type="server_error", status=500)
