@@ -3,10 +3,11 @@
 The server runs in a child process (``--serve``, the tiny model, one open rollout) so its memory
 is measured alone, from ``/proc/<pid>/status`` (VmRSS now, VmHWM peak). The parent sends
 ``--requests`` requests from ``--threads`` threads, drawn by a seeded RNG from: valid chat
-requests (some streamed, some traced), wrong types, ints beyond float range, NaN, lone
+requests (some streamed, some traced), completions, responses, tools, response_format,
+guided grammars and top_logprobs (valid and broken), wrong types, ints beyond float range, NaN, lone
 surrogates, deep nesting, oversize and endless bodies, thousands of messages, huge n x
 max_tokens, non-JSON content types, foreign Host headers, bad and huge rewards. The acceptance
-bar of issue 11 is 0 responses >= 500, no dropped connections, and bounded RSS.
+bar of issues 11 and 23 is 0 responses >= 500, no dropped connections, and bounded RSS.
 
     python benchmarks/proxy_fuzz.py [--requests 10000] [--threads 8] [--seed 0]
 """
@@ -49,6 +50,9 @@ def _request(rng: random.Random, url: str, traced: str) -> tuple[str, str, bytes
     text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
     user = [{"role": "user", "content": text}]
     kind = rng.random()
+    if kind < 0.2:  # the other endpoints and constrained decoding, valid and broken
+        return "POST", *_mixed(rng, url, traced, text), headers
+    kind = 0.2 + kind * 0.8  # the original mix in the remaining share
     if kind < 0.35:  # valid
         body = {"messages": user, "max_tokens": rng.randint(1, 3), "n": rng.randint(1, 2),
                 "temperature": rng.choice([0, 0.7, 1.0]), "stream": rng.random() < 0.3}
@@ -83,6 +87,44 @@ def _request(rng: random.Random, url: str, traced: str) -> tuple[str, str, bytes
     if kind < 0.97:
         return "POST", chat, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))), headers
     return "GET", url + "/health", b"", {}
+
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+
+
+def _mixed(rng: random.Random, url: str, traced: str, text: str) -> tuple[str, bytes]:
+    """(target, body) for completions, responses, tools, response_format or a guided grammar."""
+    stream = rng.random() < 0.4
+    case = rng.randrange(6)
+    if case == 0:
+        prompt = rng.choice([text or "a", [1, 2, 3], [text or "b", "c"], "a\ud800", [10**9], ""])
+        return url + "/v1/completions", _json({"prompt": prompt, "max_tokens": rng.randint(1, 3),
+                                                "logprobs": rng.choice([None, 1, 9]),
+                                                "stream": stream})
+    if case == 1:
+        body = {"input": rng.choice([text or "hi", [{"role": "user", "content": text}],
+                                     rng.choice(JUNK)]), "max_output_tokens": rng.randint(1, 3),
+                "stream": stream}
+        if rng.random() < 0.5:
+            body["tools"] = [{"type": "function", "name": "add",
+                              "parameters": TOOL["function"]["parameters"]}]
+        return rng.choice([url + "/v1/responses", traced + "/responses"]), _json(body)
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": rng.randint(1, 6),
+            "stream": stream}
+    if case == 2:
+        body["tools"] = [TOOL]
+        body["tool_choice"] = rng.choice(["auto", "none", "required", rng.choice(JUNK)])
+    elif case == 3:
+        body["response_format"] = rng.choice([{"type": "json_object"}, {"type": "xml"},
+                                              rng.choice(JUNK)])
+    elif case == 4:
+        body["guided_grammar"] = rng.choice(['start: "yes" | "no"', "start: /[0-9]+/",
+                                             "start: undefined", rng.choice(JUNK)])
+    else:
+        body["logprobs"] = True
+        body["top_logprobs"] = rng.choice([0, 2, 21, rng.choice(JUNK)])
+    return rng.choice([url + "/v1/chat/completions", traced + "/chat/completions"]), _json(body)
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -122,8 +164,11 @@ def main() -> int:
             method, target, body, headers = _request(random.Random(f"{args.seed}/{i}"), url,
                                                      traced)
             try:
-                status = local.client.request(method, target, content=body or None,
-                                              headers=headers).status_code
+                response = local.client.request(method, target, content=body or None,
+                                                headers=headers)
+                status = response.status_code
+                if status == 200 and b'"server_error"' in response.content:  # in-band SSE error
+                    status = "200 with a server_error event"
             except httpx.HTTPError as exc:  # a dropped connection counts as a failure
                 status = f"{type(exc).__name__}"
             with lock:

@@ -7,6 +7,8 @@ Real ``openai`` / ``openai-agents`` clients against a uvicorn server on loopback
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import httpx
 import openai
@@ -64,6 +66,51 @@ def test_streaming_never_leaks_a_stop_string(server):
     streamed = "".join(ch.choices[0].delta.content or "" for ch in
                        c.chat.completions.create(stream=True, **kw) if ch.choices)
     assert streamed == text[:text.index(stop)]
+
+
+def _check_top(sampled: float, top: list, k: int, greedy_token: str | None = None) -> None:
+    """k alternatives, best first, a distribution's (mass <= 1), the sampled one not above."""
+    values = [t.logprob for t in top]
+    assert len(top) == k and values == sorted(values, reverse=True)
+    assert sum(math.exp(v) for v in values) <= 1 + 1e-5 and sampled <= values[0] + 1e-5
+    if greedy_token is not None:
+        assert top[0].token == greedy_token and abs(top[0].logprob - sampled) <= 1e-5
+
+
+def test_chat_top_logprobs_streamed_and_not(server):
+    """Issue 23 item 5: ``top_logprobs`` was ignored (``[]``)."""
+    c = client(server.base_url)
+    kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0, logprobs=True,
+              top_logprobs=3)
+    content = c.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) >= 2
+    for entry in content:
+        _check_top(entry.logprob, entry.top_logprobs, 3, entry.token)
+        assert all(t.bytes == list(t.token.encode()) for t in entry.top_logprobs)
+    streamed = [e for ch in c.chat.completions.create(stream=True, **kw) if ch.choices
+                and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == \
+        [(e.token, [t.token for t in e.top_logprobs]) for e in content]
+    sampled = c.chat.completions.create(**{**kw, "temperature": 1.0, "top_logprobs": 20})
+    for entry in sampled.choices[0].logprobs.content:
+        _check_top(entry.logprob, entry.top_logprobs, 20)
+    none = c.chat.completions.create(**{**kw, "top_logprobs": 0})
+    assert all(e.top_logprobs == [] for e in none.choices[0].logprobs.content)
+    r = httpx.post(server.base_url + "/chat/completions",
+                   json={"messages": USER, "top_logprobs": 2})  # OpenAI: needs logprobs=true
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completions_top_logprobs(server):
+    c = client(server.base_url)
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=3)
+    whole = c.completions.create(**kw).choices[0].logprobs
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.top_logprobs] == whole.top_logprobs
+    for token, lp, top in zip(whole.tokens, whole.token_logprobs, whole.top_logprobs):
+        best = max(top, key=top.get)
+        assert len(top) == 3 and best == token and abs(top[best] - lp) <= 1e-5
 
 
 # ---------------------------------------------------------------- /v1/completions
@@ -136,6 +183,79 @@ def test_responses_function_tool_round_trip_is_traced(server):
     after = answering.prompt[len(calling.prompt):]  # by the call and the tool's output
     assert "<tool_call>" in after and "get_weather" in after and "sunny, 21 C" in after
     assert after.index("get_weather") < after.index("sunny, 21 C")
+
+
+RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                   "response.content_part.added", "response.output_text.delta",
+                   "response.output_text.done", "response.content_part.done",
+                   "response.output_item.done", "response.completed"]
+
+
+def test_responses_stream_text_events(server):
+    """Issue 23 item 5: ``stream=true`` on /v1/responses was a 400."""
+    c = client(server.base_url)
+    kw = dict(model="tiny", input="Hello there", max_output_tokens=16, temperature=1.0)
+    free = c.responses.create(**kw, extra_body={"seed": 4}).output_text
+    kw["extra_body"] = {"seed": 4, "stop": [free[-6:-3]]}  # stops: status "completed"
+    whole = c.responses.create(**kw)
+    assert whole.status == "completed"
+    events = list(c.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert [k for i, k in enumerate(kinds) if k not in kinds[:i]] == RESPONSE_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 3 and "".join(deltas) == whole.output_text
+    done = events[-1].response
+    assert done.output_text == whole.output_text and done.status == whole.status
+    assert done.usage.output_tokens == whole.usage.output_tokens
+    with c.responses.stream(**kw) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        assert stream.get_final_response().output_text == text == whole.output_text
+
+
+def test_responses_stream_function_call_events(server):
+    c = client(server.base_url)
+    events = list(c.responses.create(
+        model="tiny", input="Weather in Paris?", tools=[WEATHER], tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=48, stream=True))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    (added,) = [e.item for e in events if e.type == "response.output_item.added"]
+    assert added.type == "function_call" and added.name == "get_weather" and added.arguments == ""
+    arguments = "".join(e.delta for e in events
+                        if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == arguments and isinstance(json.loads(arguments), dict)
+    (call,) = events[-1].response.output
+    assert call.type == "function_call" and call.arguments == arguments
+    assert call.call_id == added.call_id
+
+
+def test_agents_sdk_run_streamed_with_the_default_model(server):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    import asyncio
+
+    async def weather(ctx, arguments: str) -> str:
+        return f"sunny in {json.loads(arguments)['city']}"
+
+    tool = agents.FunctionTool(name="get_weather", description="The weather in a city.",
+                               params_json_schema=WEATHER["parameters"], on_invoke_tool=weather)
+
+    async def run() -> tuple[list[str], Any]:
+        model = agents.OpenAIResponsesModel(model="tiny", openai_client=openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="-", max_retries=0))
+        agent = agents.Agent(name="weather", instructions="Use the tool.", tools=[tool],
+                             model=model, tool_use_behavior="stop_on_first_tool",
+                             model_settings=agents.ModelSettings(tool_choice="required",
+                                                                 max_tokens=48))
+        result = agents.Runner.run_streamed(agent, "Weather in Paris?")
+        kinds = [e.type async for e in result.stream_events()]
+        return kinds, result
+
+    kinds, result = asyncio.run(run())
+    assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+    assert result.final_output.startswith("sunny in ")
 
 
 def test_agents_sdk_agent_trains_for_a_step(policy, server):
@@ -236,7 +356,7 @@ def test_agent_lightning_attempt_url_alias(server):
      "input[0].content[0]"),
     ("/responses", {"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
     ("/responses", {"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ("/responses", {"input": "x", "stream": True}, "stream"),
+    ("/responses", {"input": "x", "stream": "yes"}, "stream"),
     ("/responses", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ("/responses", {"input": "x", "instructions": 3}, "instructions"),
 ])

@@ -234,6 +234,22 @@ def test_bad_request_fails_alone(policy):
     assert policy.chat("still alive?", max_new_tokens=3)  # the worker survived
 
 
+def test_top_logprobs_only_for_rows_that_ask(policy):
+    """Top-k alternatives come from the same distribution as the recorded logprob; a row in
+    the same batch that does not ask gets none."""
+    ids = policy.tokenizer("Once upon a time")["input_ids"]
+    asks = Request(ids, SamplingParams(temperature=0, max_new_tokens=5, top_logprobs=4))
+    plain = Request(ids, SamplingParams(temperature=0.8, max_new_tokens=5, seed=1))
+    (top,), (free,) = policy.engine.generate([asks, plain])
+    assert free.top_logprobs == [] and len(top.top_logprobs) == len(top.response_ids)
+    for token, logprob, alts in zip(top.response_ids, top.logprobs, top.top_logprobs):
+        assert len(alts) == 4 and alts[0][0] == token  # greedy: the best is the one chosen
+        assert abs(alts[0][1] - logprob) <= 1e-6 * max(1.0, abs(logprob))
+        assert [lp for _, lp in alts] == sorted((lp for _, lp in alts), reverse=True)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        policy.engine.submit(Request(ids, SamplingParams(top_logprobs=21))).result(timeout=30)
+
+
 def test_worker_survives_forward_error(policy, monkeypatch):
     from lightning_lab.inference.decoding import DecodeBatch
 

@@ -233,8 +233,9 @@ def test_unsupported_parameters_are_ignored_with_a_warning(server):
                       "tools": [], "top_logprobs": 3, "logprobs": True})
     assert r.status_code == 200
     warning = r.headers["x-ll-warning"]
-    assert "presence_penalty" in warning and "top_logprobs" in warning
-    assert "tools" not in warning  # implemented since tool calling (tests/test_tools_proxy.py)
+    assert "presence_penalty" in warning
+    # implemented since: tool calling (tests/test_tools_proxy.py), top_logprobs (issue 23)
+    assert "tools" not in warning and "top_logprobs" not in warning
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(policy, server):

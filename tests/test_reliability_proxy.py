@@ -198,3 +198,107 @@ def test_tokenisation_runs_off_the_event_loop(server):
         release.set()
         server.backend.prepare = original
     worker.join()
+
+
+# ---------------------------------------------------------------- issue 23, item 6: /v1/completions
+def test_completions_surrogate_prompt_is_a_400(server):
+    url = server.url + "/v1/completions"
+    for prompt in (b'"a\\ud800b"', b'["ok", "\\udfff"]'):
+        r = httpx.post(url, content=b'{"prompt": ' + prompt + b', "max_tokens": 2}', headers=JSON)
+        assert r.status_code == 400 and error_of(r)["param"] == "prompt", r.text
+
+
+def test_completions_tokenisation_runs_off_the_event_loop(server):
+    """While a completions prompt is being tokenised, /health answers (it waited 5.2 s)."""
+    entered, release = threading.Event(), threading.Event()
+    original = server.backend.prepare_text
+    replies: list[httpx.Response] = []
+
+    def slow_prepare_text(prompt, param="prompt"):
+        entered.set()
+        release.wait(60)
+        return original(prompt, param)
+
+    server.backend.prepare_text = slow_prepare_text
+    try:
+        worker = threading.Thread(target=lambda: replies.append(httpx.post(
+            server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=120)))
+        worker.start()
+        assert entered.wait(60)
+        health = httpx.get(server.url + "/health", timeout=30)  # would time out if blocked
+        assert health.status_code == 200 and not replies  # answered while the prompt waits
+    finally:
+        release.set()
+        server.backend.prepare_text = original
+    worker.join()
+    assert replies[0].status_code == 200
+
+
+# ---------------------------------------------------------------- issue 23, item 11: hardening
+def test_host_header_must_be_exactly_a_known_host(server):
+    port = server.port
+    for host in ("[::1]attacker.example", f"[::1]attacker.example:{port}", "localhost:x",
+                 f"localhost:{port}:1", "127.0.0.1.attacker.example", "[::1"):
+        r = httpx.get(server.url + "/v1/models", headers={"host": host})
+        assert r.status_code == 400 and error_of(r)["code"] == "invalid_host", host
+    for host in (f"[::1]:{port}", "[::1]", "localhost", f"LOCALHOST:{port}", "localhost."):
+        assert httpx.get(server.url + "/v1/models", headers={"host": host}).status_code == 200, host
+
+
+def test_adapter_loading_refuses_symlinks_out_of_the_allowed_dirs(policy, tmp_path):
+    trainer = ll.PPOTrainer(policy, lambda task: None, [{"task_id": "x"}])
+    trainer.save(tmp_path / "outside" / "ckpt")
+    allowed = tmp_path / "adapters"
+    (allowed / "ckpt").mkdir(parents=True)
+    for entry in (tmp_path / "outside" / "ckpt").iterdir():  # the LATEST file and step dir: links
+        (allowed / "ckpt" / entry.name).symlink_to(entry)
+    trainer.save(allowed / "own")
+    with ll.serve(policy, api_key="k", adapter_dirs=(str(allowed),)) as s:
+        url, auth = s.url + "/v1/load_lora_adapter", {**JSON, "authorization": "Bearer k"}
+        r = httpx.post(url, json={"lora_name": "a", "lora_path": str(allowed / "ckpt")},
+                       headers=auth)
+        assert r.status_code == 403 and error_of(r)["code"] == "path_not_allowed"
+        assert "outside" in error_of(r)["message"]
+        for name in ("x" * 100_000, "bad name", "a\nb", "../up"):
+            r = httpx.post(url, json={"lora_name": name, "lora_path": str(allowed / "own")},
+                           headers=auth)
+            assert r.status_code == 400 and error_of(r)["param"] == "lora_name", name[:20]
+        r = httpx.post(url, json={"lora_name": "step-1.v2", "lora_path": str(allowed / "own")},
+                       headers=auth)
+        assert r.status_code == 200 and r.json()["model"] == "step-1.v2"
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t\n", " padded "])
+def test_blank_api_key_is_refused_at_start(policy, key):
+    with pytest.raises(ValueError, match="api_key"):
+        ll.serve(policy, api_key=key)
+
+
+def test_cli_api_key_from_env_or_file(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from lightning_lab.cli import main
+    from lightning_lab.errors import ConfigError
+    from lightning_lab.proxy.cli import api_key_of
+
+    def args(**kw):
+        return argparse.Namespace(**{"api_key": None, "api_key_file": None, **kw})
+
+    monkeypatch.delenv("LIGHTNING_LAB_API_KEY", raising=False)
+    assert api_key_of(args()) is None
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert api_key_of(args(api_key_file=str(key_file))) == "from-file"
+    monkeypatch.setenv("LIGHTNING_LAB_API_KEY", "from-env")
+    assert api_key_of(args()) == "from-env"
+    assert api_key_of(args(api_key="flag")) == "flag"
+    with pytest.raises(ConfigError, match="one of"):
+        api_key_of(args(api_key="flag", api_key_file=str(key_file)))
+    with pytest.raises(ConfigError, match="nope"):
+        api_key_of(args(api_key_file=str(tmp_path / "nope")))
+    key_file.write_text("  \n")
+    with pytest.raises(ConfigError, match="blank"):
+        api_key_of(args(api_key_file=str(key_file)))
+    monkeypatch.setenv("LIGHTNING_LAB_API_KEY", " ")
+    assert main(["serve", "--model", "tiny"]) == 2
+    assert "LIGHTNING_LAB_API_KEY" in capsys.readouterr().err

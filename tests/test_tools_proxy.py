@@ -125,9 +125,52 @@ def test_streaming_tool_calls_accumulate_in_the_sdk(server):
     raw = c.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], stream=True,
                                     tool_choice="required", parallel_tool_calls=False)
     deltas = [ch.choices[0].delta for ch in raw if ch.choices]
-    with_calls = [d for d in deltas if d.tool_calls]
-    assert len(with_calls) == 1 and with_calls[0].tool_calls[0].index == 0
-    assert with_calls[0].tool_calls[0].id.startswith("call_")
+    first, *rest = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    # vLLM's / OpenAI's shape: index, id, type and name first, then argument fragments
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "weather" and rest and all(
+        r.index == 0 and r.id is None and r.function.name is None for r in rest)
+    arguments = (first.function.arguments or "") + "".join(r.function.arguments for r in rest)
+    assert json.loads(arguments)["city"] in ("Paris", "Oslo")
+
+
+def _streamed(c: openai.OpenAI, **kw) -> tuple[list[str], str | None]:
+    """(content deltas, finish_reason) of a streamed chat completion."""
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(stream=True, **kw) if ch.choices]
+    return [ch.delta.content for ch in chunks if ch.delta.content], chunks[-1].finish_reason
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [WEATHER], "tool_choice": "none"},
+    {"tools": [WEATHER], "tool_choice": "auto"},
+    {"response_format": {"type": "json_object"}},
+])
+def test_streams_token_by_token_with_tools_or_response_format(server, extra):
+    """Issue 23 item 5: one content delta for the whole reply whenever tools/response_format."""
+    c = client(server.base_url)
+    kw = dict(model="tiny", messages=USER, max_tokens=24, seed=5, temperature=1.0, **extra)
+    reply = c.chat.completions.create(**kw)
+    whole = reply.choices[0]
+    parts, finish = _streamed(c, **kw)
+    assert finish == whole.finish_reason
+    if whole.message.tool_calls:  # auto may call: the content before the call streamed alone
+        assert "".join(parts) == (whole.message.content or "")
+        return
+    assert "".join(parts) == whole.message.content
+    # token by token, not one blob (the last token is the end of turn, which has no text)
+    assert len(parts) >= min(3, reply.usage.completion_tokens - 1)
+
+
+def test_streamed_content_holds_back_a_call_marker():
+    from lightning_lab.proxy.streaming import ContentBeforeCalls
+
+    split = ContentBeforeCalls("<tool_call>")
+    out = [split.add(t) for t in ["Let me ", "check.", "\n<tool", "_call>", '\n{"name"']]
+    assert out == ["Let me", " check.", "", "", ""] and split.calling
+    assert split.finish("Let me check.") == ""
+    plain = ContentBeforeCalls("<tool_call>")
+    assert [plain.add(t) for t in ["a <", "b"]] == ["a", " <b"]
+    assert plain.finish("a <b c") == " c"
 
 
 @pytest.mark.parametrize("extra, param", [

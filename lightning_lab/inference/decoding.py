@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from lightning_lab.inference.fast_llama import FastLlama, supports
 from lightning_lab.inference.kvcache import growing_cache
-from lightning_lab.inference.sampling import SamplingParams, choose_tokens
+from lightning_lab.inference.sampling import SamplingParams, choose_tokens, top_logprobs
 from lightning_lab.inference.prompts import dedupe_prompts
 
 
@@ -45,6 +45,9 @@ class Row:
     constraint: Any = None
     """A ``constraints.Constraint`` when the request has a grammar: it masks every choice."""
     constraint_error: str = ""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per response token, the ``params.top_logprobs`` most likely (token, logprob), best
+    first; empty when not asked for."""
     listener: Callable[["Row"], None] | None = None
     """Called on the decode thread after each sampled token (token streaming); must not block."""
 
@@ -175,10 +178,13 @@ class DecodeBatch:
         # every token id exactly).
         host = torch.stack([tokens.double(), logprobs.double()]).cpu()
         token_list, logprob_list = host[0].long().tolist(), host[1].tolist()
+        tops = self._top_logprobs(rows, logits, first)
         done = []
         for i, (row, token, logprob) in enumerate(zip(rows, token_list, logprob_list)):
             row.response_ids.append(token)
             row.logprobs.append(logprob)
+            if row.params.top_logprobs:
+                row.top_logprobs.append(tops[i][:row.params.top_logprobs])
             rejected = (row.constraint is not None and token not in self.stop_token_ids
                         and not row.constraint.advance(token))
             if rejected:  # cannot happen with a sound mask; end the row rather than go off-grammar
@@ -195,6 +201,17 @@ class DecodeBatch:
             if finished:
                 done.append(first + i)
         return self._retire(done)
+
+    def _top_logprobs(self, rows: list[Row], logits: torch.Tensor, first: int
+                      ) -> list[list[tuple[int, float]]]:
+        """Each row's most likely (token, logprob) pairs, as many as the batch's largest ask;
+        nothing (no extra work) when no row asks."""
+        k = max(r.params.top_logprobs for r in rows)
+        if not k:
+            return []
+        with torch.inference_mode():
+            values, ids = top_logprobs(logits, self.temperature[first:], k)
+        return [list(zip(i, v)) for i, v in zip(ids.cpu().tolist(), values.cpu().tolist())]
 
     def _allowed(self, rows: list[Row], vocab: int) -> torch.Tensor | None:
         """(R, V) grammar masks, or None when no row is constrained (the common case)."""

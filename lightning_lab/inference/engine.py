@@ -34,7 +34,8 @@ class Request:
     """Set (from any thread) to stop generating: the rows leave the batch at the next step."""
     on_token: Callable[[Row], None] | None = None
     """Token streaming: called on the engine thread with each row after each sampled token
-    (``row.index``, ``row.response_ids[-1]``, ``row.logprobs[-1]``); must return at once."""
+    (``row.index``, ``row.response_ids[-1]``, ``row.logprobs[-1]``, ``row.top_logprobs``);
+    must return at once."""
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Sample:
     constrained: bool = False
     """Chosen under a grammar mask (logprobs are still the unmasked policy's)."""
     constraint_error: str = ""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per response token, the most likely (token, logprob) pairs when the request asked
+    (``SamplingParams.top_logprobs``)."""
 
 
 @dataclass
@@ -109,6 +113,7 @@ class _Pending:
         self.samples[row.index] = Sample(
             row.response_ids, row.logprobs, row.finish_reason or "length", row.text,
             constrained=row.constraint is not None, constraint_error=row.constraint_error,
+            top_logprobs=row.top_logprobs,
         )
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():

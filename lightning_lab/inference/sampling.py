@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound on ``top_logprobs``."""
 GREEDY_BELOW = 1e-3
 """Temperatures under this are greedy: logits / T would overflow float32 into inf/NaN logprobs."""
 
@@ -36,6 +38,9 @@ class SamplingParams:
     grammar: str | None = None
     """Compiled llguidance grammar (``constraints.compile_grammar``): every row is masked to it.
     Recorded logprobs stay the unmasked policy's (see ``constraints``)."""
+    top_logprobs: int = 0
+    """Also keep the k most likely tokens (and logprobs) of each position, OpenAI's
+    ``top_logprobs``; 0 (the default) costs nothing."""
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -52,6 +57,9 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{self.top_logprobs}")
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,19 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _scale(temperature: torch.Tensor) -> torch.Tensor:
+    """The divisor of the logits: T, or 1 for greedy rows (whose logprobs use T=1)."""
+    return torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+
+
+def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs, token ids)``, both (B, k), best first: the k most likely tokens of the
+    distribution whose logprobs ``choose_tokens`` records (unmasked, logits / T)."""
+    scale = _scale(temperature.to(logits.device))
+    return torch.log_softmax(logits / scale[:, None], dim=-1).topk(k, dim=-1)
 
 
 def choose_tokens(
@@ -89,7 +110,7 @@ def choose_tokens(
     all_greedy, any_top_p = bool((temperature == 0).all()), bool((top_p < 1).any())  # host flags
     temperature, top_p = temperature.to(device), top_p.to(device)
     greedy = temperature == 0  # (B,)
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scale = _scale(temperature)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)  # (B, V)
     choice_logits, choice_logp = logits, logp
     if allowed is not None:

@@ -18,6 +18,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudge
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
-from .streaming import Delta, stream_deltas
+from .streaming import ContentBeforeCalls, Delta, stream_deltas, top_texts
 
 __all__ = ["AppConfig", "create_app"]
 
@@ -67,6 +69,10 @@ class AppConfig:
     """Body-size and token caps (see ``limits.py``)."""
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and (not self.api_key.strip()
+                                         or self.api_key != self.api_key.strip()):
+            raise ValueError("api_key is blank or has surrounding whitespace: no client could "
+                             "ever authenticate with it (the Bearer token is stripped)")
         if self.adapter_dirs and not self.api_key:
             raise ValueError("load_lora_adapter (adapter_dirs) needs an api_key: it changes the "
                              "served weights")
@@ -185,9 +191,10 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
                 or not isinstance(body.get("lora_name", ""), str):
             raise ProtocolError("body must be {'lora_name': str, 'lora_path': str}",
                                 param="lora_path", code="missing_required_parameter")
-        path = _allowed_path(body["lora_path"], adapter_roots)
+        name = _adapter_name(body.get("lora_name") or "")
+        path = await _off_loop(_allowed_path, body["lora_path"], adapter_roots)
         try:
-            await backend.load_adapter(body.get("lora_name") or "", str(path))
+            await backend.load_adapter(name, str(path))
         except (OSError, RuntimeError, ValueError) as exc:
             raise ProtocolError(f"could not load adapter: {exc}", param="lora_path",
                                 code="invalid_value") from exc
@@ -253,7 +260,8 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
 
     endpoints = Endpoints(backend=backend, registry=registry, config=config, check_auth=check_auth,
                           lookup=lookup, json_body=json_body, make_call=make_call,
-                          complete=complete, served=served, budget=budget)
+                          complete=complete, off_loop=_off_loop, served=served,
+                          budget=budget)
     from .completions import add_completion_routes
     from .responses import add_response_routes
 
@@ -264,6 +272,15 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
 
 def warning_headers(warnings: list[str]) -> dict[str, str]:
     return {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+
+
+def tool_call_deltas(index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+    """One parsed call as vLLM and OpenAI stream it: index, id, type and name with empty
+    arguments first, then the arguments (clients concatenate the fragments per index)."""
+    function = call["function"]
+    return [{"index": index, "id": call["id"], "type": "function",
+             "function": {"name": function["name"], "arguments": ""}},
+            {"index": index, "function": {"arguments": function["arguments"]}}]
 
 
 def _message(c: Completion) -> dict[str, Any]:
@@ -286,16 +303,40 @@ async def _off_loop(fn: Any, *args: Any) -> Any:
                             code="invalid_request") from exc
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
+"""What ``lora_name`` may be: it becomes the served ``model`` name, echoed in every response."""
+
+
+def _adapter_name(name: str) -> str:
+    if name and not ADAPTER_NAME.fullmatch(name):
+        raise ProtocolError(f"'lora_name' must be 1-256 characters of letters, digits and "
+                            f"._:@+- (starting with a letter or digit), got {name[:40]!r}",
+                            param="lora_name", code="invalid_value")
+    return name
+
+
 def _allowed_path(raw: str, roots: list[Path]) -> Path:
-    """``raw`` resolved (symlinks too), if it lies inside one of ``roots``; else a 403."""
+    """``raw`` resolved (symlinks too), if it and everything under it lie inside one of
+    ``roots``; else a 403. A checkpoint is read through its ``LATEST`` file and step folder,
+    so a link inside it would otherwise reach a checkpoint outside the roots."""
     try:
         path = Path(raw).resolve()
     except (OSError, RuntimeError, ValueError) as exc:
         raise ProtocolError(f"bad lora_path: {exc}", param="lora_path", code="invalid_value") from exc
-    if not any(path.is_relative_to(root) for root in roots):
-        raise ProtocolError("lora_path is outside the directories this server loads adapters "
-                            "from", param="lora_path", code="path_not_allowed", status=403)
+    escapes = [] if _inside(path, roots) else [str(path)]
+    for folder, dirs, files in os.walk(path) if not escapes else ():
+        links = [Path(folder, n) for n in dirs + files if Path(folder, n).is_symlink()]
+        escapes += [f"{link} -> {link.resolve()}" for link in links
+                    if not _inside(link.resolve(), roots)]
+    if escapes:
+        raise ProtocolError(f"lora_path {raw!r} is or holds a link outside the directories this "
+                            f"server loads adapters from: {escapes[0]}", param="lora_path",
+                            code="path_not_allowed", status=403)
     return path
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 async def _unless_disconnected(request: Request, coro: Any, poll_s: float) -> Any:
@@ -347,9 +388,44 @@ class _Call:
                 meta={**c.meta, **self.meta, "choice": i})
 
     def streams(self) -> bool:
-        """Token streaming needs the local engine and plain content (tool calls are parsed whole)."""
-        return hasattr(self.backend, "stream") and not getattr(self.request, "tools", None) \
-            and not getattr(self.request, "response_format", None)
+        """Token streaming needs the local engine (a remote backend answers whole)."""
+        return hasattr(self.backend, "stream")
+
+    def _content_split(self) -> ContentBeforeCalls | None:
+        """A filter holding tool-call text out of the content stream, when calls may come."""
+        plan = self.prepared.plan
+        if plan is None or not plan.tools or plan.choice.mode == "none":
+            return None
+        return ContentBeforeCalls(getattr(plan.format, "call_start", "<tool_call>"))
+
+    async def deltas(self) -> AsyncIterator[Delta | list[Completion]]:
+        """Content deltas of each choice as tokens are sampled (tool-call text held out), then
+        the recorded completions. Without token streaming each content is one delta."""
+        if not self.streams():
+            completions = await self.generate()
+            for i, c in enumerate(completions):
+                if _message(c)["content"]:
+                    yield Delta(i, _message(c)["content"], c.response_ids, c.logprobs,
+                                c.top_logprobs)
+            yield completions
+            return
+        splits = [self._content_split() for _ in range(self.request.n)]
+        with _cancelled_with_rollout(self.entry):
+            async for item in stream_deltas(self.backend, self.prepared, self.request,
+                                            self.temperature, self.max_tokens):
+                if isinstance(item, list):
+                    completions = item
+                    continue
+                split = splits[item.index]
+                item.text = split.add(item.text) if split is not None else item.text
+                if item.text or (self.request.logprobs and item.token_ids):
+                    yield item
+        self.record(completions)
+        for i, (split, c) in enumerate(zip(splits, completions)):
+            rest = split.finish(_message(c)["content"]) if split is not None else ""
+            if rest:
+                yield Delta(i, rest)
+        yield completions
 
     def record_abort(self) -> None:
         """The client hung up: keep a trace of the call, with nothing trainable in it."""
@@ -360,17 +436,13 @@ class _Call:
                 finish_reason="abort", agent=self.agent,
                 meta={**self.meta, "truncated": True})
 
-    def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
+    def _logprobs(self, ids: list[int], logprobs: list[float],
+                  top: list[list[tuple[int, float]]]) -> dict[str, Any] | None:
+        """``choices[].logprobs`` of these tokens (None unless the request asked)."""
         if not self.request.logprobs:
             return None
-        return {"content": logprobs_content(self.backend.token_texts(c.response_ids), c.logprobs),
-                "refusal": None}
-
-    def _delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
-        if not self.request.logprobs:
-            return None
-        return {"content": logprobs_content(self.backend.token_texts(delta.token_ids),
-                                            delta.logprobs), "refusal": None}
+        return {"content": logprobs_content(self.backend.token_texts(ids), logprobs,
+                                            top_texts(self.backend, top)), "refusal": None}
 
     def _usage(self, completions: list[Completion]) -> tuple[int, int]:
         return len(self.prepared.prompt_ids), sum(len(c.response_ids) for c in completions)
@@ -379,7 +451,8 @@ class _Call:
         choices = []
         for i, c in enumerate(completions):
             choice = {"index": i, "message": {**_message(c), "refusal": None},
-                      "logprobs": self._choice_logprobs(c), "finish_reason": c.finish_reason}
+                      "logprobs": self._logprobs(c.response_ids, c.logprobs, c.top_logprobs),
+                      "finish_reason": c.finish_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = c.response_ids
             choices.append(choice)
@@ -409,19 +482,13 @@ class _Call:
         yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(n)])
         try:
-            if self.streams():
-                with _cancelled_with_rollout(self.entry):
-                    async for item in stream_deltas(self.backend, self.prepared, self.request,
-                                                    self.temperature, self.max_tokens):
-                        if isinstance(item, Delta):
-                            yield sse([{"index": item.index, "delta": {"content": item.text},
-                                        "logprobs": self._delta_logprobs(item),
-                                        "finish_reason": None}])
-                        else:
-                            completions = item
-                self.record(completions)
-            else:
-                completions = await self.generate()
+            async for item in self.deltas():
+                if isinstance(item, Delta):
+                    logprobs = self._logprobs(item.token_ids, item.logprobs, item.top_logprobs)
+                    yield sse([{"index": item.index, "delta": {"content": item.text},
+                                "logprobs": logprobs, "finish_reason": None}])
+                else:
+                    completions = item
         except asyncio.CancelledError:
             self.record_abort()
             raise
@@ -431,14 +498,11 @@ class _Call:
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        for i, c in enumerate(completions if not self.streams() else ()):
-            message = _message(c)
-            if message["content"]:
-                yield sse([{"index": i, "delta": {"content": message["content"]},
-                            "logprobs": self._choice_logprobs(c), "finish_reason": None}])
-            for k, call in enumerate(message.get("tool_calls", [])):  # one delta per whole call
-                yield sse([{"index": i, "delta": {"tool_calls": [{"index": k, **call}]},
-                            "logprobs": None, "finish_reason": None}])
+        for i, c in enumerate(completions):
+            for k, call in enumerate(_message(c).get("tool_calls") or []):
+                for part in tool_call_deltas(k, call):
+                    yield sse([{"index": i, "delta": {"tool_calls": [part]}, "logprobs": None,
+                                "finish_reason": None}])
         yield sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)])
         if self.request.include_usage:

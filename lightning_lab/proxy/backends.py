@@ -41,6 +41,8 @@ class Completion:
     """The assistant message (``content`` and ``tool_calls``); None means ``{"content": text}``."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Transition meta from parsing (``constrained``, ``tool_calls``, ``tool_parse_error``, ...)."""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, the most likely (token id, logprob) pairs when the request asked."""
 
 
 @dataclass
@@ -127,7 +129,8 @@ class LocalBackend:
 
         params = SamplingParams(temperature=temperature, top_p=request.top_p,
                                 max_new_tokens=max_tokens, stop=request.stop, seed=request.seed,
-                                grammar=prepared.plan.grammar if prepared.plan else None)
+                                grammar=prepared.plan.grammar if prepared.plan else None,
+                                top_logprobs=request.top_logprobs if request.logprobs else 0)
         engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n,
                                  on_token=on_token)
         prepared.handle = engine_request
@@ -153,8 +156,9 @@ class LocalBackend:
         return self._completions(prepared, samples)
 
     async def stream(self, prepared: Prepared, request: ChatRequest, temperature: float,
-                     max_tokens: int) -> AsyncIterator[tuple[int, int, float] | list[Completion]]:
-        """Yield ``(choice, token_id, logprob)`` as the engine samples, then the completions.
+                     max_tokens: int) -> AsyncIterator[tuple | list[Completion]]:
+        """Yield ``(choice, token_id, logprob, top)`` as the engine samples (``top``: the
+        token's most likely alternatives, or None), then the completions.
 
         The engine thread hands each token to this event loop (``call_soon_threadsafe``); the
         request's future, resolved after its last token, closes the stream.
@@ -170,7 +174,8 @@ class LocalBackend:
 
         engine_request = self._request(
             prepared, request, temperature, max_tokens,
-            on_token=lambda row: put((row.index, row.response_ids[-1], row.logprobs[-1])))
+            on_token=lambda row: put((row.index, row.response_ids[-1], row.logprobs[-1],
+                                      row.top_logprobs[-1] if row.top_logprobs else None)))
         future = self.policy.engine.submit(engine_request)
         future.add_done_callback(lambda _: put(None))
         try:
@@ -188,14 +193,14 @@ class LocalBackend:
     def _completions(prepared: Prepared, samples: list[Any]) -> list[Completion]:
         """Samples as completions; chat prompts get their reply parsed (tool calls, JSON)."""
         if prepared.plan is None:  # a raw /v1/completions prompt
-            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text)
-                    for s in samples]
+            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text,
+                               top_logprobs=s.top_logprobs) for s in samples]
         out = []
         for s in samples:
             parsed, finish_reason, meta = prepared.plan.reply(s.text, s.finish_reason,
                                                               s.constrained, s.constraint_error)
             out.append(Completion(s.response_ids, s.logprobs, finish_reason, s.text,
-                                  parsed.message(), meta))
+                                  parsed.message(), meta, s.top_logprobs))
         return out
 
     async def model_name(self) -> str:

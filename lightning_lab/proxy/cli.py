@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from .limits import Limits
 
-__all__ = ["add_cli"]
+__all__ = ["add_cli", "api_key_of", "API_KEY_ENV"]
+
+API_KEY_ENV = "LIGHTNING_LAB_API_KEY"
+"""The API key when neither --api-key nor --api-key-file is given (keeps it out of ``ps``)."""
 
 
 def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -16,7 +21,11 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer <key>' (visible in `ps`: prefer "
+                        f"--api-key-file or ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from the first line of PATH")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host (requires --api-key)")
     p.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
@@ -37,27 +46,26 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from lightning_lab.inference import models
     from lightning_lab.errors import ConfigError
     from lightning_lab.inference.adapters import lora_flag
 
     from .server import ServeConfig, check_bind, serve
 
-    # Validate the bind before spending seconds loading a model.
+    # Validate the key and the bind before spending seconds loading a model.
+    api_key = api_key_of(args)
     try:
-        check_bind(ServeConfig(host=args.host, api_key=args.api_key, allow_remote=args.allow_remote))
+        check_bind(ServeConfig(host=args.host, api_key=api_key, allow_remote=args.allow_remote))
     except ValueError as exc:
         raise ConfigError(f"--host: {exc}") from exc
-    if args.adapter_dir and not args.api_key:
+    if args.adapter_dir and not api_key:
         raise ConfigError("--adapter-dir enables load_lora_adapter, which needs --api-key")
     policy = models.load(args.model, lora=lora_flag(args.lora), device=args.device, seed=args.seed)
     if args.checkpoint:
         from lightning_lab.train.checkpoint import load_policy_weights
 
         load_policy_weights(policy, Path(args.checkpoint))
-    server = serve(policy, args.host, args.port, api_key=args.api_key,
+    server = serve(policy, args.host, args.port, api_key=api_key,
                    allow_remote=args.allow_remote, default_max_tokens=args.max_tokens,
                    max_tokens_cap=args.max_tokens_cap,
                    served_model_names=tuple(args.served_model_name),
@@ -74,3 +82,28 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """The key from ``--api-key``, ``--api-key-file`` or ``$LIGHTNING_LAB_API_KEY`` (first set
+    wins, flags may not both be given); a blank key is refused: no client could match it."""
+    from lightning_lab.errors import ConfigError
+
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ConfigError("give one of --api-key and --api-key-file")
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--api-key-file {args.api_key_file}: {exc}") from exc
+        key, source = (lines[0].strip() if lines else ""), f"--api-key-file {args.api_key_file}"
+    elif args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif os.environ.get(API_KEY_ENV) is not None:
+        key, source = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    if not key.strip() or key != key.strip():
+        raise ConfigError(f"{source}: the API key is blank or has surrounding whitespace, so no "
+                          "client could ever authenticate with it")
+    return key

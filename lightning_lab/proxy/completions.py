@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .context import Endpoints
-from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, error_body,
-                       new_id)
-from .streaming import Delta, stream_deltas
+from .protocol import (ChatRequest, ProtocolError, _boolean, _integer, _number, _stop, _text,
+                       error_body, new_id)
+from .streaming import Delta, released, stream_deltas, top_texts
 
 __all__ = ["add_completion_routes", "parse_completion_request"]
 
@@ -46,6 +46,9 @@ def _prompts(value: Any) -> list[str | list[int]]:
     if len(prompts) > MAX_PROMPTS:
         raise ProtocolError(f"at most {MAX_PROMPTS} prompts per request", param="prompt",
                             code="invalid_value")
+    for p in prompts:
+        if isinstance(p, str):
+            _text(p, "prompt")
     return prompts
 
 
@@ -87,20 +90,33 @@ def parse_completion_request(body: Any) -> tuple[list[str | list[int]], ChatRequ
         top_p=1.0 if top_p is None else max(top_p, 1e-6),
         max_tokens=_integer(body, "max_tokens", 1, 1 << 20), n=n, stop=_stop(body.get("stop")),
         seed=None if seed is None else seed % (1 << 62), logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
         stream=_boolean(body, "stream"),
         include_usage=bool(stream_options.get("include_usage", False)), user=user)
     sampling.ignored = sorted(k for k in body if k not in CONSUMED)
     return prompts, sampling, {"echo": echo}
 
 
-def _logprobs(token_texts: list[str], logprobs: list[float], start: int) -> dict[str, Any]:
-    """The legacy ``logprobs`` object: tokens, their logprobs, offsets into the choice text."""
+def _prepare(backend: Any, body: Any) -> tuple[ChatRequest, dict[str, Any], list[Any]]:
+    """Runs in a worker thread (a multi-MB prompt takes seconds to tokenise): the validated
+    request and each prompt tokenised."""
+    prompts, sampling, options = parse_completion_request(body)
+    return sampling, options, [backend.prepare_text(p, "prompt") for p in prompts]
+
+
+def _logprobs(backend: Any, ids: list[int], logprobs: list[float],
+              top: list[list[tuple[int, float]]], start: int) -> dict[str, Any]:
+    """The legacy ``logprobs`` object: tokens, their logprobs, offsets into the choice text, and
+    per token a {text: logprob} of the ``logprobs=k`` most likely tokens and the sampled one."""
+    token_texts = backend.token_texts(ids)
     offsets, at = [], start
     for t in token_texts:
         offsets.append(at)
         at += len(t)
+    alternatives = top_texts(backend, top) if top else [[] for _ in token_texts]
     return {"tokens": token_texts, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(token_texts, logprobs)],
+            "top_logprobs": [dict(alts) | {t: lp}
+                             for t, lp, alts in zip(token_texts, logprobs, alternatives)],
             "text_offset": offsets}
 
 
@@ -116,18 +132,18 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
     async def complete(request: Request, rollout_id: str | None):
         ep.check_auth(request)
         entry = ep.lookup(rollout_id)
-        prompts, sampling, options = parse_completion_request(await ep.json_body(request))
         if not hasattr(ep.backend, "prepare_text"):
             raise ProtocolError("/v1/completions needs the local backend", code="unsupported")
+        body = await ep.json_body(request)
+        sampling, options, prepared = await ep.off_loop(_prepare, ep.backend, body)
         warnings = [f"ignored unsupported parameter(s): {', '.join(sampling.ignored)}"] \
             if sampling.ignored else []
-        calls = [ep.make_call(request, entry, sampling, warnings,
-                              ep.backend.prepare_text(p, "prompt")) for p in prompts]
+        calls = [ep.make_call(request, entry, sampling, warnings, p) for p in prepared]
         headers = {"X-LL-Warning": "; ".join(dict.fromkeys(warnings))} if warnings else {}
         request_id = "cmpl-" + new_id().removeprefix("chatcmpl-")
         ticket = ep.admit(calls)
         if sampling.stream:
-            return StreamingResponse(_released(_events(ep, calls, request_id, options["echo"]),
+            return StreamingResponse(released(_events(ep, calls, request_id, options["echo"]),
                                                ticket),
                                      media_type="text/event-stream", headers=headers,
                                      background=BackgroundTask(ticket.release))
@@ -144,8 +160,9 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
             for j, c in enumerate(completions):
                 choices.append({
                     "text": prefix + c.text, "index": p * sampling.n + j,
-                    "logprobs": _logprobs(ep.backend.token_texts(c.response_ids), c.logprobs,
-                                          len(prefix)) if sampling.logprobs else None,
+                    "logprobs": _logprobs(ep.backend, c.response_ids, c.logprobs,
+                                          c.top_logprobs, len(prefix))
+                    if sampling.logprobs else None,
                     "finish_reason": c.finish_reason})
         prompt_tokens = sum(len(call.prepared.prompt_ids) for call in calls)
         completion_tokens = sum(len(c.response_ids) for r in results for c in r)
@@ -156,13 +173,6 @@ def add_completion_routes(app: FastAPI, ep: Endpoints) -> None:
                       "total_tokens": prompt_tokens + completion_tokens}}, headers=headers)
 
 
-async def _released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str]:
-    """The stream gives its tokens back when it ends, however it ends (client gone included)."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        ticket.release()
 
 
 async def _events(ep: Endpoints, calls: list[Any], request_id: str, echo: bool
@@ -188,9 +198,9 @@ async def _events(ep: Endpoints, calls: list[Any], request_id: str, echo: bool
             async for item in stream_deltas(ep.backend, call.prepared, call.request,
                                             call.temperature, call.max_tokens):
                 if isinstance(item, Delta):
-                    texts = ep.backend.token_texts(item.token_ids)
                     yield sse({"text": item.text, "index": p * n + item.index,
-                               "logprobs": _logprobs(texts, item.logprobs, 0)
+                               "logprobs": _logprobs(ep.backend, item.token_ids, item.logprobs,
+                                                     item.top_logprobs, 0)
                                if call.request.logprobs else None, "finish_reason": None})
                     continue
                 call.record(item)

@@ -28,6 +28,8 @@ class Endpoints:
     """``make_call(request, entry, chat_request, warnings, prepared=None)``: one traced call."""
     complete: Callable[..., Awaitable[Any]]
     """``complete(request, call)``: its completions (recorded), or a 499 response."""
+    off_loop: Callable[..., Awaitable[Any]]
+    """``await off_loop(fn, *args)``: ``fn`` in a worker thread; its unexpected errors are 400s."""
     served: set[str]
     """Model names requests may ask for (the backend's, aliases, loaded adapters)."""
     budget: Any

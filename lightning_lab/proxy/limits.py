@@ -12,6 +12,7 @@ decoding in front of everyone else.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -105,13 +106,17 @@ def decode_json(raw: bytes) -> Any:
         raise ProtocolError("request body is nested too deeply", code="invalid_json") from None
 
 
-def _hostname(host_header: str) -> str:
-    host = host_header.strip().lower()
-    if host.startswith("["):  # [::1]:8000
-        return host[1:host.find("]")] if "]" in host else host
-    if host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
-    return host.rstrip(".")
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[^\[\]:]+))(?::[0-9]{1,5})?")
+"""``host[:port]`` as RFC 9110 allows it: a bracketed IPv6 literal or a name, then only a port."""
+
+
+def _hostname(host_header: str) -> str | None:
+    """The host a ``Host`` header names, or None when it is not of the form ``host[:port]``
+    (``[::1]attacker.example`` must not pass for ``::1``)."""
+    match = _HOST.fullmatch(host_header.strip().lower())
+    if match is None:
+        return None
+    return match["ip6"] or match["name"].rstrip(".")
 
 
 class GuardMiddleware:

@@ -294,9 +294,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
         metadata=dict(metadata),
         return_token_ids=_boolean(body, "return_token_ids"),
     )
+    if request.top_logprobs and not request.logprobs:
+        raise ProtocolError("'top_logprobs' needs 'logprobs': true", param="top_logprobs",
+                            code="invalid_value")
     request.ignored = sorted(k for k in body if k not in CONSUMED)
-    if request.top_logprobs:
-        request.ignored.append("top_logprobs")  # only the sampled token's logprob is known
     return request
 
 
@@ -309,10 +310,16 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def logprobs_content(token_texts: list[str], logprobs: list[float]) -> list[dict[str, Any]]:
-    """``choices[].logprobs.content``: one entry per generated token (stop token included)."""
-    return [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, lp in zip(token_texts, logprobs)]
+def logprobs_content(token_texts: list[str], logprobs: list[float],
+                     top: list[list[tuple[str, float]]] | None = None) -> list[dict[str, Any]]:
+    """``choices[].logprobs.content``: one entry per generated token (stop token included),
+    with its most likely alternatives ``top`` (token text, logprob), best first, if asked."""
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    top = top or [[] for _ in token_texts]
+    return [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in alts]}
+            for t, lp, alts in zip(token_texts, logprobs, top)]
 
 
 def completion_body(*, request_id: str, model: str, choices: list[dict[str, Any]],

@@ -10,21 +10,25 @@ chat reply is turned back into output items. Streaming and stored state are refu
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from .context import Endpoints
 from .protocol import ProtocolError, parse_chat_request
+from .streaming import Delta, released
 
 __all__ = ["add_response_routes", "to_chat_body", "to_response"]
 
 PASSED = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens",
           "user": "user", "metadata": "metadata", "parallel_tool_calls": "parallel_tool_calls",
-          "seed": "seed", "stop": "stop"}
+          "seed": "seed", "stop": "stop", "stream": "stream"}
 """Responses parameters with a chat equivalent (``seed``/``stop`` are extensions, as in vLLM)."""
 IGNORED = frozenset({"store", "include", "truncation", "reasoning", "service_tier",
                      "prompt_cache_key", "safety_identifier", "top_logprobs", "background",
@@ -156,10 +160,6 @@ def to_chat_body(body: Any) -> tuple[dict[str, Any], list[str]]:
     if "input" not in body:
         raise ProtocolError("missing required parameter: 'input'", param="input",
                             code="missing_required_parameter")
-    if body.get("stream"):
-        raise ProtocolError("streaming is not supported on /v1/responses; use stream=false "
-                            "(the Agents SDK's Runner.run)", param="stream",
-                            code="unsupported_value")
     for key in ("previous_response_id", "conversation", "prompt"):
         if body.get(key) is not None:
             raise ProtocolError(f"'{key}' needs server-side state, which this server does not "
@@ -197,28 +197,31 @@ def _output(message: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
-def to_response(body: dict[str, Any], chat: dict[str, Any], model: str) -> dict[str, Any]:
-    """The chat completion ``chat`` answered to the Responses request ``body``."""
-    choice = chat["choices"][0]
-    usage = chat["usage"]
+def to_response(body: dict[str, Any], chat: dict[str, Any] | None, model: str,
+                response_id: str | None = None) -> dict[str, Any]:
+    """The chat completion ``chat`` answered to the Responses request ``body``; ``chat=None``:
+    the response still in progress (a stream's first events)."""
+    choice = chat["choices"][0] if chat else {"finish_reason": None, "message": None}
+    usage = chat["usage"] if chat else None
     truncated = choice["finish_reason"] == "length"
     text_format = body.get("text") if isinstance(body.get("text"), dict) else None
     return {
-        "id": _id("resp"), "object": "response", "created_at": time.time(), "model": model,
-        "status": "incomplete" if truncated else "completed",
+        "id": response_id or _id("resp"), "object": "response", "created_at": time.time(),
+        "model": model,
+        "status": "in_progress" if chat is None else "incomplete" if truncated else "completed",
         "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
         "error": None, "instructions": body.get("instructions"),
-        "output": _output(choice["message"]),
+        "output": _output(choice["message"]) if chat else [],
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
         "temperature": body.get("temperature"), "top_p": body.get("top_p"),
         "max_output_tokens": body.get("max_output_tokens"), "metadata": body.get("metadata") or {},
         "text": text_format or {"format": {"type": "text"}}, "store": False,
-        "usage": {"input_tokens": usage["prompt_tokens"],
-                  "input_tokens_details": {"cached_tokens": 0},
-                  "output_tokens": usage["completion_tokens"],
-                  "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": usage["total_tokens"]},
+        "usage": usage and {"input_tokens": usage["prompt_tokens"],
+                            "input_tokens_details": {"cached_tokens": 0},
+                            "output_tokens": usage["completion_tokens"],
+                            "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": usage["total_tokens"]},
     }
 
 
@@ -242,6 +245,11 @@ def add_response_routes(app: FastAPI, ep: Endpoints) -> None:
         call = ep.make_call(request, entry, chat_request, warnings)
         call.meta["api"] = "responses"
         ticket = ep.admit([call])
+        headers = {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+        if chat_request.stream:
+            return StreamingResponse(released(_events(body, call, ep.backend.name), ticket),
+                                     media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(ticket.release))
         try:
             completions = await ep.complete(request, call)
         finally:
@@ -249,5 +257,92 @@ def add_response_routes(app: FastAPI, ep: Endpoints) -> None:
         if isinstance(completions, JSONResponse):
             return completions
         out = to_response(body, call.response(completions), ep.backend.name)
-        headers = {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
         return JSONResponse(out, headers=headers)
+
+
+class _Sequence:
+    """Numbered SSE events of one streamed response (``sequence_number`` counts from 0)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def __call__(self, kind: str, **fields: Any) -> str:
+        event = {"type": kind, "sequence_number": self.next, **fields}
+        self.next += 1
+        return f"event: {kind}\ndata: {json.dumps(event)}\n\n"
+
+
+async def _events(body: dict[str, Any], call: Any, model: str) -> AsyncIterator[str]:
+    """The Responses API's stream: created, in_progress, the message item with its text deltas
+    as tokens are sampled, each function call item with its arguments, then completed (or
+    incomplete) carrying the whole response, as the ``openai`` SDK and the Agents SDK read it."""
+    event, response_id, message_id = _Sequence(), _id("resp"), _id("msg")
+    started = to_response(body, None, model, response_id)
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    text, opened = "", False
+    try:
+        async for item in call.deltas():
+            if not isinstance(item, Delta):
+                completions = item
+                continue
+            if item.index != 0 or not item.text:
+                continue
+            for chunk in ([] if opened else _message_opened(event, message_id)):
+                yield chunk
+            opened = True
+            text += item.text
+            yield event("response.output_text.delta", item_id=message_id, output_index=0,
+                        content_index=0, delta=item.text, logprobs=[])
+    except asyncio.CancelledError:  # the client hung up: keep a trace of the call
+        call.record_abort()
+        raise
+    except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
+        error = exc if isinstance(exc, ProtocolError) else ProtocolError(
+            f"{type(exc).__name__}: {exc}", type="server_error", status=500)
+        yield event("error", code=error.code, message=error.message, param=error.param)
+        return
+    final = to_response(body, call.response(completions), model, response_id)
+    for index, item in enumerate(final["output"]):
+        if item["type"] == "message":
+            item["id"] = message_id
+            for chunk in ([] if opened else _message_opened(event, message_id)):
+                yield chunk
+            for chunk in _message_closed(event, item, index):
+                yield chunk
+        else:
+            for chunk in _call_events(event, item, index):
+                yield chunk
+    yield event(f"response.{final['status']}", response=final)
+
+
+
+def _message_opened(event: _Sequence, message_id: str) -> list[str]:
+    item = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant",
+            "content": []}
+    return [event("response.output_item.added", output_index=0, item=item),
+            event("response.content_part.added", item_id=message_id, output_index=0,
+                  content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                         "logprobs": []})]
+
+
+def _message_closed(event: _Sequence, item: dict[str, Any], index: int) -> list[str]:
+    part = item["content"][0]
+    return [event("response.output_text.done", item_id=item["id"], output_index=index,
+                  content_index=0, text=part["text"], logprobs=[]),
+            event("response.content_part.done", item_id=item["id"], output_index=index,
+                  content_index=0, part=part),
+            event("response.output_item.done", output_index=index, item=item)]
+
+
+def _call_events(event: _Sequence, item: dict[str, Any], index: int) -> list[str]:
+    """A function call item: added with empty arguments, the arguments, done."""
+    return [event("response.output_item.added", output_index=index,
+                  item={**item, "arguments": "", "status": "in_progress"}),
+            event("response.function_call_arguments.delta", item_id=item["id"],
+                  output_index=index, delta=item["arguments"]),
+            event("response.function_call_arguments.done", item_id=item["id"],
+                  output_index=index, name=item["name"], arguments=item["arguments"]),
+            event("response.output_item.done", output_index=index, item=item)]
+
+

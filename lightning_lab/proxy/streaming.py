@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Callable
 
 from .backends import Completion
 
-__all__ = ["IncrementalText", "Delta", "stream_deltas"]
+__all__ = ["IncrementalText", "ContentBeforeCalls", "Delta", "stream_deltas", "released",
+           "top_texts"]
 
 
 class IncrementalText:
@@ -49,6 +50,47 @@ class IncrementalText:
         return delta
 
 
+class ContentBeforeCalls:
+    """The content part of a reply that may hold tool calls, released as it streams.
+
+    Text goes out until the format's call marker (Hermes ``<tool_call>``) appears; a tail that
+    could still become the marker, and trailing whitespace (the parser strips it from content),
+    wait for the next text. After the marker nothing is content: the calls are parsed from the
+    whole reply (``finish``), as the non-streaming answer is, so both agree.
+    """
+
+    def __init__(self, marker: str):
+        self.marker, self.seen, self.emitted, self.calling = marker, "", "", False
+
+    def add(self, text: str) -> str:
+        """Take the next safe text of the reply; return the content that may go out now."""
+        if self.calling:
+            return ""
+        self.seen += text
+        at = self.seen.find(self.marker)
+        self.calling = at >= 0
+        end = at if self.calling else len(self.seen) - _marker_prefix(self.seen, self.marker)
+        safe = self.seen[:end].rstrip()
+        if not safe.startswith(self.emitted) or len(safe) == len(self.emitted):
+            return ""
+        delta, self.emitted = safe[len(self.emitted):], safe
+        return delta
+
+    def finish(self, content: str | None) -> str:
+        """What the parsed reply's ``content`` adds to what went out (none if it disagrees)."""
+        content = content or ""
+        if not content.startswith(self.emitted):
+            return ""
+        delta, self.emitted = content[len(self.emitted):], content
+        return delta
+
+
+def _marker_prefix(text: str, marker: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
+    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1)
+                 if text.endswith(marker[:k])), 0)
+
+
 @dataclass
 class Delta:
     """New text (and the tokens that produced it) for one choice."""
@@ -57,6 +99,8 @@ class Delta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, its most likely alternatives (when the request asked for them)."""
 
 
 async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: float,
@@ -78,10 +122,27 @@ async def stream_deltas(backend: Any, prepared: Any, request: Any, temperature: 
                     yield delta
             yield item
             return
-        index, token, logprob = item
+        index, token, logprob, top = item
         delta = pending.setdefault(index, Delta(index, ""))
         delta.text += texts[index].add(token)
         delta.token_ids.append(token)
         delta.logprobs.append(logprob)
+        if top is not None:
+            delta.top_logprobs.append(top)
         if delta.text:
             yield pending.pop(index)
+
+
+async def released(events: AsyncIterator[str], ticket: Any) -> AsyncIterator[str]:
+    """The stream gives its tokens back when it ends, however it ends (client gone included)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        ticket.release()
+
+
+def top_texts(backend: Any, top: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+    """Per-token alternatives with their token ids replaced by the tokens' texts."""
+    texts = iter(backend.token_texts([i for alts in top for i, _ in alts]))
+    return [[(next(texts), lp) for _, lp in alts] for alts in top]
