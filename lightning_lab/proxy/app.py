@@ -223,6 +223,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             ticket.release()
         if isinstance(completions, JSONResponse):
             return completions
+        warnings += _grammar_failures(completions)
         return JSONResponse(call.response(completions), headers=warning_headers(warnings))
 
     def make_call(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
@@ -264,6 +265,17 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
 
 def warning_headers(warnings: list[str]) -> dict[str, str]:
     return {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
+
+
+def _grammar_failures(completions: list[Completion]) -> list[str]:
+    """Choices whose grammar llguidance gave up on mid-way (finish_reason ``"error"``), logged
+    and said in ``X-LL-Warning``: their text is cut where it failed and need not match it. A
+    grammar that fails on its first step is a 400 before sampling (``guided_grammar``)."""
+    failed = [f"choice {i}: the grammar failed mid-way ({c.meta['constraint_error']})"
+              for i, c in enumerate(completions) if c.meta.get("constraint_error")]
+    for message in failed:
+        log.warning(message)
+    return failed
 
 
 def _message(c: Completion) -> dict[str, Any]:
