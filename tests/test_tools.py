@@ -30,9 +30,9 @@ WEATHER = {"type": "function", "function": {
                                       "properties": {"city": {"enum": ["Paris", "Oslo"]}},
                                       "required": ["city"]}}}
 ADD = {"type": "function", "function": {  # open sizes: no maxLength, no range
-    "name": "add", "parameters": {"type": "object",
-                                  "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
-                                  "required": ["a", "note"]}}}
+    "name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["a", "note"]}}}
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"}, "score": {"type": "number"},
     "tags": {"type": "array", "items": {"type": "string"}}, "extra": {}},
@@ -231,7 +231,7 @@ def test_default_bounds_fill_only_what_the_schema_leaves_open():
     assert props["name"]["maxLength"] == 64 and props["tags"]["maxItems"] == 8
     assert props["age"]["maximum"] == DEFAULT_MAX_INTEGER == -props["age"]["minimum"]
     assert props["score"]["multipleOf"] == 1e-6 and bounded["additionalProperties"] is False
-    assert {o.get("type") for o in props["extra"]["anyOf"]} == {"string", "number", "boolean", "null"}
+    assert {o["type"] for o in props["extra"]["anyOf"]} == {"string", "number", "boolean", "null"}
     # the schema's own bounds win; a default never contradicts them
     assert bound_schema({"type": "string", "maxLength": 500})["maxLength"] == 500
     assert bound_schema({"type": "string", "minLength": 100})["maxLength"] == 100
@@ -245,8 +245,11 @@ def test_default_bounds_fill_only_what_the_schema_leaves_open():
     assert free["maxProperties"] == 8 and free["additionalProperties"] is False
     (value,) = free["patternProperties"].values()
     assert value["type"] == "integer" and "maximum" in value
-    # what the bounded schema accepts, the original accepts
-    jsonschema.validate({"k": 3}, {"type": "object", "additionalProperties": {"type": "integer"}})
+    # a bound narrows, never widens: the original accepts what the bounded copy refuses
+    params, long_note = ADD["function"]["parameters"], {"a": 1, "note": "x" * 65}
+    jsonschema.validate(long_note, params)
+    with pytest.raises(jsonschema.ValidationError, match="too long"):
+        jsonschema.validate(long_note, bound_schema(params))
 
 
 # ---------------------------------------------------------------- cut-off replies (issue 23.4)
@@ -296,5 +299,6 @@ def test_a_grammar_llguidance_gives_up_on_is_reported(tiny, caplog):
     gens = tiny.generate(["hi"], n=3, max_new_tokens=8, seed=0, temperature=1.0,
                          grammar="start: /[a-z]/ /a{1000000}/\n")
     for gen in gens:
-        assert gen.finish_reason == "error" and "too many expressions" in gen.meta["constraint_error"]
+        assert gen.finish_reason == "error"
+        assert "too many expressions" in gen.meta["constraint_error"]
     assert "grammar failed mid-way" in caplog.text

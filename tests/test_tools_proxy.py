@@ -22,9 +22,9 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {
     "name": "clock", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
 ADD = {"type": "function", "function": {  # open sizes: no maxLength, no range
-    "name": "add", "parameters": {"type": "object",
-                                  "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
-                                  "required": ["a", "note"]}}}
+    "name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["a", "note"]}}}
 USER = [{"role": "user", "content": "Weather in Oslo?"}]
 
 

@@ -1,4 +1,4 @@
-"""Default size bounds for constrained JSON, so a forced call or a structured reply closes on any model.
+"""Default size bounds for constrained JSON: a forced call or structured reply closes on any model.
 
 A JSON Schema that leaves sizes open (``{"type": "integer"}``, a string without ``maxLength``, an
 array without ``maxItems``, an object that takes any key) lets a model fill it for as long as it
@@ -17,7 +17,8 @@ Defaults, per value:
 - object with declared ``properties``: closed (``additionalProperties: false``, OpenAI strict
   mode's rule), since llguidance cannot bound the count of extra keys next to optional ones;
 - free-form object (no ``properties``): keys of at most 32 characters, at most 8 of them
-  (``patternProperties`` + ``maxProperties``), values as in the next item;
+  (``patternProperties`` + ``maxProperties``), values per its bounded ``additionalProperties``
+  schema, else as in the next item;
 - a value of any type (``{}``, ``true``): a bounded string, number, boolean or null. Nested
   free-form structure needs a schema that declares it.
 

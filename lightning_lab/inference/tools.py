@@ -196,7 +196,7 @@ def parse_tool_choice(value: Any, tools: list[Tool], param: str = "tool_choice")
 
 
 def parse_response_format(value: Any, param: str = "response_format") -> dict[str, Any] | None:
-    """``text`` -> None; ``json_object`` -> a non-empty object schema; ``json_schema`` -> its schema.
+    """``text`` -> None; ``json_object`` -> a non-empty object; ``json_schema`` -> its schema.
 
     ``json_object`` asks for at least one key: an empty ``{}`` is valid JSON but answers nothing
     (LangChain's ``json_mode`` got ``{}`` from a weak model every time)."""
