@@ -112,7 +112,7 @@ class HermesFormat:
                                              add_generation_prompt=True)
 
     def parse(self, text: str, tools: list[Tool]) -> ParsedReply:
-        head, tag, tail = text.rpartition("<tool_call>")
+        _, tag, tail = text.rpartition("<tool_call>")
         partial = (tag + tail).strip() if tag and "</tool_call>" not in tail else ""
         reply = self._parse_calls(text, tools)
         if partial:
