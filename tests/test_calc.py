@@ -117,7 +117,9 @@ def test_agent_runs_the_sdk_tool_loop_through_the_proxy_and_trains(monkeypatch):
             assert traj.meta["first_tool_choice"] == "required" and traj.meta["first_call_valid"]
             assert len(traj.transitions) == 2
             first, second = traj.transitions
-            assert first.meta.get("constrained") and first.finish_reason == "tool_calls"
+            assert first.meta.get("constrained") and first.meta["tool_calls"]
+            # "length" when 48 tokens end inside a second, parallel call (dropped from the reply)
+            assert first.finish_reason in ("tool_calls", "length")
             assert "<tool_response>" in second.prompt and second.prompt.startswith(first.prompt)
             expected = 1.0 if traj.meta["correct"] else 0.5 if traj.meta["computed"] else 0.0
             assert traj.total_reward == expected

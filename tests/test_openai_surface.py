@@ -278,8 +278,11 @@ def test_agents_sdk_agent_trains_for_a_step(policy, server):
                                                            max_retries=0))
         agent = agents.Agent(name="weather", instructions="Use the tool.", tools=[get_weather],
                              model=model, tool_use_behavior="stop_on_first_tool",
-                             model_settings=agents.ModelSettings(tool_choice="required",
-                                                                 max_tokens=48))
+                             model_settings=agents.ModelSettings(
+                                 tool_choice="required", max_tokens=48,
+                                 # one call fits 48 tokens; a second would be cut off, and a
+                                 # cut-off reply is status "incomplete", which the SDK raises on
+                                 parallel_tool_calls=False))
         result = await agents.Runner.run(agent, task["q"])
         ll.reward(float(len(result.final_output)), final=True)
 

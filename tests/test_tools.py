@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import torch
 
 import lightning_lab as ll
 from lightning_lab.inference.chat import plan_chat
+from lightning_lab.inference.constraints import GrammarError
+from lightning_lab.inference.schema_bounds import DEFAULT_MAX_INTEGER, bound_schema
 from lightning_lab.train.scoring import score
 from lightning_lab.inference.tool_formats import HermesFormat, get_format
 from lightning_lab.inference.tools import (ToolError, check_history, parse_response_format,
@@ -26,6 +29,14 @@ WEATHER = {"type": "function", "function": {
     "name": "weather", "parameters": {"type": "object",
                                       "properties": {"city": {"enum": ["Paris", "Oslo"]}},
                                       "required": ["city"]}}}
+ADD = {"type": "function", "function": {  # open sizes: no maxLength, no range
+    "name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["a", "note"]}}}
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "score": {"type": "number"},
+    "tags": {"type": "array", "items": {"type": "string"}}, "extra": {}},
+    "required": ["name", "age", "score", "tags"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +75,7 @@ def test_tool_choice_and_response_format_validation():
     with pytest.raises(ToolError):
         parse_tool_choice("required", [])
     assert parse_response_format({"type": "text"}) is None
-    assert parse_response_format({"type": "json_object"}) == {"type": "object"}
+    assert parse_response_format({"type": "json_object"}) == {"type": "object", "minProperties": 1}
     with pytest.raises(ToolError) as info:
         parse_response_format({"type": "json_schema", "json_schema": {"schema": {"type": 3}}})
     assert info.value.param == "response_format.json_schema.schema"
@@ -186,3 +197,108 @@ def test_auto_garbage_is_content_with_a_recorded_reason(tiny):
                                       "stop")
     assert parsed.content.startswith("<tool_call>") and finish == "stop"
     assert "not an object" in meta["tool_parse_error"] and meta["tool_calls"] == []
+
+
+# ---------------------------------------------------------------- forced output closes (issue 23.3)
+def test_forced_call_with_open_sizes_closes_within_64_tokens(tiny):
+    """An integer and a free string used to run to max_tokens (``1111...``): 1 of 36 parsed."""
+    schema = ADD["function"]["parameters"]
+    for seed in range(12):
+        gen = tiny.generate([[{"role": "user", "content": "add"}]], max_new_tokens=64, seed=seed,
+                            temperature=1.0, tools=[ADD],
+                            tool_choice={"type": "function", "function": {"name": "add"}})[0]
+        assert gen.finish_reason == "tool_calls", (seed, gen.text)
+        (call,) = gen.message["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+def test_structured_output_closes_and_validates(tiny):
+    prompt = [[{"role": "user", "content": "a person as JSON"}]]
+    for seed in range(12):
+        (gen,) = tiny.generate(prompt, max_new_tokens=128, seed=seed, temperature=1.0,
+                               response_format={"type": "json_schema", "json_schema": {
+                                   "name": "person", "schema": PERSON}})
+        jsonschema.validate(json.loads(gen.text), PERSON)
+        (gen,) = tiny.generate(prompt, max_new_tokens=128, seed=seed, temperature=1.0,
+                               response_format={"type": "json_object"})
+        reply = json.loads(gen.text)
+        assert isinstance(reply, dict) and reply, seed  # json_object: not an empty {}
+
+
+def test_default_bounds_fill_only_what_the_schema_leaves_open():
+    bounded = bound_schema(PERSON)
+    props = bounded["properties"]
+    assert props["name"]["maxLength"] == 64 and props["tags"]["maxItems"] == 8
+    assert props["age"]["maximum"] == DEFAULT_MAX_INTEGER == -props["age"]["minimum"]
+    assert props["score"]["multipleOf"] == 1e-6 and bounded["additionalProperties"] is False
+    assert {o["type"] for o in props["extra"]["anyOf"]} == {"string", "number", "boolean", "null"}
+    # the schema's own bounds win; a default never contradicts them
+    assert bound_schema({"type": "string", "maxLength": 500})["maxLength"] == 500
+    assert bound_schema({"type": "string", "minLength": 100})["maxLength"] == 100
+    assert bound_schema({"type": "integer", "minimum": 5}) == {
+        "type": "integer", "minimum": 5, "maximum": DEFAULT_MAX_INTEGER}
+    assert bound_schema({"type": "integer", "exclusiveMaximum": -2 * DEFAULT_MAX_INTEGER}) == {
+        "type": "integer", "exclusiveMaximum": -2 * DEFAULT_MAX_INTEGER,
+        "minimum": -2 * DEFAULT_MAX_INTEGER}
+    assert bound_schema({"enum": ["x" * 100]}) == {"enum": ["x" * 100]}
+    free = bound_schema({"type": "object", "additionalProperties": {"type": "integer"}})
+    assert free["maxProperties"] == 8 and free["additionalProperties"] is False
+    (value,) = free["patternProperties"].values()
+    assert value["type"] == "integer" and "maximum" in value
+    # a bound narrows, never widens: the original accepts what the bounded copy refuses
+    params, long_note = ADD["function"]["parameters"], {"a": 1, "note": "x" * 65}
+    jsonschema.validate(long_note, params)
+    with pytest.raises(jsonschema.ValidationError, match="too long"):
+        jsonschema.validate(long_note, bound_schema(params))
+
+
+# ---------------------------------------------------------------- cut-off replies (issue 23.4)
+def test_a_call_cut_off_by_max_tokens_is_dropped_and_the_reply_says_length(tiny):
+    fmt = HermesFormat()
+    plan = plan_chat(tiny.tokenizer, [{"role": "user", "content": "x"}], tools=[WEATHER],
+                     tool_format=fmt, tool_choice="required")
+    whole = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    text = whole + '\n<tool_call>\n{"name'
+    parsed = fmt.parse(text, parse_tools([WEATHER]))
+    assert parsed.partial == '<tool_call>\n{"name' and len(parsed.tool_calls) == 1
+    reply, finish, meta = plan.reply(text, "length")
+    assert finish == "length" and reply.content is None and meta["cut_tool_call"] == parsed.partial
+    assert [c.name for c in reply.tool_calls] == ["weather"]
+    assert reply.message()["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+    reply, finish, _ = plan.reply("Let me see. " + '<tool_call>\n{"na', "length")
+    assert (reply.content, reply.tool_calls, finish) == ("Let me see.", [], "length")
+    reply, finish, _ = plan.reply(whole, "stop")  # a finished reply is unchanged
+    assert finish == "tool_calls" and len(reply.tool_calls) == 1
+
+
+def test_cut_off_parallel_calls_on_the_tiny_model(tiny):
+    """``required`` + a small budget used to end inside a second call: ``finish_reason
+    "tool_calls"`` with ``'<tool_call>\\n{"name'`` as content (6 of 12 seeds)."""
+    cut = 0
+    for seed in range(12):
+        gen = tiny.generate([[{"role": "user", "content": "weather?"}]], max_new_tokens=40,
+                            seed=seed, temperature=1.0, tools=[WEATHER, ADD],
+                            tool_choice="required")[0]
+        content = gen.message["content"] or ""
+        assert "<tool_call>" not in content and "</tool_call>" not in content, (seed, gen.text)
+        assert gen.finish_reason == ("length" if len(gen.response_ids) == 40 else "tool_calls")
+        cut += "cut_tool_call" in gen.meta
+        for call in gen.message.get("tool_calls", []):
+            json.loads(call["function"]["arguments"])
+    assert cut >= 3  # the case is exercised, not skipped
+
+
+# ---------------------------------------------------------------- grammar failures (issue 23.12)
+def test_a_grammar_llguidance_gives_up_on_is_reported(tiny, caplog):
+    with pytest.raises(GrammarError, match="too many expressions"):  # before any sampling
+        tiny.generate(["hi"], max_new_tokens=8, grammar="start: /a{1000000}/\n")
+    with pytest.raises(ToolError, match="gave up on the grammar") as info:
+        tiny.chat("hi", max_new_tokens=8, grammar="start: /a{1000000}/\n")
+    assert info.value.param == "grammar"
+    # a grammar whose first step works fails mid-way: marked, never a quiet "stop"
+    gens = tiny.generate(["hi"], n=3, max_new_tokens=8, seed=0, temperature=1.0,
+                         grammar="start: /[a-z]/ /a{1000000}/\n")
+    for gen in gens:
+        assert gen.finish_reason == "error"
+        assert "too many expressions" in gen.meta["constraint_error"]
+    assert "grammar failed mid-way" in caplog.text

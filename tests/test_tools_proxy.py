@@ -8,6 +8,7 @@ import json
 from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
@@ -20,11 +21,20 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}
 CLOCK = {"type": "function", "function": {
     "name": "clock", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+ADD = {"type": "function", "function": {  # open sizes: no maxLength, no range
+    "name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["a", "note"]}}}
 USER = [{"role": "user", "content": "Weather in Oslo?"}]
 
 
 class Verdict(BaseModel):
     answer: Literal["yes", "no"]
+
+
+class Person(BaseModel):
+    name: str
+    age: int
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +196,7 @@ def test_streamed_content_holds_back_a_call_marker():
     ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
     ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
     ({"guided_grammar": 3}, "guided_grammar"),
+    ({"guided_grammar": "start: /a{1000000}/"}, "guided_grammar"),  # llguidance gives up on it
     ({"guided_grammar": 'start: "a"', "response_format": {"type": "json_object"}}, "guided_grammar"),
 ])
 def test_bad_tool_input_is_a_400_naming_the_field(server, extra, param):
@@ -220,3 +231,59 @@ def test_langchain_structured_output_via_function_calling(server):
     for method in ("function_calling", "json_schema"):
         result = llm.with_structured_output(schema, method=method).invoke("Is 2 > 1?")
         assert result is not None and result["answer"] in ("yes", "no"), method
+
+
+def test_forced_call_and_json_schema_with_open_sizes_close_via_the_sdk(server):
+    """Integer and free-string arguments used to run to max_tokens (1 of 36 forced calls
+    parsed); every seed now gives a call / JSON that validates."""
+    c = client(server.base_url)
+    person = Person.model_json_schema()
+    for seed in range(12):
+        r = c.chat.completions.create(model="tiny", messages=USER, tools=[ADD], temperature=1.0,
+                                      tool_choice={"type": "function", "function": {"name": "add"}},
+                                      seed=seed, max_tokens=64)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+        jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+        r = c.chat.completions.create(model="tiny", messages=USER, temperature=1.0, seed=seed,
+                                      max_tokens=64, response_format={"type": "json_schema",
+                                      "json_schema": {"name": "person", "schema": person}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), person)
+
+
+def test_langchain_structured_output_with_open_sizes(server):
+    """function_calling gave None, json_schema a LengthFinishReasonError, json_mode ``{}``."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="tiny", base_url=server.base_url, api_key="unused", max_retries=0,
+                     temperature=1.0, max_tokens=96)
+    for method in ("function_calling", "json_schema"):
+        result = llm.with_structured_output(Person, method=method).invoke("Who is it?")
+        assert isinstance(result, Person), method
+    result = llm.with_structured_output(None, method="json_mode").invoke("Answer in JSON.")
+    assert isinstance(result, dict) and result
+
+
+def test_a_reply_cut_inside_a_call_says_length_and_drops_the_partial_call(server):
+    """``required`` + ``max_tokens=40`` used to end inside a second call with ``finish_reason
+    "tool_calls"`` and ``'<tool_call>\\n{"name'`` as content, which frameworks send back."""
+    c = client(server.base_url)
+    r = c.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, ADD], n=12,
+                                  tool_choice="required", temperature=1.0, seed=0, max_tokens=40)
+    finishes = [choice.finish_reason for choice in r.choices]
+    assert "length" in finishes, finishes
+    for choice in r.choices:
+        assert "<tool_call>" not in (choice.message.content or ""), choice
+        for call in choice.message.tool_calls or []:
+            json.loads(call.function.arguments)
+    history = USER + [r.choices[finishes.index("length")].message.model_dump(exclude_none=True)]
+    assert "<tool_call>" not in json.dumps(history)  # nothing half-written goes back
+
+
+def test_a_grammar_failing_mid_way_is_not_a_quiet_stop(server):
+    body = {"messages": USER, "max_tokens": 8, "temperature": 1.0,
+            "guided_grammar": "start: /[a-z]/ /a{1000000}/"}
+    r = httpx.post(server.base_url + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "error"
+    assert "grammar failed mid-way" in r.headers["x-ll-warning"]

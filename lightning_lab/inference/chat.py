@@ -17,9 +17,10 @@ reason in ``meta["tool_parse_error"]``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .schema_bounds import bound_schema
 from .tool_formats import ToolFormat, get_format
 from .tools import (ParsedReply, Tool, ToolChoice, ToolError, check_history, normalize_messages,
                     parse_response_format, parse_tool_choice, parse_tools)
@@ -59,6 +60,9 @@ class ChatPlan:
                 parsed.tool_calls = parsed.tool_calls[:1]
             if parsed.error or (self.choice.forced and not parsed.tool_calls):
                 meta["tool_parse_error"] = parsed.error or f"no tool call ({finish_reason})"
+            if finish_reason == "length" and parsed.partial:
+                meta["cut_tool_call"] = parsed.partial
+                parsed = parsed.cut_off()
             meta["tool_calls"] = [c.name for c in parsed.tool_calls]
         else:
             parsed = ParsedReply(text)
@@ -68,6 +72,8 @@ class ChatPlan:
                 meta["json_valid"] = True
             except ValueError:
                 meta["json_valid"] = False
+        if finish_reason in ("length", "error"):  # a cut-off or failed reply says so, calls or not
+            return parsed, finish_reason, meta
         return parsed, parsed.finish_reason or finish_reason, meta
 
 
@@ -101,12 +107,13 @@ def plan_chat(tokenizer: Any, messages: list[dict[str, Any]], *, tools: Any = No
             raise ToolError("grammar must be a non-empty Lark grammar string", "grammar")
         lark = grammar
     elif choice.forced:
-        allowed = [t for t in parsed_tools if choice.name in (None, t.name)]
+        allowed = [replace(t, parameters=bound_schema(t.parameters))
+                   for t in parsed_tools if choice.name in (None, t.name)]
         lark = fmt.call_grammar(allowed, parallel_tool_calls and choice.name is None)
     elif schema is not None and (not parsed_tools or choice.mode == "none"):
         from .constraints import json_schema_grammar
 
-        lark = json_schema_grammar(schema)
+        lark = json_schema_grammar(bound_schema(schema))
     if lark is not None and compile_grammar is not None:
         try:
             plan.grammar = compile_grammar(lark)

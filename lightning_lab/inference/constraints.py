@@ -66,7 +66,24 @@ def compile_grammar(grammar: str, tokenizer: Any, vocab_size: int, eos_ids: set[
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, ll_tok)
     if is_error:
         raise GrammarError(f"cannot compile the constraint: {messages[0] if messages else '?'}")
+    _probe(Constraint(compiled, tokenizer, vocab_size, eos_ids))
     return compiled
+
+
+def _probe(constraint: "Constraint") -> None:
+    """Take the grammar's first step before any sampling.
+
+    llguidance builds lexer states lazily, so a grammar past its limits (``/a{1000000}/``:
+    "too many expressions constructed") validates and then fails on its first token; finding
+    that here turns it into a client error instead of a reply that ignores the grammar. A
+    grammar that fails later, on a branch this step does not take, is caught while decoding.
+    """
+    allowed = constraint.allowed()
+    allowed[list(constraint.eos_ids)] = False
+    if bool(allowed.any()):
+        constraint.advance(int(allowed.nonzero()[0]))
+    if constraint.failed:
+        raise GrammarError(f"llguidance gave up on the grammar: {constraint.error}")
 
 
 class Constraint:
@@ -75,11 +92,12 @@ class Constraint:
     def __init__(self, compiled: str, tokenizer: Any, vocab_size: int, eos_ids: set[int] | tuple[int, ...]):
         import llguidance
 
-        self.vocab_size = vocab_size
+        self.vocab_size, self.eos_ids = vocab_size, tuple(sorted(eos_ids))
         self.matcher = llguidance.LLMatcher(
-            _ll_tokenizer(tokenizer, vocab_size, tuple(sorted(eos_ids))), compiled)
+            _ll_tokenizer(tokenizer, vocab_size, self.eos_ids), compiled,
+            limits=llguidance.LLParserLimits(verbose_errors=False))  # no parser dumps in errors
         if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+            raise GrammarError(self.error)
         self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
@@ -92,9 +110,20 @@ class Constraint:
         return bits.flatten()[: self.vocab_size].bool()
 
     def advance(self, token: int) -> bool:
-        """Feed the chosen token; False if the grammar rejects it (the matcher is then dead)."""
+        """Feed the chosen token; False if the grammar failed (it rejected the token, or llguidance
+        gave up on it, e.g. at a lexer limit): the matcher is then dead and the row must end.
+
+        A stop token ends the row without being fed; it is only fine if the grammar is intact
+        (a failed matcher's mask allows nothing but stop tokens)."""
+        if token in self.eos_ids:
+            return not self.failed
         return bool(self.matcher.consume_token(token))
 
     @property
+    def failed(self) -> bool:
+        return self.matcher.is_error()
+
+    @property
     def error(self) -> str:
-        return self.matcher.get_error()
+        """llguidance's reason, first line (the rest is a ``<non-verbose/>`` marker)."""
+        return self.matcher.get_error().split("\n", 1)[0]

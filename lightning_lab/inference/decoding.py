@@ -185,11 +185,11 @@ class DecodeBatch:
             row.logprobs.append(logprob)
             if row.params.top_logprobs:
                 row.top_logprobs.append(tops[i][:row.params.top_logprobs])
-            rejected = (row.constraint is not None and token not in self.stop_token_ids
-                        and not row.constraint.advance(token))
-            if rejected:  # cannot happen with a sound mask; end the row rather than go off-grammar
+            if row.constraint is not None and not row.constraint.advance(token):
+                # llguidance gave up mid-way (a sound mask never offers a rejected token): end
+                # the row rather than go off-grammar, and say so instead of a quiet "stop"
                 row.constraint_error = row.constraint.error or "token rejected by the grammar"
-                row.text, row.finish_reason = self.decode(row.response_ids), "stop"
+                row.text, row.finish_reason = self.decode(row.response_ids), "error"
                 finished = True
             else:
                 finished = self._finished(row, token)

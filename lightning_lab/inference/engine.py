@@ -46,7 +46,8 @@ class Sample:
     logprobs: list[float]
     """``log_softmax(logits / T)`` of each response token (T=1 for greedy)."""
     finish_reason: str
-    """``"stop"`` (stop token or stop string) or ``"length"`` (max_new_tokens or context full)."""
+    """``"stop"`` (stop token or stop string), ``"length"`` (max_new_tokens or context full) or
+    ``"error"`` (the grammar failed mid-way: ``constraint_error`` says why)."""
     text: str
     constrained: bool = False
     """Chosen under a grammar mask (logprobs are still the unmasked policy's)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Union
@@ -23,6 +24,8 @@ from lightning_lab.inference.sampling import SamplingParams
 
 Message = dict[str, Any]
 Prompt = Union[str, list[Message]]
+
+log = logging.getLogger("lightning_lab.policy")
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt, prefill: str = "") -> str:
@@ -47,7 +50,9 @@ class Generation:
     logprobs: list[float]
     """``log_softmax(logits / T)`` of each response token (T=1 when greedy)."""
     finish_reason: str
-    """``"stop"`` or ``"length"``."""
+    """``"stop"``, ``"length"`` (``max_new_tokens``), ``"tool_calls"`` (chat with calls), or
+    ``"error"``: llguidance gave up on the grammar mid-way (reason in ``meta["constraint_error"]``;
+    the text is cut where it failed and need not match the grammar)."""
     prompt_text: str
     temperature: float
     message: dict[str, Any] | None = None
@@ -316,6 +321,11 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
         parsed, gen.finish_reason, gen.meta = plan.reply(
             sample.text, sample.finish_reason, sample.constrained, sample.constraint_error)
         gen.message = parsed.message()
+    elif sample.constraint_error:
+        gen.meta["constraint_error"] = sample.constraint_error
+    if sample.constraint_error:
+        log.warning("the grammar failed mid-way (%s); the generation ends with finish_reason "
+                    "'error'", sample.constraint_error)
     return gen
 
 

@@ -34,7 +34,8 @@ class ToolFormat(Protocol):
         """The full prompt text (generation prompt included) for normalized ``messages``."""
 
     def parse(self, text: str, tools: list[Tool]) -> ParsedReply:
-        """Split generated text into content and calls (unknown names / bad JSON -> error)."""
+        """Split generated text into content and calls (unknown names / bad JSON -> error); an
+        unterminated last call is also set as ``partial``, so a cut-off reply can drop it."""
 
     def call_grammar(self, tools: list[Tool], parallel: bool) -> str:
         """A Lark grammar (llguidance dialect, ``%json`` allowed) of one or more valid calls."""
@@ -111,10 +112,17 @@ class HermesFormat:
                                              add_generation_prompt=True)
 
     def parse(self, text: str, tools: list[Tool]) -> ParsedReply:
+        _, tag, tail = text.rpartition("<tool_call>")
+        partial = (tag + tail).strip() if tag and "</tool_call>" not in tail else ""
+        reply = self._parse_calls(text, tools)
+        if partial:
+            reply.partial, reply.error = partial, reply.error or "unterminated <tool_call>"
+        return reply
+
+    def _parse_calls(self, text: str, tools: list[Tool]) -> ParsedReply:
+        """The complete calls; all text outside them (an unterminated call too) is content."""
         bodies = CALL_RE.findall(text)
         if not bodies:
-            if "<tool_call>" in text:
-                return ParsedReply(text, error="unterminated <tool_call>")
             return ParsedReply(text)
         names = {t.name for t in tools}
         calls = []

@@ -90,11 +90,23 @@ class ParsedReply:
     content: str | None
     tool_calls: list[ToolCall] = field(default_factory=list)
     error: str | None = None
+    partial: str = ""
+    """An unterminated call that ends ``content`` (the text was cut off inside it)."""
 
     @property
     def finish_reason(self) -> str | None:
         """``"tool_calls"`` when there are calls, else None (keep the engine's reason)."""
         return "tool_calls" if self.tool_calls else None
+
+    def cut_off(self) -> "ParsedReply":
+        """The reply of a generation stopped by ``max_tokens``: the unfinished call leaves
+        ``content``, as with OpenAI and vLLM; a framework would otherwise send half a call back
+        in the next turn's history. Complete calls stay."""
+        if not self.partial:
+            return self
+        content = self.content or ""
+        content = content[: content.rfind(self.partial)].strip()
+        return ParsedReply(content or None, self.tool_calls, self.error)
 
     def message(self) -> dict[str, Any]:
         """The OpenAI assistant message; append it to ``messages`` for the next turn."""
@@ -184,7 +196,10 @@ def parse_tool_choice(value: Any, tools: list[Tool], param: str = "tool_choice")
 
 
 def parse_response_format(value: Any, param: str = "response_format") -> dict[str, Any] | None:
-    """``text`` -> None; ``json_object`` -> ``{"type": "object"}``; ``json_schema`` -> its schema."""
+    """``text`` -> None; ``json_object`` -> a non-empty object; ``json_schema`` -> its schema.
+
+    ``json_object`` asks for at least one key: an empty ``{}`` is valid JSON but answers nothing
+    (LangChain's ``json_mode`` got ``{}`` from a weak model every time)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -193,7 +208,7 @@ def parse_response_format(value: Any, param: str = "response_format") -> dict[st
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "object"}
+        return {"type": "object", "minProperties": 1}
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:

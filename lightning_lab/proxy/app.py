@@ -230,6 +230,7 @@ def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | 
             ticket.release()
         if isinstance(completions, JSONResponse):
             return completions
+        warnings += _grammar_failures(completions)
         return JSONResponse(call.response(completions), headers=warning_headers(warnings))
 
     def make_call(request: Request, entry: OpenRollout | None, chat_request: ChatRequest,
@@ -281,6 +282,17 @@ def tool_call_deltas(index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"index": index, "id": call["id"], "type": "function",
              "function": {"name": function["name"], "arguments": ""}},
             {"index": index, "function": {"arguments": function["arguments"]}}]
+
+
+def _grammar_failures(completions: list[Completion]) -> list[str]:
+    """Choices whose grammar llguidance gave up on mid-way (finish_reason ``"error"``), logged
+    and said in ``X-LL-Warning``: their text is cut where it failed and need not match it. A
+    grammar that fails on its first step is a 400 before sampling (``guided_grammar``)."""
+    failed = [f"choice {i}: the grammar failed mid-way ({c.meta['constraint_error']})"
+              for i, c in enumerate(completions) if c.meta.get("constraint_error")]
+    for message in failed:
+        log.warning(message)
+    return failed
 
 
 def _message(c: Completion) -> dict[str, Any]:
