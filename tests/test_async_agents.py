@@ -44,7 +44,8 @@ def server(policy):
         yield s
 
 
-def wait_until(predicate, limit_s: float = 10.0) -> bool:
+def wait_until(predicate, limit_s: float = 60.0) -> bool:
+    """Poll ``predicate`` until true; ``limit_s`` is only a safety limit for a loaded machine."""
     deadline = time.monotonic() + limit_s
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 import threading
@@ -172,34 +173,53 @@ def _weights(policy) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in policy.model.parameters() if p.requires_grad])
 
 
+def _one_row_per_batch(policy: ll.Policy) -> ll.Policy:
+    """Make the engine decode one row at a time, so each row's logits come from the same matmul
+    shapes whatever else is queued: float results no longer depend on how the 32 concurrent
+    agents' calls happened to be batched (which thread scheduling, and so the load, decides)."""
+    policy.engine.config.max_batch_rows = 1
+    return policy
+
+
 def test_same_seed_same_run_and_resume_with_the_default_rollout_workers(tmp_path):
     """Defect 12: with 32 concurrent agents two same-seed runs sampled differently from step 1
     (unseeded rows drew from one RNG in thread order: ~0% identical trajectories). Rollouts are
-    now seeded per call; what remains is float rounding of differently composed batches, which
-    can move a sampling boundary past a uniform draw now and then (see README)."""
+    now seeded per call.
+
+    Batched decoding is not bit-reproducible: rows batched differently round logits differently
+    (~1e-7), which now and then moves a sampling boundary past a uniform draw (measured: 8 of 256
+    trajectories of two 6-token calls differ between a one-row and a batched engine). One flip
+    changes the Adam update by ~20% of its size, and the next step's samples with it, so the
+    old checks (weights within 1e-5, >= 90% identical over two steps) failed under load, where
+    batches are composed differently. Exactness is therefore checked where it holds by
+    construction, an engine that decodes one row per batch, still with the default 32 rollout
+    workers: any dependence of seeds, task order or resume on thread timing fails it. The
+    batched engine is checked against that run statistically on step 1 (same weights): at 3%
+    flips, > 4 of 16 trajectories differ with probability ~1e-4, while seeds mixed up between
+    rows or threads differ in nearly all."""
     config = _config(tasks_per_step=4, group_size=4, lr=3e-3, seed=5)
     assert config.rollout_workers == 32
-    policy = ll.models.load("tiny", seed=0)
+    policy = _one_row_per_batch(ll.models.load("tiny", seed=0))
     first = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
     first_states = first.fit(2, progress=False)
     first.save(tmp_path / "ckpt")
     saved = _weights(policy)
     first_next = first.step()  # the uninterrupted run's step 3
     first_weights = _weights(policy)
+    assert not torch.equal(first_weights, saved)  # step 3 did update
 
-    policy = ll.models.load("tiny", seed=0)
+    policy = ll.models.load("tiny", seed=0)  # batched as the load decides
     second = ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=config)
-    assert _same(_samples(second.fit(2, progress=False)), _samples(first_states)) >= 0.9
+    assert _same(_samples([second.step()]), _samples(first_states[:1])) >= 12 / 16
 
-    policy = ll.models.load("tiny", seed=0)
+    policy = _one_row_per_batch(ll.models.load("tiny", seed=0))
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
     assert resumed.step_count == 2 and resumed.history == first.history[:2]
     assert torch.equal(_weights(policy), saved)  # the checkpoint itself is exact
     state = resumed.step()
     assert [t.task_id for t in state.batch] == [t.task_id for t in first_next.batch]
-    assert _same(_samples([state]), _samples([first_next])) >= 0.9
-    diff = (_weights(policy) - first_weights).norm() / first_weights.norm()
-    assert diff < 1e-5, diff
+    assert _samples([state]) == _samples([first_next])
+    assert torch.equal(_weights(policy), first_weights)  # same samples, same update: bit-exact
 
 
 # ---------------------------------------------------------------- 3, 5: resume in a run folder
@@ -316,27 +336,52 @@ def test_sys_exit_and_other_base_exceptions_are_contained(workers):
         assert batch[3].error.startswith("KeyboardInterrupt")
 
 
+def _until_main_thread_runs_in(filename: str) -> None:
+    """Poll until the main thread's innermost Python frame is in ``filename`` (blocked in a C
+    call made there, such as a queue wait), so a signal lands there, not in ``Thread.start``.
+    Gives up after 10,000 polls: a signal landing elsewhere must stop the rollouts too."""
+    main = threading.main_thread().ident
+    for _ in range(10_000):
+        if sys._current_frames()[main].f_code.co_filename == filename:
+            return
+        time.sleep(0.001)
+
+
 def test_ctrl_c_of_the_user_still_stops_the_rollouts():
+    from lightning_lab.rollouts import threads as threads_mod
+
     def agent(task):
         raise KeyboardInterrupt()  # on the main thread: what Ctrl-C raises
 
     with pytest.raises(KeyboardInterrupt):
         ll.run_rollouts(agent, TASKS[:2], max_workers=1)
-    started = threading.Event()
 
-    def slow(task):
-        started.set()
-        time.sleep(0.2)
+    # A real SIGINT at the main thread while it waits on 2 running rollouts (62 more queued).
+    # It was _thread.interrupt_main(), which only sets a flag: a main thread blocked on the
+    # runner's queue sees it when some rollout ends, so the test leaned on its agents' sleeps and
+    # on thread timing. Here the agents hold until released: the signal must break the wait
+    # itself, and no queued rollout may start, whatever the load.
+    started, lock, release = [], threading.Lock(), threading.Event()
 
-    def interrupt():
-        started.wait(30)
-        import _thread
+    def held(task):
+        with lock:
+            started.append(task["task_id"])
+            both_running = len(started) == 2
+        if both_running:
+            _until_main_thread_runs_in(threads_mod.__file__)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if not release.wait(60):  # the Ctrl-C was lost: let the rest end, so the test fails
+            release.set()
 
-        _thread.interrupt_main()
-
-    threading.Thread(target=interrupt).start()
-    with pytest.raises(KeyboardInterrupt):  # while waiting on 64 queued rollouts
-        ll.run_rollouts(slow, TASKS * 8, max_workers=2)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ll.run_rollouts(held, TASKS * 8, max_workers=2)
+        assert not release.is_set()  # it arrived while both rollouts were still held
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, handler)
+    assert sorted(started) == ["t0", "t1"], started  # the first two of 64 jobs, and no more
 
 
 # ---------------------------------------------------------------- 10: SQL sandbox
@@ -351,18 +396,29 @@ def db(tmp_path) -> str:
     return str(path)
 
 
-def test_single_function_queries_stop_within_2s_and_512mb(db):
+def test_single_function_queries_stop_at_the_deadline_and_512mb(db, monkeypatch):
+    from environments.text_to_sql import sandbox
     from environments.text_to_sql.sql import run_sql
 
-    # Bounds, not performance: each stops in ~0.01 s, or at the 1.5 s limit + 0.1 s grace.
-    for sql, error in (("SELECT zeroblob(900000000) FROM singer", "too big"),
-                       ("SELECT printf('%.*c', 999999999, 'x')", "time limit"),
-                       ("SELECT zeroblob(900000000)", "memory")):
-        start = time.monotonic()
+    killed: list[int] = []
+    real_kill = sandbox._Worker.kill
+
+    def counted_kill(worker) -> None:
+        killed.append(worker.proc.pid)
+        real_kill(worker)
+
+    monkeypatch.setattr(sandbox._Worker, "kill", counted_kill)
+    # Bounds, checked by what stopped each query rather than by a clock (a clock fails under
+    # load): the length limit refuses the first at once; the printf, one VM step of ~14 s that
+    # no progress handler interrupts, is stopped by killing its worker at the deadline; the
+    # third, past the length limit, fails inside its worker at the 512 MB address-space cap.
+    for sql, error, kills in (("SELECT zeroblob(900000000) FROM singer", "too big", 0),
+                              ("SELECT printf('%.*c', 999999999, 'x')", "time limit", 1),
+                              ("SELECT zeroblob(900000000)", "memory", 0)):
         kw = {"max_value_bytes": 2_000_000_000} if error == "memory" else {}
-        result = run_sql(db, sql, **kw)  # "memory": past the length limit, the 512 MB cap holds
-        assert time.monotonic() - start < 2.0, sql
-        assert error in result.error, (sql, result.error)
+        killed.clear()
+        result = run_sql(db, sql, **kw)
+        assert error in result.error and len(killed) == kills, (sql, result.error, killed)
     assert run_sql(db, "SELECT name FROM singer WHERE id = 2").rows == [("s2",)]
 
 

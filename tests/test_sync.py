@@ -110,7 +110,10 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         if failure == "timeout":
             import time
 
-            time.sleep(1.5)  # the stalled load finishes server-side: v1 is loaded there already
+            deadline = time.monotonic() + 60  # a safety limit: the stalled load takes 1.5 s
+            while "ll-policy-v1" not in standin.loaded and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert "ll-policy-v1" in standin.loaded  # the stalled load finished server-side
             trainer.sync.config.timeout_s = 60
         state = trainer.step()  # retries v1 (unloading a half-finished earlier attempt first)
     finally:

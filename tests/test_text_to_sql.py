@@ -7,7 +7,6 @@ import hashlib
 import json
 import random
 import sqlite3
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -387,11 +386,12 @@ def test_sandbox_denies_writes(toy_db, sql):
 
 
 def test_sandbox_stops_runaway_query(toy_db):
-    start = time.perf_counter()
+    # The error names the deadline, which only a stopped query reports (left alone, this one
+    # never ends); how long that took is not asserted, as it depends on the machine's load.
     res = run_sql(toy_db, "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
-                          "SELECT x FROM c ORDER BY x DESC")
-    assert time.perf_counter() - start < 2.0
-    assert not res.ok and "time limit" in res.error
+                          "SELECT x FROM c ORDER BY x DESC", timeout_s=0.5)
+    assert not res.ok and res.error == "query exceeded the 0.5s time limit"
+    assert run_sql(toy_db, "SELECT count(*) FROM t").rows == [(4,)]  # the sandbox still serves
 
 
 def test_sandbox_caps_huge_results(toy_db):
