@@ -235,13 +235,14 @@ def test_every_entry_point_is_greedy_in_evaluate(policy, entry):
 def test_explicit_temperature_wins_and_none_is_the_default(policy):
     """An explicit temperature beats the rollout's; none anywhere is ``DEFAULT_TEMPERATURE``."""
     def sample(**kw):
-        return policy.generate(["a plain string prompt"], max_new_tokens=8, seed=3, **kw)[0]
+        return policy.generate(["hello"], max_new_tokens=8, seed=3, **kw)[0]
 
-    hot = sample(temperature=0.7)
+    hot = sample(temperature=1.5)
+    assert hot.response_ids != sample(temperature=0).response_ids  # so the check below can fail
     with ll.rollout("t", temperature=0) as traj:
-        assert sample(temperature=0.7).response_ids == hot.response_ids
-        assert policy.chat("hello", max_new_tokens=8, temperature=0.7) is not None
-    assert [t.temperature for t in traj.transitions] == [0.7, 0.7]
+        assert sample(temperature=1.5).response_ids == hot.response_ids
+        policy.chat("hello", max_new_tokens=8, temperature=1.5)
+    assert [t.temperature for t in traj.transitions] == [1.5, 1.5]
     default = sample(temperature=ll.tracing.DEFAULT_TEMPERATURE)
     assert sample().response_ids == default.response_ids and sample().temperature == 1.0
     with ll.rollout("t") as traj:  # a rollout without a temperature: the default too

@@ -209,12 +209,13 @@ class Policy:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
         ``temperature=0`` is greedy; None is the rollout's, else ``tracing.DEFAULT_TEMPERATURE``
-        (the contract in ``tracing``: greedy in ``evaluate()``). ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
-        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
-        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
-        prompts only; each generation then carries its parsed ``message``) and ``grammar`` (a
-        Lark grammar of the generated text, for string prompts too).
+        (the contract in ``tracing``: greedy in ``evaluate()``). ``seed`` makes each prompt's
+        samples reproducible whatever else shares the batch (up to float rounding of batched
+        matmuls); inside a rollout opened with ``seed`` it defaults to that rollout's per-call
+        seed. ``tool_options`` are OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+        ``response_format`` (chat prompts only; each generation then carries its parsed
+        ``message``) and ``grammar`` (a Lark grammar of the generated text, for string prompts
+        too).
         """
         texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
                                                 stop, prefill, seed, tool_options)
