@@ -67,7 +67,8 @@ class Transition:
     reward: float = 0.0
     """Immediate reward attached with ``ll.reward``."""
     temperature: float = 1.0
-    """Sampling temperature the logprobs refer to (the trainer divides logits by it)."""
+    """Sampling temperature of the call, 0 for greedy (``tracing`` states the contract). The
+    logprobs are of ``log_softmax(logits / T)``, T=1 when greedy; the trainer scores likewise."""
     finish_reason: str = "stop"
     meta: dict[str, Any] = field(default_factory=dict)
     # Filled by credit assignment / the critic; None until then.
@@ -321,8 +322,9 @@ def _from_data(data: Any) -> Trajectory:
                         or not math.isfinite(reward)):  # a failed one may hold its huge sum
             raise ValueError(f"{what}: {problem}")
         temperature = tr.get("temperature", 1.0)
-        if not _real(temperature) or not 0 < temperature < math.inf:
-            raise ValueError(f"{what}.temperature must be a positive number, got {temperature!r}")
+        if not _real(temperature) or not 0 <= temperature < math.inf:
+            raise ValueError(f"{what}.temperature must be a finite number >= 0 (0: greedy), "
+                             f"got {temperature!r}")
         for name in _OPTIONAL_FLOATS:
             if tr.get(name) is not None and not (_real(tr[name]) and math.isfinite(tr[name])):
                 raise ValueError(f"{what}.{name} must be a finite number or null")

@@ -3,6 +3,14 @@
 State lives in ``contextvars`` so that agents running in threads (one per rollout, as the trainer
 runs them) or in asyncio tasks never see each other's rollout. The policy calls
 ``record_generation`` after each call; everything else here is the user-facing API.
+
+The temperature contract (one rule for ``Policy.chat``/``achat``/``generate``/``agenerate`` and
+the proxy's endpoints, applied by ``sampling_temperature``): a call's ``temperature=None`` means
+the open rollout's temperature, else ``DEFAULT_TEMPERATURE``; an explicit value wins. So
+``evaluate()`` (a rollout at 0) is greedy whatever entry point the agent samples through, and the
+trainer's rollouts use ``PPOConfig.temperature``. A transition records the temperature it was
+sampled at, 0 for greedy; greedy logprobs are those of the T=1 distribution (``scoring`` reads
+0 as 1).
 """
 
 from __future__ import annotations
@@ -16,13 +24,26 @@ from typing import Any, Callable
 from .records import MAX_ABS_REWARD, Trajectory, Transition, new_traj_id, reward_problem
 
 __all__ = ["rollout", "step", "reward", "current", "active_trajectory", "traced", "record_generation",
-           "current_temperature", "current_control", "call_seed", "derive_seed",
+           "current_temperature", "sampling_temperature", "DEFAULT_TEMPERATURE", "current_control",
+           "call_seed", "derive_seed",
            "RolloutControl", "RolloutCancelled", "TracingError"]
 
 
 DEFAULT_ROLE = "main"
 """Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
 ``trainable_agents`` and per-role tables can always select it."""
+
+
+DEFAULT_TEMPERATURE = 1.0
+"""Temperature of a call that sets none, inside no rollout that sets one (the module docstring
+has the whole contract); ``PPOConfig.temperature`` defaults to it."""
+
+
+def sampling_temperature(requested: float | None, rollout_default: float | None) -> float:
+    """The temperature a call samples at: its own, else its rollout's, else the default."""
+    if requested is not None:
+        return requested
+    return DEFAULT_TEMPERATURE if rollout_default is None else rollout_default
 
 
 class TracingError(RuntimeError):
@@ -315,14 +336,12 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
     else:
         traj = trajectory
     transitions = traj.transitions
-    temperature = gen.temperature
     # Positional, in Transition's field order (prompt_ids, response_ids, logprobs, prompt,
     # response, agent, step, reward, temperature, finish_reason, meta): keyword arguments make
     # this call, the bulk of the per-transition tracing cost, about twice as slow.
     tr = Transition(gen.prompt_ids, gen.response_ids, gen.logprobs, gen.prompt_text, gen.text,
                     (_agent.get() if agent is None else agent) or DEFAULT_ROLE, len(transitions),
-                    0.0, (temperature if type(temperature) is float else float(temperature))
-                    if temperature else 1.0, gen.finish_reason,
+                    0.0, float(gen.temperature), gen.finish_reason,
                     dict(gen.meta) if getattr(gen, "meta", None) else {})
     if not transitions and "pending_reward" in traj.meta:
         tr.reward += traj.meta.pop("pending_reward")

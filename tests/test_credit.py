@@ -1,5 +1,7 @@
 """Credit strategies against values computed by hand (comments show the arithmetic)."""
 
+import dataclasses
+
 import pytest
 
 import lightning_lab as ll
@@ -124,3 +126,21 @@ def test_registry_errors_and_user_strategies(monkeypatch):
                                                   "assign": LastOnly.assign})))
     batch = ll.credit.get("last_only").assign(_batch({"a": [[1.0, 2.0]]}))
     assert _col(batch, "advantage") == [[0.0, 3.0]]
+
+
+def test_run_config_credit_fields_are_known_in_one_place():
+    """Which RunConfig fields are strategy parameters, and which a strategy does not take, comes
+    from ``config.CREDIT_FIELDS`` and the registry's ``param_names``: the run's strategy, a
+    resumed run switching strategy and a sweep's grid all ask the same function."""
+    from lightning_lab.train import config as run_config
+    from lightning_lab.workbench.tracking.sweeps import effective_params
+
+    for name in ll.credit.names():
+        takes = set(ll.credit.param_names(name))
+        dropped = run_config.credit_fields_not_taken(name)
+        assert set(dropped) == set(run_config.CREDIT_FIELDS) - takes
+        swept = {"credit": name, "gamma": 0.5, "lam": 0.9, "baseline": "group", "steps": 2}
+        assert set(swept) - set(effective_params(swept)) == set(dropped)
+    cfg = run_config.RunConfig(credit="value", gamma=0.5, lam=None, baseline="group")
+    assert cfg.credit_params() == {"gamma": 0.5, "baseline": "group"}  # unset ones: defaults
+    assert set(run_config.CREDIT_FIELDS) <= {f.name for f in dataclasses.fields(cfg)}

@@ -204,6 +204,57 @@ def test_chat_records_inside_rollout(policy):
     assert text == greedy  # the rollout's temperature 0 was used
 
 
+@pytest.mark.parametrize("entry", ["generate", "agenerate", "chat", "achat"])
+def test_every_entry_point_is_greedy_in_evaluate(policy, entry):
+    """The temperature contract: an agent built on any sampling entry point is greedy in
+    ``evaluate()`` (``generate`` once defaulted to 1.0 and ignored the rollout's 0), and the
+    transitions record 0, with logprobs of the T=1 distribution."""
+    call = getattr(policy, entry)
+    prompt = "hello" if entry.endswith("chat") else ["hello"]
+
+    def agent(task):
+        call(prompt, max_new_tokens=8)
+
+    async def async_agent(task):
+        await call(prompt, max_new_tokens=8)
+
+    runner = async_agent if entry.startswith("a") else agent
+    first, _ = ll.evaluate(runner, [{}, {}])
+    again, _ = ll.evaluate(runner, [{}])
+    greedy = policy.generate([policy.prompt_text([{"role": "user", "content": "hello"}])
+                              if entry.endswith("chat") else "hello"],
+                             max_new_tokens=8, temperature=0)[0]
+    rows = [t.transitions[0] for t in [*first, *again]]
+    assert [tr.response_ids for tr in rows] == [greedy.response_ids] * 3
+    for tr in rows:
+        assert tr.temperature == 0.0
+        expected = full_forward_logprobs(policy.model, tr.prompt_ids, tr.response_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(tr.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_explicit_temperature_wins_and_none_is_the_default(policy):
+    """An explicit temperature beats the rollout's; none anywhere is ``DEFAULT_TEMPERATURE``."""
+    def sample(**kw):
+        return policy.generate(["hello"], max_new_tokens=8, seed=3, **kw)[0]
+
+    hot = sample(temperature=1.5)
+    assert hot.response_ids != sample(temperature=0).response_ids  # so the check below can fail
+    with ll.rollout("t", temperature=0) as traj:
+        assert sample(temperature=1.5).response_ids == hot.response_ids
+        policy.chat("hello", max_new_tokens=8, temperature=1.5)
+    assert [t.temperature for t in traj.transitions] == [1.5, 1.5]
+    default = sample(temperature=ll.tracing.DEFAULT_TEMPERATURE)
+    assert sample().response_ids == default.response_ids and sample().temperature == 1.0
+    with ll.rollout("t") as traj:  # a rollout without a temperature: the default too
+        assert sample().response_ids == default.response_ids
+    assert traj.transitions[0].temperature == ll.tracing.DEFAULT_TEMPERATURE
+
+
+def test_chat_names_an_unknown_option(policy):
+    with pytest.raises(TypeError, match="temprature"):
+        policy.chat("hello", temprature=0)
+
+
 def test_concurrent_chat_is_batched_and_not_mixed(policy):
     prompts = [f"question number {i}: what is {i} plus {i}?" for i in range(16)]
     sequential = [policy.chat(p, temperature=0, max_new_tokens=10) for p in prompts]

@@ -107,7 +107,7 @@ def test_rollout_url_traces_calls_roles_and_rewards(server):
     assert traj.task_id == "t1"
     assert [t.agent for t in traj.transitions] == ["writer", "checker", "rewriter", "rewriter"]
     assert [t.step for t in traj.transitions] == [0, 1, 2, 3]
-    assert [t.temperature for t in traj.transitions] == [0.7, 1.0, 0.7, 0.7]  # greedy records T=1
+    assert [t.temperature for t in traj.transitions] == [0.7, 0.0, 0.7, 0.7]  # greedy records 0
     assert all(len(t.logprobs) == len(t.response_ids) > 0 for t in traj.transitions)
     assert traj.transitions[-1].reward == pytest.approx(1.5)
     assert all(t.meta["via"] == "http" for t in traj.transitions)

@@ -61,3 +61,17 @@ def test_usable_excludes_failed_and_empty():
     assert not _traj("a", [1.0], status="failed").usable
     assert not ll.Trajectory(task_id="a").usable
     assert math.isclose(_traj("a", [0.5, 0.25]).total_reward, 0.75)
+
+
+def test_greedy_temperature_round_trips_and_negative_is_refused(tmp_path):
+    """0 is a recorded temperature (greedy); a negative one names the field."""
+    traj = _traj("g", [1.0])
+    traj.transitions[0].temperature = 0.0
+    path = tmp_path / "greedy.jsonl"
+    ll.Batch([traj]).save_jsonl(path)
+    assert ll.Batch.load_jsonl(path, strict=True)[0].transitions[0].temperature == 0.0
+    bad = traj.to_dict()
+    bad["transitions"][0]["temperature"] = -0.5
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ll.TraceFormatError, match=r"transitions\[0\].temperature"):
+        ll.Batch.load_jsonl(path, strict=True)

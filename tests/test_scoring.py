@@ -73,6 +73,15 @@ def test_temperature_scales_logits(tiny):
     assert (lp1 <= 0).all() and (lp2 <= 0).all()
 
 
+def test_greedy_rows_score_at_temperature_one(tiny):
+    """A greedy transition records temperature 0; its logprobs are those of T=1 (as sampled)."""
+    greedy, plain = row([5, 6, 7], [8, 9], temperature=0.0), row([5, 6, 7], [8, 9])
+    with torch.no_grad():
+        out = score(tiny.model, [greedy, plain])
+    lp0, lp1 = out.logprobs.split(out.lengths)
+    torch.testing.assert_close(lp0, lp1, atol=1e-6, rtol=0)
+
+
 def multi_turn_rows():
     """Two 3-turn trajectories of one task (a GRPO pair): each turn's prompt is the previous
     prompt + response + a new user message; the second trajectory diverges at its first response.

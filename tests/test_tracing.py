@@ -143,3 +143,13 @@ def test_recorded_transition_carries_every_generation_field():
     for tr, step, reward in ((first, 0, 0.25), (second, 1, 0.0)):
         assert {k: getattr(tr, k) for k in expected} == expected
         assert (tr.step, tr.reward) == (step, reward)
+
+
+def test_greedy_generation_records_temperature_zero():
+    """A greedy call (temperature 0) is recorded as 0, not as 1.0: the record says how it was
+    sampled; its logprobs are of the T=1 distribution, which scoring reads 0 as."""
+    gen = SimpleNamespace(prompt_ids=[1], response_ids=[2], logprobs=[-0.5], prompt_text="p",
+                          text="t", temperature=0.0, finish_reason="stop")
+    with ll.rollout(task_id="t", temperature=0) as traj:
+        record_generation(gen)
+    assert traj.transitions[0].temperature == 0.0

@@ -121,8 +121,7 @@ def make_agent(policy: Any, server: Any = None, **options: Any) -> Callable[[Cal
     server = server or ll.serve(policy)
 
     def run(task: CalcTask, base_url: str) -> None:
-        temperature = ll.tracing.current_temperature()
-        sampling = temperature is None or temperature > 0  # None: the sampler's default (1.0)
+        sampling = ll.tracing.sampling_temperature(None, ll.tracing.current_temperature()) > 0
         forced = sampling and random.random() < cfg.required_fraction
         outcome = solve(task.question, base_url, cfg, model=server.backend.name,
                         first_tool_choice="required" if forced else None)

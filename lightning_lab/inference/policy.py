@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Union
 
 import torch
@@ -62,6 +62,34 @@ class Generation:
     ``tool_parse_error``, ``json_valid``, ``tool_format``."""
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """The keyword arguments of ``Policy.chat`` and ``achat``, defaults included: one list for
+    both, so the sync and async turns cannot drift apart."""
+
+    max_new_tokens: int = 128
+    temperature: float | None = None
+    """None: the rollout's, else ``tracing.DEFAULT_TEMPERATURE`` (the contract in ``tracing``)."""
+    top_p: float = 1.0
+    stop: list[str] | str | None = None
+    prefill: str = ""
+    """Text the assistant turn starts with; the reply starts with it too."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI tool specs; the reply is then the assistant message, not a string."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The options as ``Policy.generate`` keywords (``tools`` not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def reply(self, generation: Generation) -> Any:
+        """What ``chat`` returns: the assistant message with ``tools``, else prefill + text."""
+        return generation.message if self.tools is not None else self.prefill + generation.text
+
+
 class Policy:
     """A model (HF or peft-wrapped) with its tokenizer and a batching engine."""
 
@@ -95,13 +123,14 @@ class Policy:
         return plan_chat(self.tokenizer, prompt, tool_format=self.tool_format, prefill=prefill,
                          **tool_options).prompt_text
 
-    def _requests(self, prompts: list[Prompt], n: int, temperature: float, top_p: float,
+    def _requests(self, prompts: list[Prompt], n: int, temperature: float | None, top_p: float,
                   max_new_tokens: int, stop: list[str] | str | None, prefill: str,
                   seed: int | None, tool_options: dict[str, Any]
                   ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
-        if seed is None:  # inside a seeded rollout: its per-call seed
-            from lightning_lab import tracing
+        from lightning_lab import tracing
 
+        temperature = tracing.sampling_temperature(temperature, tracing.current_temperature())
+        if seed is None:  # inside a seeded rollout: its per-call seed
             seed = tracing.call_seed()
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
@@ -169,7 +198,7 @@ class Policy:
         prompts: list[Prompt],
         *,
         n: int = 1,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_p: float = 1.0,
         max_new_tokens: int = 64,
         stop: list[str] | str | None = None,
@@ -179,12 +208,14 @@ class Policy:
     ) -> list[Generation]:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
-        ``temperature=0`` is greedy. ``seed`` makes each prompt's samples reproducible whatever
-        else shares the batch (up to float rounding of batched matmuls); inside a rollout opened
-        with ``seed`` it defaults to that rollout's per-call seed. ``tool_options`` are
-        OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` (chat
-        prompts only; each generation then carries its parsed ``message``) and ``grammar`` (a
-        Lark grammar of the generated text, for string prompts too).
+        ``temperature=0`` is greedy; None is the rollout's, else ``tracing.DEFAULT_TEMPERATURE``
+        (the contract in ``tracing``: greedy in ``evaluate()``). ``seed`` makes each prompt's
+        samples reproducible whatever else shares the batch (up to float rounding of batched
+        matmuls); inside a rollout opened with ``seed`` it defaults to that rollout's per-call
+        seed. ``tool_options`` are OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+        ``response_format`` (chat prompts only; each generation then carries its parsed
+        ``message``) and ``grammar`` (a Lark grammar of the generated text, for string prompts
+        too).
         """
         texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
                                                 stop, prefill, seed, tool_options)
@@ -203,7 +234,7 @@ class Policy:
         prompts: list[Prompt],
         *,
         n: int = 1,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_p: float = 1.0,
         max_new_tokens: int = 64,
         stop: list[str] | str | None = None,
@@ -231,54 +262,24 @@ class Policy:
             unregister()
         return self._record(texts, requests, plans, list(results))
 
-    def chat(
-        self,
-        messages: Prompt,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: list[str] | str | None = None,
-        prefill: str = "",
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: str | dict[str, Any] | None = None,
-        parallel_tool_calls: bool = True,
-        response_format: dict[str, Any] | None = None,
-        grammar: str | None = None,
-    ) -> Any:
+    def chat(self, messages: Prompt, **options: Any) -> Any:
         """One assistant turn; returns ``prefill + generated text``, or with ``tools`` the
         OpenAI assistant message ``{"role", "content", "tool_calls"?}`` (append it to
         ``messages``, then the ``{"role": "tool", "tool_call_id", "content"}`` results).
 
-        A string becomes one user message. ``temperature=None`` uses the open rollout's default
-        (evaluation sets 0), else 1.0. ``tool_choice="required"``/a named function and
+        A string becomes one user message. ``options`` are ``ChatOptions``' fields:
+        ``temperature=None`` is the rollout's (evaluation sets 0), else
+        ``tracing.DEFAULT_TEMPERATURE``. ``tool_choice="required"``/a named function and
         ``response_format`` constrain decoding to a valid call / JSON (see ``inference.chat``).
         """
-        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
-                                     tools, tool_choice, parallel_tool_calls, response_format,
-                                     grammar)
-        return _chat_reply(self.generate([prompt], **options)[0], prefill, tools)
+        call = ChatOptions(**options)
+        return call.reply(self.generate([_as_messages(messages)], **call.generate_kwargs())[0])
 
-    async def achat(
-        self,
-        messages: Prompt,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: list[str] | str | None = None,
-        prefill: str = "",
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: str | dict[str, Any] | None = None,
-        parallel_tool_calls: bool = True,
-        response_format: dict[str, Any] | None = None,
-        grammar: str | None = None,
-    ) -> Any:
-        """``chat`` for ``async def`` agents (same arguments, same reply, same tracing)."""
-        prompt, options = _chat_call(messages, max_new_tokens, temperature, top_p, stop, prefill,
-                                     tools, tool_choice, parallel_tool_calls, response_format,
-                                     grammar)
-        return _chat_reply((await self.agenerate([prompt], **options))[0], prefill, tools)
+    async def achat(self, messages: Prompt, **options: Any) -> Any:
+        """``chat`` for ``async def`` agents (same options, same reply, same tracing)."""
+        call = ChatOptions(**options)
+        generations = await self.agenerate([_as_messages(messages)], **call.generate_kwargs())
+        return call.reply(generations[0])
 
     @contextlib.contextmanager
     def reference(self, weights: dict[str, torch.Tensor] | None = None) -> Iterator[Any]:
@@ -329,26 +330,9 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
     return gen
 
 
-def _chat_call(messages: Prompt, max_new_tokens: int, temperature: float | None,
-               top_p: float | None, stop: list[str] | str | None, prefill: str,
-               tools: Any, tool_choice: Any, parallel_tool_calls: bool,
-               response_format: Any, grammar: str | None) -> tuple[Prompt, dict[str, Any]]:
-    """``chat``'s defaults: a string is one user message; no temperature = the rollout's, else 1."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if temperature is None:
-        from lightning_lab import tracing
-
-        temperature = tracing.current_temperature()
-    return messages, dict(temperature=1.0 if temperature is None else temperature,
-                          top_p=1.0 if top_p is None else top_p, max_new_tokens=max_new_tokens,
-                          stop=stop, prefill=prefill, tools=tools, tool_choice=tool_choice,
-                          parallel_tool_calls=parallel_tool_calls, response_format=response_format,
-                          grammar=grammar)
-
-
-def _chat_reply(generation: Generation, prefill: str, tools: Any) -> Any:
-    return generation.message if tools is not None else prefill + generation.text
+def _as_messages(prompt: Prompt) -> list[Message]:
+    """``chat``'s prompt: a string is one user message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def _raise_if_rollout_cancelled() -> None:

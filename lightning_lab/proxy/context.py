@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from ..tracing import sampling_temperature
 from .protocol import ProtocolError
 from .registry import OpenRollout
 
@@ -64,11 +65,11 @@ class Endpoints:
         return requested
 
     def temperature(self, requested: float | None, entry: OpenRollout | None) -> float:
+        """The request's, else the rollout's, else the default (``tracing``'s contract)."""
         from ..inference.sampling import normalize_temperature
 
-        if requested is None:
-            requested = entry.temperature if entry and entry.temperature is not None else 1.0
-        return normalize_temperature(requested)
+        return normalize_temperature(sampling_temperature(
+            requested, entry.temperature if entry is not None else None))
 
 
 def agent_name(request: Any, metadata: dict[str, Any], user: str) -> str:

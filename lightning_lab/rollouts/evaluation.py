@@ -17,6 +17,9 @@ def evaluate(agent: Callable[[Any], Any], tasks: Sequence[Any], *,
              timeout_s: float | None = None) -> tuple[Batch, dict[str, float]]:
     """Run each task once at ``temperature`` (0 = greedy) and summarise.
 
+    It is the rollouts' temperature, so calls that set none sample at it, whatever entry point
+    the agent uses (the contract in ``tracing``).
+
     Tasks run in chunks of ``max_workers`` concurrent agents, so a progress bar can move between
     chunks. Without an environment ``summarize`` the metrics are mean total reward and failures;
     ``n_timeout`` counts rollouts stopped at ``timeout_s`` (they count as failed).

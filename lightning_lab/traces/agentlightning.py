@@ -185,9 +185,11 @@ def _transition(span: dict[str, Any], by_id: dict[str, dict[str, Any]], tokenize
     if meta.get("retokenized"):
         logprobs = []  # they score the sampler's tokens, not the re-tokenised ones
     temperature = attrs.get("gen_ai.request.temperature")
+    if temperature is None:  # none sent: OpenAI's default; 0 stays 0 (greedy)
+        temperature = 1.0
     return Transition(prompt_ids=prompt_ids, response_ids=response_ids, logprobs=logprobs,
                       prompt=prompt_text, response=response_text, agent=_agent(span, by_id),
-                      temperature=float(temperature) if temperature not in (None, 0, 0.0) else 1.0,
+                      temperature=float(temperature),
                       finish_reason=_finish(completion), meta=meta)
 
 

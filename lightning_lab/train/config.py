@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import credit as credit_lib
 from ..errors import ConfigError
+from ..tracing import DEFAULT_TEMPERATURE
 
 __all__ = ["PPOConfig", "RunConfig", "ConfigError", "FieldError", "bounded", "check_ranges",
            "field_docs", "override", "flatten", "parse_options", "load_config", "load_yaml",
-           "save_config", "FROZEN_ON_RESUME"]
+           "save_config", "FROZEN_ON_RESUME", "CREDIT_FIELDS", "credit_fields_not_taken"]
 
 SEED_MAX = 2**32 - 1
 """Largest seed: what every RNG a run seeds (torch, numpy in task loaders) accepts."""
@@ -81,8 +83,9 @@ class PPOConfig:
     """Distinct tasks sampled per step."""
     group_size: int = bounded(4, ge=1)
     """Rollouts per task per step (the group for GRPO-style baselines)."""
-    temperature: float = bounded(1.0, gt=0)
-    """Sampling temperature of rollouts (the logprobs and the loss use the same value)."""
+    temperature: float = bounded(DEFAULT_TEMPERATURE, gt=0)
+    """Sampling temperature of the training rollouts (their calls' default; the logprobs and
+    the loss use the same value). Evaluation is greedy whatever this is."""
     ppo_epochs: int = bounded(1, ge=1)
     """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
     minibatch_size: int = bounded(16, ge=1)
@@ -227,10 +230,18 @@ class RunConfig:
 
     def credit_params(self) -> dict[str, Any]:
         """Parameters given for the credit strategy (unset ones keep the strategy's defaults)."""
-        params = {k: v for k, v in (("gamma", self.gamma), ("lam", self.lam)) if v is not None}
-        if self.baseline is not None:
-            params["baseline"] = self.baseline
-        return params
+        return {k: getattr(self, k) for k in CREDIT_FIELDS if getattr(self, k) is not None}
+
+
+CREDIT_FIELDS = ("gamma", "lam", "baseline")
+"""``RunConfig`` fields that are credit-strategy parameters, named as the strategies name them."""
+
+
+def credit_fields_not_taken(credit: str) -> list[str]:
+    """The credit fields strategy ``credit`` has no parameter for (uniform takes no gamma): a
+    resumed run or a sweep that switches strategy drops them instead of failing."""
+    takes = credit_lib.param_names(credit)
+    return [k for k in CREDIT_FIELDS if k not in takes]
 
 
 FROZEN_ON_RESUME = ("model", "lora", "env", "data", "limit", "task_options", "seed", "tasks",

@@ -16,8 +16,13 @@ from ..records import Batch
 from ..rollouts.threads import run_rollouts
 from .sft import SFTConfig, SFTTrainer
 
-__all__ = ["RejectionConfig", "RoundResult", "keep_above", "rejection_sample",
+__all__ = ["TEMPERATURE", "RejectionConfig", "RoundResult", "keep_above", "rejection_sample",
            "rejection_sampling_finetune"]
+
+
+TEMPERATURE = 0.8
+"""Rejection sampling's default temperature, below ``tracing.DEFAULT_TEMPERATURE`` on purpose:
+only the successes are kept, and a cooler policy succeeds more often while still varying."""
 
 
 @dataclass
@@ -26,7 +31,7 @@ class RejectionConfig:
     """Samples per task per round."""
     threshold: float = 0.5
     """Keep trajectories whose total reward is strictly above this."""
-    temperature: float = 0.8
+    temperature: float = TEMPERATURE
     """Sampling temperature of the rollouts."""
     rounds: int = 2
     """Sample -> filter -> fine-tune cycles."""

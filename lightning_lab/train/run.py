@@ -26,8 +26,8 @@ from .callbacks import Callback, as_callback
 from .checkpoint import clean_orphans, latest_checkpoint
 from .logs import roll_back_logs
 from .threads import ThreadGovernor, requested_threads
-from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, flatten, load_config,
-                     load_yaml, override, save_config)
+from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, credit_fields_not_taken,
+                     flatten, load_config, load_yaml, override, save_config)
 
 __all__ = ["RunSetup", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
            "make_agent", "credit_strategy"]
@@ -89,8 +89,7 @@ def resume_config(out: str | Path | None, changes: dict[str, Any],
         return _fresh_resume(out, changes, log)
     saved = load_config(path)
     if "credit" in changes:  # a new strategy keeps only the saved parameters it takes
-        takes = credit_lib.param_names(changes["credit"])
-        changes = {**{k: None for k in ("gamma", "lam", "baseline") if k not in takes}, **changes}
+        changes = {**dict.fromkeys(credit_fields_not_taken(changes["credit"])), **changes}
     config = override(saved, changes)
     old, new = flatten(saved), flatten(config)
     changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k] and k != "resume"}

@@ -215,7 +215,7 @@ def _token_logprobs(logits: torch.Tensor, rows: Sequence[Transition], lengths: l
                     device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits at the positions predicting each response token -> (N,) logprobs, entropy."""
     logits = logits.float()
-    temps = torch.cat([torch.full((n,), tr.temperature or 1.0)
+    temps = torch.cat([torch.full((n,), tr.temperature or 1.0)  # greedy (0): T=1, as sampled
                        for tr, n in zip(rows, lengths)]).to(logits)
     logp_all = torch.log_softmax(logits / temps[:, None], dim=-1)
     targets = torch.tensor([t for tr in rows for t in tr.response_ids], device=device)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from ..records import Batch, TraceFormatError
 from .config import (SEED_MAX, ConfigError, FieldError, bounded, check_out, check_ranges,
                      load_yaml, nested_mapping)
+from .rejection import TEMPERATURE as REJECTION_TEMPERATURE
 from .sft import SFTConfig
 
 __all__ = ["SFTRunConfig", "run_sft", "load_traces", "sft_override", "load_sft_config"]
@@ -71,7 +72,7 @@ class SFTRunConfig:
     """Rejection sampling: sample -> keep -> fine-tune cycles."""
     tasks_per_round: int | None = bounded(None, ge=1)
     """Rejection sampling: tasks per round (None: all train tasks)."""
-    temperature: float = bounded(0.8, gt=0)
+    temperature: float = bounded(REJECTION_TEMPERATURE, gt=0)
     """Rejection sampling: sampling temperature."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """The fine-tuning's hyper-parameters (CLI: --epochs, --batch-size, --lr, ...)."""

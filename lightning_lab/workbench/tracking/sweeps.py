@@ -25,13 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from ...train.config import ConfigError, RunConfig, flatten, override, parse_options
+from ...train.config import (ConfigError, RunConfig, credit_fields_not_taken, flatten, override,
+                             parse_options)
 from .callback import WandbCallback, wandb_mode
 
 __all__ = ["sweep", "expand_sweep", "load_sweep_config", "sweep_parameters", "train_run", "add_cli"]
 
 TrainFn = Callable[[dict[str, Any], WandbCallback], dict[str, float]]
-_CREDIT_PARAMS = ("gamma", "lam", "baseline")
 _NOT_SWEEPABLE = {"wandb", "resume", "out", "ppo.seed"}
 
 
@@ -120,10 +120,8 @@ def _sample(name: str, spec: dict[str, Any], rng: random.Random) -> Any:
 def effective_params(params: dict[str, Any]) -> dict[str, Any]:
     """Drop credit parameters the chosen strategy does not take (uniform has no gamma), so a
     credit x gamma grid does not fail and does not repeat identical uniform runs."""
-    from ... import credit as credit_lib
-
-    takes = set(credit_lib.param_names(params.get("credit", RunConfig.credit)))
-    return {k: v for k, v in params.items() if k not in _CREDIT_PARAMS or k in takes}
+    dropped = credit_fields_not_taken(params.get("credit", RunConfig.credit))
+    return {k: v for k, v in params.items() if k not in dropped}
 
 
 def train_run(params: dict[str, Any], callback: WandbCallback) -> dict[str, float]:
