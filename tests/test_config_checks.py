@@ -27,7 +27,7 @@ TINY = ["--model", "tiny", "--env", "wordplay", "--tasks-per-step", "2", "--grou
 @pytest.mark.parametrize("text, message", [
     ("lr: .nan\n", "ppo.lr must be a finite number, got nan"),
     ("ppo:\n  lr: -1\n", "ppo.lr must be >= 0, got -1"),
-    ("temperature: -1\n", "ppo.temperature must be > 0"),
+    ("temperature: -1\n", "ppo.temperature must be >= 0"),
     ("ppo:\n  clip_eps: .inf\n", "ppo.clip_eps must be a finite number, got inf"),
     ("keep_checkpoints: -2\n", "keep_checkpoints must be >= 0, got -2"),
     ("steps: -4\n", "steps must be >= 0, got -4"),
@@ -65,7 +65,7 @@ def test_a_bad_sft_yaml_value_names_the_field_and_the_file(tmp_path, text, messa
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "nan"], "--lr: ppo.lr must be a finite number, got nan"),
     (["--lr", "-1"], "--lr: ppo.lr must be >= 0, got -1.0"),
-    (["--temperature", "-1"], "--temperature: ppo.temperature must be > 0"),
+    (["--temperature", "-1"], "--temperature: ppo.temperature must be >= 0"),
     (["--clip-eps", "inf"], "--clip-eps: ppo.clip_eps must be a finite number"),
     (["--keep-checkpoints", "-2"], "--keep-checkpoints: keep_checkpoints must be >= 0"),
     (["--steps", "-4"], "--steps: steps must be >= 0, got -4"),

@@ -83,9 +83,9 @@ class PPOConfig:
     """Distinct tasks sampled per step."""
     group_size: int = bounded(4, ge=1)
     """Rollouts per task per step (the group for GRPO-style baselines)."""
-    temperature: float = bounded(DEFAULT_TEMPERATURE, gt=0)
+    temperature: float = bounded(DEFAULT_TEMPERATURE, ge=0)
     """Sampling temperature of the training rollouts (their calls' default; the logprobs and
-    the loss use the same value). Evaluation is greedy whatever this is."""
+    the loss use the same value; 0 = greedy, scored at T=1). Evaluation is greedy whatever this is."""
     ppo_epochs: int = bounded(1, ge=1)
     """Passes over the batch per step; >1 reuses samples off-policy (the clip then matters)."""
     minibatch_size: int = bounded(16, ge=1)
