@@ -50,6 +50,9 @@ class Sample:
     constrained: bool = False
     """Chosen under a grammar mask (logprobs are still the unmasked policy's)."""
     constraint_error: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Facts about the sampler copied into the transition's meta (a vLLM server's
+    ``adapter_version``)."""
 
 
 @dataclass

@@ -188,14 +188,14 @@ class LocalBackend:
     def _completions(prepared: Prepared, samples: list[Any]) -> list[Completion]:
         """Samples as completions; chat prompts get their reply parsed (tool calls, JSON)."""
         if prepared.plan is None:  # a raw /v1/completions prompt
-            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text)
-                    for s in samples]
+            return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text,
+                               meta=dict(s.meta)) for s in samples]
         out = []
         for s in samples:
             parsed, finish_reason, meta = prepared.plan.reply(s.text, s.finish_reason,
                                                               s.constrained, s.constraint_error)
             out.append(Completion(s.response_ids, s.logprobs, finish_reason, s.text,
-                                  parsed.message(), meta))
+                                  parsed.message(), {**s.meta, **meta}))
         return out
 
     async def model_name(self) -> str:
