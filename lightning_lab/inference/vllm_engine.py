@@ -17,7 +17,7 @@ every request); each sample's ``meta["adapter_version"]`` is the ``model`` vLLM 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 from lightning_lab.errors import ConfigError
@@ -43,7 +43,6 @@ class VLLMEngine:
             self.base_url += "/v1"
         self.tokenizer = tokenizer
         self.stop_token_ids, self.vocab_size = set(stop_token_ids), vocab_size
-        self.max_positions = max_positions
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.lock = threading.RLock()
         """Held by ``Policy.reference``; the server's weights never change under it, so no
@@ -52,8 +51,10 @@ class VLLMEngine:
                                     timeout=timeout_s,
                                     limits=httpx.Limits(max_connections=max_concurrency))
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ll-vllm")
-        self.name = model or self.served_models()[0]["id"]
+        base = self.served_models()[0]
+        self.name = model or base["id"]
         """The ``model`` every request names: the base model, then the newest adapter version."""
+        self.max_positions = min(max_positions, int(base.get("max_model_len") or max_positions))
 
     @classmethod
     def for_policy(cls, base_url: str, policy: Any, **kwargs: Any) -> "VLLMEngine":
@@ -74,7 +75,8 @@ class VLLMEngine:
                 "constrained decoding (tool_choice='required', response_format, grammar) is not "
                 "supported by the vLLM rollout engine yet; use --rollout-engine local"))
             return future
-        return self._pool.submit(self._sample, request)
+        return self._gather([self._pool.submit(self._complete, request, seed)
+                             for seed in self._seeds(request)])
 
     def generate(self, requests: list[Request]) -> list[list[Sample]]:
         return [f.result() for f in [self.submit(r) for r in requests]]
@@ -87,22 +89,42 @@ class VLLMEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
-    def _sample(self, request: Request) -> list[Sample]:
-        """One ``/v1/completions`` call per sample: a seeded request then gives each sample its
+    @staticmethod
+    def _seeds(request: Request) -> list[int | None]:
+        """One ``/v1/completions`` call per sample, so a seeded request gives each sample its
         own seed (``seed + 7919 * j``, as the local engine's rows), whatever vLLM does with n."""
         seed = request.params.seed
-        futures = [self._pool.submit(self._complete, request,
-                                     None if seed is None else seed + 7919 * j)
-                   for j in range(1, request.n)]
-        first = self._complete(request, seed)
-        return [first, *(f.result() for f in futures)]
+        return [None if seed is None else seed + 7919 * j for j in range(request.n)]
+
+    @staticmethod
+    def _gather(parts: list[Future]) -> Future:
+        """One future for the request's samples, failing with the first sample's error."""
+        whole: Future = Future()
+        whole.set_running_or_notify_cancel()
+
+        def done(_: Future) -> None:
+            if whole.done() or not all(p.done() for p in parts):
+                return
+            try:
+                whole.set_result([p.result() for p in parts])
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
+                if not whole.done():
+                    whole.set_exception(error)
+
+        for part in parts:
+            part.add_done_callback(done)
+        return whole
 
     def _complete(self, request: Request, seed: int | None) -> Sample:
-        if request.aborted:
-            raise ValueError("request aborted")
+        if request.aborted:  # a timed-out rollout: what the local engine raises too
+            raise CancelledError("request aborted")
         params = request.params
+        room = self.max_positions - len(request.prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens fills the server's "
+                             f"context ({self.max_positions})")
         body = {"model": self.name, "prompt": list(request.prompt_ids),
-                "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                "max_tokens": min(params.max_new_tokens, room), "temperature": params.temperature,
                 "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
                 "stop": list(params.stop), "stop_token_ids": sorted(self.stop_token_ids),
                 "skip_special_tokens": False}

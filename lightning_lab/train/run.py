@@ -30,8 +30,8 @@ from .threads import ThreadGovernor, requested_threads
 from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, flatten, load_config,
                      load_yaml, override, save_config)
 
-__all__ = ["RunSetup", "RolloutEngine", "start_rollout_engine", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
-           "make_agent", "credit_strategy"]
+__all__ = ["RunSetup", "RolloutEngine", "build", "run", "resume_config", "load_env", "load_tasks",
+           "load_policy", "make_agent", "credit_strategy", "start_rollout_engine"]
 
 CONFIG_FILE = "config.yaml"
 
@@ -190,20 +190,12 @@ def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int
         return None
     from ..inference.adapters import has_adapter
     from ..inference.vllm_engine import VLLMEngine, check_base_model
-    from ..inference.vllm_server import VLLMServer, base_model_dir, check_python, lora_rank
     from .sync import AdapterSync, SyncConfig
 
-    if config.vllm_python:
-        check_python(config.vllm_python)
     if not has_adapter(policy.model):
         raise ConfigError("--rollout-engine vllm syncs a LoRA adapter into the server; "
                           "--lora off has none")
-    server = None
-    if config.vllm_python:
-        server = VLLMServer(config.vllm_python, base_model_dir(policy), folder / "vllm.log",
-                            max_lora_rank=lora_rank(policy))
-        log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
-        server.start(config.vllm_start_timeout_s)
+    server = _launch_vllm(config, policy, folder, log) if config.vllm_python else None
     try:
         engine = VLLMEngine.for_policy(server.url if server else config.vllm_url, policy)
         gap = check_base_model(engine, policy)
@@ -222,6 +214,17 @@ def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int
             server.stop()
         raise
     return RolloutEngine(engine, sync, server)
+
+
+def _launch_vllm(config: RunConfig, policy: Any, folder: Path, log: Callable[[str], None]) -> Any:
+    """Start ``config.vllm_python``'s vLLM on the policy's base model; logs to <folder>/vllm.log."""
+    from ..inference.vllm_server import VLLMServer, base_model_dir, check_python, lora_rank
+
+    check_python(config.vllm_python)
+    server = VLLMServer(config.vllm_python, base_model_dir(policy), folder / "vllm.log",
+                        max_lora_rank=lora_rank(policy))
+    log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
+    return server.start(config.vllm_start_timeout_s)
 
 
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
