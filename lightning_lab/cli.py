@@ -21,6 +21,8 @@ from .train.config import ConfigError, FieldError, PPOConfig, RunConfig, field_d
 __all__ = ["main", "build_parser"]
 
 MODEL_FIELDS = ("model", "lora", "device", "seed")
+ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "adapter_dir",
+                  "vllm_start_timeout_s")
 ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",
               "tasks", "max_tokens_cap")
 _OPTION_FLAGS = {"agent_options": "--agent-option", "task_options": "--task-option"}
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_field(train, PPOConfig, f.name, f"ppo.{f.name}", suppress=True)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a model on an environment's tasks")
-    add_run_fields(ev, MODEL_FIELDS + ENV_FIELDS)
+    add_run_fields(ev, MODEL_FIELDS + ENV_FIELDS + ROLLOUT_FIELDS)
     ev.add_argument("--split", default="dev")
     _add_field(ev, PPOConfig, "rollout_timeout_s", "ppo.rollout_timeout_s", suppress=True)
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
@@ -163,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .rollouts import evaluate
     from .train.checkpoint import load_policy_weights
     from .train.config import override
-    from .train.run import load_env, load_policy, load_tasks, make_agent
+    from .train.run import load_env, load_policy, load_tasks, make_agent, start_rollout_engine
 
     changes = _changes(args, skip=("split", "checkpoint", "out"))
     with naming_flags(changes):
@@ -173,6 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = load_policy(config)
     if args.checkpoint:
         load_policy_weights(policy, Path(args.checkpoint))
+    # a started vLLM server logs (and adapters go) next to --out, else in the current folder
+    rollouts = start_rollout_engine(config, policy, Path(args.out).parent if args.out else Path("."))
     agent = make_agent(env, policy, config)
     t0 = time.perf_counter()
     try:
@@ -181,6 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         if hasattr(env, "close"):  # a user agent's proxy
             env.close()
+        if rollouts is not None:
+            rollouts.close()
     metrics["seconds"] = time.perf_counter() - t0
     if args.out:
         out = Path(args.out)

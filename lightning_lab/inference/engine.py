@@ -55,6 +55,9 @@ class Sample:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     """Per response token, the most likely (token, logprob) pairs when the request asked
     (``SamplingParams.top_logprobs``)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Facts about the sampler copied into the transition's meta (a vLLM server's
+    ``adapter_version``)."""
 
 
 @dataclass

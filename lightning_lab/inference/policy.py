@@ -317,11 +317,12 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
     gen = Generation(text=sample.text, prompt_ids=list(request.prompt_ids),
                      response_ids=sample.response_ids, logprobs=sample.logprobs,
                      finish_reason=sample.finish_reason, prompt_text=text,
-                     temperature=request.params.temperature)
+                     temperature=request.params.temperature, meta=dict(sample.meta))
     if plan is not None:
         parsed, gen.finish_reason, gen.meta = plan.reply(
             sample.text, sample.finish_reason, sample.constrained, sample.constraint_error)
         gen.message = parsed.message()
+        gen.meta = {**sample.meta, **gen.meta}
     elif sample.constraint_error:
         gen.meta["constraint_error"] = sample.constraint_error
     if sample.constraint_error:

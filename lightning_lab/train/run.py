@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,8 +30,8 @@ from .threads import ThreadGovernor, requested_threads
 from .config import (FROZEN_ON_RESUME, ConfigError, RunConfig, check_out, credit_fields_not_taken,
                      flatten, load_config, load_yaml, override, save_config)
 
-__all__ = ["RunSetup", "build", "run", "resume_config", "load_env", "load_tasks", "load_policy",
-           "make_agent", "credit_strategy"]
+__all__ = ["RunSetup", "RolloutEngine", "build", "run", "resume_config", "load_env", "load_tasks",
+           "load_policy", "make_agent", "credit_strategy", "start_rollout_engine"]
 
 CONFIG_FILE = "config.yaml"
 
@@ -50,6 +51,15 @@ class RunSetup:
     resumed: bool = False
     parallel: Any = None
     """This process's ``DataParallel`` place (one process unless launched by torchrun/accelerate)."""
+    rollouts: "RolloutEngine | None" = None
+    """The vLLM server rollouts sample from (``rollout_engine: vllm``); None = the local engine."""
+
+    def close(self) -> None:
+        """Stop what the run started: a user agent's proxy, a vLLM server."""
+        if hasattr(self.env, "close"):
+            self.env.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
 
     @property
     def out(self) -> Path:
@@ -155,6 +165,67 @@ def load_policy(config: RunConfig) -> Any:
                        decode_threads=decode_threads)
 
 
+@dataclass
+class RolloutEngine:
+    """A vLLM server behind the policy's sampling entry points, with the adapter sync into it."""
+
+    engine: Any
+    sync: Any
+    server: Any = None
+    """The ``VLLMServer`` this run started (None when attached to the user's)."""
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int = 0,
+                         log: Callable[[str], None] = print) -> RolloutEngine | None:
+    """``rollout_engine: vllm``: start or attach to the server, refuse one serving another base
+    model, make it the policy's engine, and load the policy's adapter as version ``step`` (so
+    even the first evaluation samples the trainer's weights). None for the local engine."""
+    if config.rollout_engine != "vllm":
+        return None
+    from ..inference.adapters import has_adapter
+    from ..inference.vllm_engine import VLLMEngine, check_base_model
+    from .sync import AdapterSync, SyncConfig
+
+    if not has_adapter(policy.model):
+        raise ConfigError("--rollout-engine vllm syncs a LoRA adapter into the server; "
+                          "--lora off has none")
+    server = _launch_vllm(config, policy, folder, log) if config.vllm_python else None
+    try:
+        engine = VLLMEngine.for_policy(server.url if server else config.vllm_url, policy)
+        gap = check_base_model(engine, policy)
+        log(f"vLLM at {engine.base_url} serves the trainer's base model "
+            f"(logprob gap {gap:.3f} nats/token)")
+        policy.engine.close()
+        policy.engine = engine
+        adapters = Path(config.adapter_dir) if config.adapter_dir else folder / "adapters"
+        adapters.mkdir(parents=True, exist_ok=True)
+        # a name of its own per run: a server outlives runs, and may serve several at once
+        sync = AdapterSync(engine, SyncConfig(export_dir=str(adapters),
+                                              prefix=f"ll-{uuid.uuid4().hex[:8]}"))
+        sync.sync(policy, step)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    return RolloutEngine(engine, sync, server)
+
+
+def _launch_vllm(config: RunConfig, policy: Any, folder: Path, log: Callable[[str], None]) -> Any:
+    """Start ``config.vllm_python``'s vLLM on the policy's base model; logs to <folder>/vllm.log."""
+    from ..inference.vllm_server import VLLMServer, base_model_dir, check_python, lora_rank
+
+    check_python(config.vllm_python)
+    server = VLLMServer(config.vllm_python, base_model_dir(policy), folder / "vllm.log",
+                        max_lora_rank=lora_rank(policy))
+    log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
+    return server.start(config.vllm_start_timeout_s)
+
+
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
     try:
         return credit_lib.get(config.credit, **config.credit_params())
@@ -162,7 +233,8 @@ def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
         raise ConfigError(f"--credit {config.credit}: {exc.args[0]}") from exc
 
 
-def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
+def build(config: RunConfig, callbacks: Sequence[Any] = (),
+          log: Callable[[str], None] = print) -> RunSetup:
     """Environment, tasks, policy, agent and trainer of ``config`` (resumed if it says so)."""
     from .distributed import DataParallel
     from .trainer import PPOTrainer
@@ -193,16 +265,21 @@ def build(config: RunConfig, callbacks: Sequence[Any] = ()) -> RunSetup:
     else:
         trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
                              callbacks=cbs, parallel=parallel, reference_weights=warm_start)
+    if config.rollout_engine == "vllm" and parallel.world_size > 1:
+        raise ConfigError("--rollout-engine vllm runs in one process (no torchrun) for now")
+    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log)
+    if rollouts is not None:
+        trainer.sync = rollouts.sync
     for cb in cbs:
         cb.attach(trainer)
     return RunSetup(config, env, policy, agent, train_tasks, dev_tasks, trainer, cbs, resumed,
-                    parallel)
+                    parallel, rollouts)
 
 
 def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], None] = print
         ) -> dict[str, Any]:
     """Train as ``config`` says; returns (and writes) the run's summary."""
-    setup = build(config, callbacks)
+    setup = build(config, callbacks, log)
     if not setup.parallel.is_main:
         return _follow(setup)
     out, trainer = setup.out, setup.trainer
@@ -259,8 +336,7 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     finally:
         for cb in setup.callbacks:
             cb.on_finish()
-        if hasattr(setup.env, "close"):  # a user agent's proxy
-            setup.env.close()
+        setup.close()
     return summary
 
 
