@@ -52,7 +52,13 @@ def imported_modules(path: Path) -> Iterator[tuple[str, int]]:
     """Every ``lightning_lab`` module ``path`` imports (anywhere in it), with the line."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    return imports_in(path.read_text(encoding="utf-8"), package)
+
+
+def imports_in(source: str, package: str) -> Iterator[tuple[str, int]]:
+    """The ``lightning_lab`` modules ``source`` (a module of ``package``) imports, anywhere in
+    it: module level, inside functions, relative or absolute."""
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             yield from ((a.name, node.lineno) for a in node.names
                         if a.name.split(".")[0] == PACKAGE)
@@ -98,7 +104,19 @@ def test_no_folder_imports_its_own_layer_or_above_even_lazily():
 
 
 def test_function_level_imports_are_read():
-    """The check sees a lazy import inside a function, relative or absolute."""
-    source = ROOT / "proxy" / "server.py"  # http_agent imports rollouts.jobs inside its body
-    assert ("lightning_lab.rollouts.jobs", ) == tuple(
-        m for m, _ in imported_modules(source) if m.startswith("lightning_lab.rollouts"))
+    """Lazy imports count: inside functions, relative or absolute, from the package facade."""
+    source = """
+import json
+from . import jobs
+def agent():
+    from ..proxy import serve
+    import lightning_lab.train.run
+    from lightning_lab import tracing, serve
+    from .. import records
+"""
+    found = {m: line for m, line in imports_in(source, f"{PACKAGE}.rollouts")}
+    assert found == {f"{PACKAGE}.rollouts": 3, f"{PACKAGE}.proxy": 5,
+                     f"{PACKAGE}.train.run": 6, f"{PACKAGE}.tracing": 7, PACKAGE: 7,
+                     f"{PACKAGE}.records": 8}
+    assert [folder_of(m) for m in sorted(found)] == [PACKAGE, "proxy", "records", "rollouts",
+                                                     "tracing", "train"]
