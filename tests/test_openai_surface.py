@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import lightning_lab as ll
 import lightning_lab.proxy as proxy
-from lightning_lab.proxy.app import AppConfig, create_app
+from lightning_lab.proxy.app import create_app
+from lightning_lab.proxy.config import ServeConfig
 from lightning_lab.proxy.registry import RolloutRegistry
 
 USER = [{"role": "user", "content": "Say something."}]
@@ -408,7 +409,7 @@ def test_fuzz_new_endpoints_never_5xx(policy):
     from fastapi.testclient import TestClient
 
     registry = RolloutRegistry()
-    app = create_app(proxy.LocalBackend(policy), registry, AppConfig(default_max_tokens=3))
+    app = create_app(proxy.LocalBackend(policy), registry, ServeConfig(default_max_tokens=3))
     rid = registry.open(ll.Trajectory(task_id="fuzz")).rollout_id
     seen = {"n": 0, "ok": 0}
 

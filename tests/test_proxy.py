@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import lightning_lab as ll
 import lightning_lab.proxy as proxy
-from lightning_lab.proxy.app import AppConfig, create_app
+from lightning_lab.proxy.app import create_app
+from lightning_lab.proxy.config import ServeConfig, check_bind
 from lightning_lab.proxy.registry import RolloutRegistry
 
 USER = [{"role": "user", "content": "Say something."}]
@@ -272,11 +273,73 @@ def test_api_key_and_bind_checks(policy):
         ll.serve(policy, host="0.0.0.0", allow_remote=True)
 
 
+def _host_status(config, host: str) -> int:
+    """The status ``create_app(config)`` answers a ``Host: <host>`` request with (no socket)."""
+    from fastapi.testclient import TestClient
+
+    backend = proxy.RemoteBackend("http://127.0.0.1:9/v1", model="x")
+    with TestClient(create_app(backend, RolloutRegistry(), config)) as tc:
+        return tc.get("/health", headers={"host": host}).status_code
+
+
+def test_allowed_hosts_none_means_the_loopback_names_in_create_app_too():
+    """One meaning of ``allowed_hosts=None`` (loopback names) for ``serve`` and ``create_app``
+    alike; answering any Host is the explicit ``("*",)``."""
+    assert ServeConfig().allowed_hosts is None
+    for config in (ServeConfig(), ServeConfig(allowed_hosts=None), None):
+        assert _host_status(config, "attacker.example:80") == 400
+        assert _host_status(config, "localhost:80") == 200
+    assert _host_status(ServeConfig(allowed_hosts=("*",)), "attacker.example") == 200
+    assert _host_status(ServeConfig(allowed_hosts=("gpu-box",)), "gpu-box:8000") == 200
+    assert _host_status(ServeConfig(allowed_hosts=("gpu-box",)), "localhost") == 400
+
+
+def test_a_remote_bind_names_its_hosts():
+    """On a remote bind the loopback names would refuse every client, so None is refused there
+    with a message that says what to pass."""
+    remote = dict(host="0.0.0.0", allow_remote=True, api_key="k")
+    with pytest.raises(ValueError, match=r"allowed_hosts.*'\*'"):
+        check_bind(ServeConfig(**remote))
+    check_bind(ServeConfig(**remote, allowed_hosts=("*",)))
+    check_bind(ServeConfig(**remote, allowed_hosts=("gpu-box.lan",)))
+
+
+def test_serve_takes_the_one_config(policy):
+    """``serve(policy, ServeConfig(...))`` and keyword overrides go into the same dataclass the
+    app reads; an unknown setting is an error naming it."""
+    config = ServeConfig(default_max_tokens=3, served_model_names=["alias"])
+    with ll.serve(policy, config, max_tokens_cap=2) as s:
+        assert s.config.default_max_tokens == 3 and s.config.max_tokens_cap == 2
+        assert s.config.served_model_names == ("alias",) and config.max_tokens_cap is None
+        r = client(s.base_url).chat.completions.create(model="alias", messages=USER, stop=["\x00"])
+        assert r.usage.completion_tokens == 2
+    with pytest.raises(TypeError, match="max_token_cap"):
+        ll.serve(policy, max_token_cap=3)
+
+
 def test_cli_serve_refuses_remote_without_opt_in(capsys):
     from lightning_lab.cli import main
 
     assert main(["serve", "--model", "tiny", "--host", "0.0.0.0"]) == 2
     assert "loopback" in capsys.readouterr().err
+    remote = ["serve", "--model", "tiny", "--host", "0.0.0.0", "--allow-remote", "--api-key", "k"]
+    assert main(remote) == 2
+    assert "--allowed-host" in capsys.readouterr().err
+
+
+def test_cli_serve_flags_are_one_serve_config():
+    import argparse
+
+    from lightning_lab.proxy.cli import add_cli, serve_config
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(), lambda p: p.add_argument("--model"))
+    args = parser.parse_args(["serve", "--allowed-host", "gpu-box", "--allowed-host", "*",
+                              "--max-tokens", "7", "--served-model-name", "a"])
+    config = serve_config(args)
+    assert config.allowed_hosts == ("gpu-box", "*") and config.host_names() == {"gpu-box", "*"}
+    assert (config.port, config.default_max_tokens, config.served_model_names) == (8000, 7, ("a",))
+    assert serve_config(parser.parse_args(["serve"])).allowed_hosts is None
 
 
 # ---------------------------------------------------------------- remote backend
@@ -370,7 +433,7 @@ def fuzz_client(policy):
     from fastapi.testclient import TestClient
 
     registry = RolloutRegistry()
-    app = create_app(proxy.LocalBackend(policy), registry, AppConfig(default_max_tokens=3))
+    app = create_app(proxy.LocalBackend(policy), registry, ServeConfig(default_max_tokens=3))
     traj = ll.Trajectory(task_id="fuzz")
     entry = registry.open(traj)
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as tc:

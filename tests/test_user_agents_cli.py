@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lightning_lab.cli import main
-from lightning_lab.rollouts.user_agents import load_task_file
+from lightning_lab.train.user_agents import load_task_file
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from .backends import Backend, LocalBackend, RemoteBackend
 from .cli import add_cli
+from .config import ServeConfig
 from .protocol import ChatRequest, ProtocolError, parse_chat_request
 from .registry import RolloutRegistry, TraceStats
-from .server import ProxyServer, RolloutHandle, ServeConfig, http_agent, reward_url, serve
+from .server import ProxyServer, RolloutHandle, http_agent, reward_url, serve
 
 __all__ = ["serve", "ProxyServer", "ServeConfig", "RolloutHandle", "http_agent", "reward_url",
            "Backend", "LocalBackend", "RemoteBackend", "RolloutRegistry", "TraceStats",

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -33,61 +32,31 @@ from starlette.exceptions import HTTPException
 from .. import tracing
 from .aliases import AttemptAlias
 from .backends import Backend, Completion, Prepared
+from .config import ServeConfig
 from .context import Endpoints, agent_name
-from .limits import (LOOPBACK_HOSTS, GuardMiddleware, Limits, Ticket, TokenBudget, decode_json,
-                     read_body)
+from .limits import GuardMiddleware, Ticket, TokenBudget, decode_json, read_body
 from .protocol import (ChatRequest, ProtocolError, chunk_body, completion_body, error_body,
                        logprobs_content, new_id, parse_chat_request)
 from .registry import OpenRollout, RolloutRegistry
 from .streaming import ContentBeforeCalls, Delta, stream_deltas, top_texts
 
-__all__ = ["AppConfig", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("lightning_lab.proxy")
-
-
-@dataclass
-class AppConfig:
-    """Server behaviour that is not about the network."""
-
-    api_key: str | None = None
-    """When set, every request needs ``Authorization: Bearer <api_key>``."""
-    default_max_tokens: int = 512
-    """Generation budget when a request sends neither max_tokens nor max_completion_tokens."""
-    max_tokens_cap: int | None = None
-    """Clamp every request's budget to this (training wants bounded rollouts); None = no cap."""
-    served_model_names: tuple[str, ...] = ()
-    """Names accepted as ``model`` besides the backend's own (404 ``model_not_found`` otherwise)."""
-    disconnect_poll_s: float = 0.25
-    """How often a waiting non-streaming request checks whether its client hung up."""
-    adapter_dirs: tuple[str, ...] = ()
-    """Directories ``POST /v1/load_lora_adapter`` may load checkpoints from; empty (the default)
-    leaves the endpoint off. Enabling it requires ``api_key``."""
-    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
-    """Host names the ``Host`` header may carry (DNS-rebinding defence); None: any."""
-    limits: Limits = field(default_factory=Limits)
-    """Body-size and token caps (see ``limits.py``)."""
-
-    def __post_init__(self) -> None:
-        if self.api_key is not None and (not self.api_key.strip()
-                                         or self.api_key != self.api_key.strip()):
-            raise ValueError("api_key is blank or has surrounding whitespace: no client could "
-                             "ever authenticate with it (the Bearer token is stripped)")
-        if self.adapter_dirs and not self.api_key:
-            raise ValueError("load_lora_adapter (adapter_dirs) needs an api_key: it changes the "
-                             "served weights")
 
 
 class _ClientGone(Exception):
     pass
 
 
-def create_app(backend: Backend, registry: RolloutRegistry, config: AppConfig | None = None):
-    config = config or AppConfig()
+def create_app(backend: Backend, registry: RolloutRegistry, config: ServeConfig | None = None
+               ) -> FastAPI:
+    """The routes over ``backend``; ``config``'s network fields (host, port) are the server's."""
+    config = config or ServeConfig()
     app = FastAPI(title="lightning-lab OpenAI-compatible proxy", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(AttemptAlias)
-    app.add_middleware(GuardMiddleware, allowed_hosts=config.allowed_hosts)
+    app.add_middleware(GuardMiddleware, host_names=config.host_names())
     app.state.inflight = 0
     served = {backend.name, *config.served_model_names} - {""}
     budget = TokenBudget(config.limits)

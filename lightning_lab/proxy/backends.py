@@ -212,7 +212,7 @@ class LocalBackend:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a trainer checkpoint's trained weights (LoRA or full) into the served policy."""
-        from lightning_lab.train.checkpoint import load_policy_weights
+        from lightning_lab.inference.checkpoints import load_policy_weights
 
         def load() -> None:
             with self.policy.engine.lock:  # never mid-forward

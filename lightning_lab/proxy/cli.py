@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import ServeConfig, check_bind
 from .limits import Limits
 
-__all__ = ["add_cli", "api_key_of", "API_KEY_ENV"]
+__all__ = ["add_cli", "serve_config", "api_key_of", "API_KEY_ENV"]
 
 API_KEY_ENV = "LIGHTNING_LAB_API_KEY"
 """The API key when neither --api-key nor --api-key-file is given (keeps it out of ``ps``)."""
@@ -27,7 +28,10 @@ def add_cli(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None])
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="read the API key from the first line of PATH")
     p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --host (requires --api-key)")
+                   help="allow a non-loopback --host (requires --api-key and --allowed-host)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host-header name to answer (repeatable; '*': any); default: the "
+                        "loopback names")
     p.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens per request")
     p.add_argument("--max-tokens-cap", type=int, default=None,
@@ -50,28 +54,20 @@ def _serve(args: argparse.Namespace) -> int:
     from lightning_lab.errors import ConfigError
     from lightning_lab.inference.adapters import lora_flag
 
-    from .server import ServeConfig, check_bind, serve
+    from .server import serve
 
-    # Validate the key and the bind before spending seconds loading a model.
-    api_key = api_key_of(args)
+    config = serve_config(args)  # the key and the bind, before seconds go into loading a model
     try:
-        check_bind(ServeConfig(host=args.host, api_key=api_key, allow_remote=args.allow_remote))
+        check_bind(config)
     except ValueError as exc:
-        raise ConfigError(f"--host: {exc}") from exc
-    if args.adapter_dir and not api_key:
-        raise ConfigError("--adapter-dir enables load_lora_adapter, which needs --api-key")
+        raise ConfigError(f"--host: {exc} (flags: --allow-remote, --api-key-file, "
+                          "--allowed-host)") from exc
     policy = models.load(args.model, lora=lora_flag(args.lora), device=args.device, seed=args.seed)
     if args.checkpoint:
-        from lightning_lab.train.checkpoint import load_policy_weights
+        from lightning_lab.inference.checkpoints import load_policy_weights
 
         load_policy_weights(policy, Path(args.checkpoint))
-    server = serve(policy, args.host, args.port, api_key=api_key,
-                   allow_remote=args.allow_remote, default_max_tokens=args.max_tokens,
-                   max_tokens_cap=args.max_tokens_cap,
-                   served_model_names=tuple(args.served_model_name),
-                   log_level="info", adapter_dirs=tuple(args.adapter_dir),
-                   limits=Limits(max_queued_tokens=args.max_queued_tokens,
-                                 max_request_tokens=args.max_request_tokens))
+    server = serve(policy, config)
     print(f"serving {policy.name} at {server.base_url}  (traced: {server.url}/rollout/<id>/v1; "
           "endpoints: chat/completions, completions, responses, models)", flush=True)
     try:
@@ -82,6 +78,22 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ``ServeConfig`` the flags describe; a usage error names the flag."""
+    from lightning_lab.errors import ConfigError
+
+    api_key = api_key_of(args)
+    if args.adapter_dir and not api_key:
+        raise ConfigError("--adapter-dir enables load_lora_adapter, which needs --api-key")
+    return ServeConfig(
+        host=args.host, port=args.port, api_key=api_key, allow_remote=args.allow_remote,
+        default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap,
+        served_model_names=args.served_model_name, log_level="info",
+        adapter_dirs=args.adapter_dir, allowed_hosts=args.allowed_host,
+        limits=Limits(max_queued_tokens=args.max_queued_tokens,
+                      max_request_tokens=args.max_request_tokens))
 
 
 def api_key_of(args: argparse.Namespace) -> str | None:

@@ -21,7 +21,7 @@ class Endpoints:
     backend: Any
     registry: Any
     config: Any
-    """The app's ``AppConfig``."""
+    """The app's ``ServeConfig``."""
     check_auth: Callable[[Any], None]
     lookup: Callable[[str | None], OpenRollout | None]
     json_body: Callable[[Any], Awaitable[Any]]

@@ -122,13 +122,13 @@ def _hostname(host_header: str) -> str | None:
 class GuardMiddleware:
     """Pure ASGI middleware: Host-header check and JSON-only POST bodies, OpenAI-style errors.
 
-    ``allowed_hosts=None`` disables the Host check (a non-loopback bind, where the API key is
-    the gate); otherwise the Host header must name one of them (DNS-rebinding defence).
+    The Host header must name one of ``host_names`` (lower-case; DNS-rebinding defence), unless
+    they include ``"*"`` (a remote bind that chose to let the API key be the only gate).
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], allowed_hosts: tuple[str, ...] | None):
+    def __init__(self, app: Callable[..., Awaitable[None]], host_names: frozenset[str]):
         self.app = app
-        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.allowed = None if "*" in host_names else host_names
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":

@@ -9,78 +9,22 @@ and HTTP calls share one record.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import dataclasses
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from lightning_lab import tracing
 from lightning_lab.records import Trajectory
 
-from .app import AppConfig, create_app
+from .app import create_app
 from .backends import Backend, LocalBackend
-from .limits import LOOPBACK_HOSTS, Limits
+from .config import ServeConfig, check_bind
 from .registry import RolloutRegistry, TraceStats
 
-__all__ = ["ServeConfig", "ProxyServer", "RolloutHandle", "serve", "http_agent", "reward_url"]
-
-
-@dataclass
-class ServeConfig:
-    """Network and safety settings of ``ll.serve``."""
-
-    host: str = "127.0.0.1"
-    """Interface to bind; loopback unless ``allow_remote`` (and an ``api_key``) say otherwise."""
-    port: int = 0
-    """0 picks a free port; read it back from ``server.port`` / ``server.base_url``."""
-    api_key: str | None = None
-    """Require ``Authorization: Bearer <api_key>`` on every request."""
-    allow_remote: bool = False
-    """Permit a non-loopback host (the policy would otherwise be reachable by anyone on the network)."""
-    default_max_tokens: int = 512
-    """Budget for requests that send no max_tokens (a rollout may set its own default)."""
-    max_tokens_cap: int | None = None
-    """Clamp every request's max_tokens to this; None = no cap."""
-    served_model_names: tuple[str, ...] = ()
-    """Extra names accepted as ``model`` (the policy's name always is; others get a 404)."""
-    log_level: str = "warning"
-    adapter_dirs: tuple[str, ...] = ()
-    """Enables ``POST /v1/load_lora_adapter`` for checkpoints under these directories (needs
-    ``api_key``); off by default, because it swaps the weights every client is served."""
-    allowed_hosts: tuple[str, ...] | None = None
-    """Host-header names to answer (DNS-rebinding defence). None: the loopback names (plus
-    ``host``) on a loopback bind; no check on a remote bind, where the API key is the gate."""
-    limits: Limits = field(default_factory=Limits)
-    """Body-size and token caps per request and per server (see ``proxy/limits.py``)."""
-
-    def hosts(self) -> tuple[str, ...] | None:
-        if self.allowed_hosts is not None:
-            return tuple(self.allowed_hosts)
-        if _is_loopback(self.host):
-            return tuple(dict.fromkeys((*LOOPBACK_HOSTS, self.host.strip("[]").lower())))
-        return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(config: ServeConfig) -> None:
-    """Refuse to expose the policy beyond this machine without an explicit opt-in and a key."""
-    if _is_loopback(config.host):
-        return
-    if not config.allow_remote:
-        raise ValueError(f"refusing to bind {config.host!r}: not a loopback address; "
-                         "pass allow_remote=True (and an api_key) to serve other machines")
-    if not config.api_key:
-        raise ValueError(f"refusing to bind {config.host!r} without an api_key")
+__all__ = ["ProxyServer", "RolloutHandle", "serve", "http_agent", "reward_url"]
 
 
 @dataclass
@@ -122,12 +66,7 @@ class ProxyServer:
         self.policy = policy
         self.backend = backend if backend is not None else LocalBackend(policy)
         self.registry = RolloutRegistry()
-        self.app = create_app(self.backend, self.registry, AppConfig(
-            api_key=self.config.api_key, default_max_tokens=self.config.default_max_tokens,
-            max_tokens_cap=self.config.max_tokens_cap,
-            served_model_names=tuple(self.config.served_model_names),
-            adapter_dirs=tuple(str(d) for d in self.config.adapter_dirs),
-            allowed_hosts=self.config.hosts(), limits=self.config.limits))
+        self.app = create_app(self.backend, self.registry, self.config)
         self.port: int | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -231,22 +170,15 @@ class ProxyServer:
                 self.close_rollout(handle)
 
 
-def serve(policy: Any = None, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
-          allow_remote: bool = False, backend: Backend | None = None,
-          default_max_tokens: int = 512, max_tokens_cap: int | None = None,
-          served_model_names: tuple[str, ...] = (), log_level: str = "warning",
-          adapter_dirs: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] | None = None,
-          limits: Limits | None = None) -> ProxyServer:
+def serve(policy: Any = None, config: ServeConfig | None = None, *,
+          backend: Backend | None = None, **settings: Any) -> ProxyServer:
     """Start the proxy over ``policy`` (or ``backend``) and return it; ``with`` stops it on exit.
 
-    See ``ServeConfig`` for the arguments; ``adapter_dirs`` (with ``api_key``) turns on
+    ``settings`` are ``ServeConfig`` fields applied over ``config`` (``serve(policy,
+    default_max_tokens=64)``); ``adapter_dirs`` (with ``api_key``) turns on
     ``/v1/load_lora_adapter``.
     """
-    config = ServeConfig(host=host, port=port, api_key=api_key, allow_remote=allow_remote,
-                         default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
-                         served_model_names=tuple(served_model_names), log_level=log_level,
-                         adapter_dirs=tuple(str(d) for d in adapter_dirs),
-                         allowed_hosts=allowed_hosts, limits=limits or Limits())
+    config = dataclasses.replace(config or ServeConfig(), **settings)
     return ProxyServer(policy, config, backend).start()
 
 

@@ -13,12 +13,10 @@ between each pair of steps):
 Re-saving a step that exists (a finished run run again) points ``LATEST`` at the new temp
 directory before the old ``step-N`` is moved aside. Leftover temp/stale directories are removed
 by the writer (each save, and a run when it resumes), never by a reader, which could be looking
-at a directory another process is still writing. When ``LATEST`` is missing or names nothing,
-loading falls back to the newest complete ``step-*`` directory; when the checkpoint found is
-unreadable (a truncated ``state.pt``, a broken ``meta.json``: a disk that lost the tail of a
-write), to the next older one, with a warning naming the skipped file. Nothing is unpickled:
-``state.pt`` holds only tensors and plain Python values, read with
-``torch.load(weights_only=True)``.
+at a directory another process is still writing. ``state.pt`` holds only tensors and plain
+Python values. Reading (the newest-intact fallback, ``weights_only`` loading, the weights a
+policy or the proxy loads) is ``inference/checkpoints.py``, which serving shares; its names are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -28,26 +26,19 @@ import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..inference.adapters import set_weights
-
-FORMAT_VERSION = 2
-"""2: ``state.pt`` is a trainer's ``state_dict()``, readable with ``weights_only=True``."""
-_META, _STATE, _LATEST = "meta.json", "state.pt", "LATEST"
-_META_KEYS = {"format_version": int, "step": int, "model": str, "config": dict, "credit": dict,
-              "params": dict}
+from ..inference import checkpoints
+from ..inference.checkpoints import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_FILE,
+                                     CheckpointError, latest_checkpoint, load_policy_weights,
+                                     named_by_latest, read_policy_weights, resolve)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_policy_weights", "read_policy_weights",
-           "latest_checkpoint", "resolve", "clean_orphans", "CheckpointError"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, half-written or does not fit the current policy/config."""
+           "latest_checkpoint", "resolve", "clean_orphans", "CheckpointError", "FORMAT_VERSION",
+           "TRAINER_KEYS"]
 
 
 # ---------------------------------------------------------------- durable file operations
@@ -72,9 +63,9 @@ def _write_text_durably(path: Path, text: str) -> None:
 
 
 def _point_latest(directory: Path, name: str) -> None:
-    pointer = directory / f".{_LATEST}.tmp"
+    pointer = directory / f".{LATEST_FILE}.tmp"
     _write_text_durably(pointer, name)
-    os.replace(pointer, directory / _LATEST)
+    os.replace(pointer, directory / LATEST_FILE)
     _fsync_dir(directory)
 
 
@@ -88,50 +79,19 @@ def _discard(path: Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def _named_by_latest(directory: Path) -> str | None:
-    try:
-        return (directory / _LATEST).read_text(encoding="utf-8").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def clean_orphans(directory: Path) -> list[str]:
     """Remove temp/stale directories that crashes left behind (never what ``LATEST`` names)."""
     if not directory.is_dir():
         return []
-    keep = _named_by_latest(directory)
+    keep = named_by_latest(directory)
     removed = []
     for path in directory.iterdir():
         name = path.name
         if name.startswith(".step-") and (".tmp-" in name or ".stale-" in name) and name != keep:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
-    (directory / f".{_LATEST}.tmp").unlink(missing_ok=True)
+    (directory / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
     return removed
-
-
-def _complete(path: Path) -> bool:
-    return (path / _META).is_file() and (path / _STATE).is_file()
-
-
-def _candidates(directory: Path) -> list[Path]:
-    """Complete checkpoints, best first: the one ``LATEST`` names, then every complete
-    ``step-*`` directory newest first (``LATEST`` lost or dangling after a crash)."""
-    named = _named_by_latest(directory)
-    done = sorted((p for p in directory.glob("step-*") if _complete(p)), key=lambda p: p.name,
-                  reverse=True)  # zero-padded step numbers sort by name
-    if named is not None and "/" not in named and _complete(directory / named):
-        return [directory / named] + [p for p in done if p.name != named]
-    if named is not None and done:
-        warnings.warn(f"{directory}/{_LATEST} names {named!r}, which is not a complete "
-                      f"checkpoint; using the newest complete one, {done[0].name}", stacklevel=3)
-    return done
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint to resume from (the first of ``_candidates``), or None."""
-    found = _candidates(Path(directory))
-    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- save
@@ -154,17 +114,17 @@ def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, model:
     final = directory / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=directory))
     try:
-        torch.save(state, tmp / _STATE)
-        _fsync_file(tmp / _STATE)
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_file(tmp / STATE_FILE)
         if extra is not None:
             extra(tmp)
             for path in tmp.rglob("*"):
-                if path.is_file() and path.name != _STATE:
+                if path.is_file() and path.name != STATE_FILE:
                     _fsync_file(path)
         meta = {"format_version": FORMAT_VERSION, "step": step, "model": model,
                 "config": state.get("config"), "credit": state.get("credit"),
                 "params": {n: list(t.shape) for n, t in state["params"].items()}}
-        _write_text_durably(tmp / _META, json.dumps(meta, indent=1))  # last: marks completeness
+        _write_text_durably(tmp / META_FILE, json.dumps(meta, indent=1))  # last: marks completeness
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,8 +148,8 @@ def _commit(directory: Path, tmp: Path, final: Path) -> None:
 
 
 def _prune(directory: Path, keep_last: int) -> None:
-    keep = _named_by_latest(directory)
-    done = sorted((p for p in directory.glob("step-*") if (p / _META).exists()),
+    keep = named_by_latest(directory)
+    done = sorted((p for p in directory.glob("step-*") if (p / META_FILE).exists()),
                   key=lambda p: p.name)  # zero-padded step numbers sort by name
     for old in done[:-keep_last]:
         if old.name != keep:
@@ -197,22 +157,12 @@ def _prune(directory: Path, keep_last: int) -> None:
 
 
 # ---------------------------------------------------------------- load
-def resolve(directory: Path) -> Path:
-    """The checkpoint a path names: itself if it holds one, else ``latest_checkpoint``'s."""
-    directory = Path(directory)
-    if (directory / _META).exists() or (directory / _STATE).exists():
-        return directory
-    found = latest_checkpoint(directory)
-    if found is None:
-        raise _nothing_in(directory)
-    return found
+TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rng", "task_queue",
+                "history")
+"""What a PPO trainer's ``state_dict()`` holds (and resuming needs)."""
 
 
-def _nothing_in(directory: Path) -> CheckpointError:
-    return CheckpointError(f"no complete checkpoint in {directory}: no step-*/{_META} "
-                           "(missing, or half-written by a crash)")
-
-
+# ---------------------------------------------------------------- load
 TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rng", "task_queue",
                 "history")
 """What a PPO trainer's ``state_dict()`` holds (and resuming needs)."""
@@ -220,81 +170,5 @@ TRAINER_KEYS = ("step", "config", "credit", "params", "critic", "optimizer", "rn
 
 def load_checkpoint(directory: Path, require: Sequence[str] = TRAINER_KEYS
                     ) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint ``directory`` names and its state dict, loaded without unpickling code
-    (``weights_only=True``: tensors and plain containers only). Every error names the file.
-    ``require``: the keys the caller needs (weights alone, as an SFT checkpoint holds, need
-    only ``params``).
-
-    A directory of checkpoints yields its newest intact one: an unreadable newest checkpoint is
-    skipped with a warning naming the file and why (the older step loses a few steps of work;
-    refusing to start would lose the run)."""
-    directory = Path(directory)
-    if (directory / _META).exists() or (directory / _STATE).exists():
-        return directory, _read(directory, require)
-    candidates = _candidates(directory)
-    if not candidates:
-        raise _nothing_in(directory)
-    problems: list[CheckpointError] = []
-    for path, older in zip(candidates, candidates[1:] + [None]):
-        try:
-            return path, _read(path, require)
-        except CheckpointError as exc:
-            problems.append(exc)
-            if older is not None:
-                warnings.warn(f"skipping a broken checkpoint: {exc}; using the older "
-                              f"{older.name}", stacklevel=2)
-    if len(problems) == 1:
-        raise problems[0]
-    raise CheckpointError(f"no intact checkpoint in {directory}: "
-                          + "; ".join(str(p) for p in problems))
-
-
-def _read(path: Path, require: Sequence[str]) -> dict[str, Any]:
-    """``path``'s checked ``meta.json`` and its state dict; each error names the file."""
-    try:
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{path / _META}: unreadable or half-written: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path / _META}: expected a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / _META}: checkpoint format {meta.get('format_version')!r}, "
-                              f"this version reads {FORMAT_VERSION} (format 1 stored pickled "
-                              "state, which is never loaded)")
-    for key, kind in _META_KEYS.items():
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{path / _META}: field {key!r} missing or not a "
-                                  f"{kind.__name__}")
-    try:
-        state = torch.load(path / _STATE, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - OSError, EOFError, pickle.UnpicklingError, ...
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path / _STATE}: unreadable, half-written or not a weights-only "
-                              f"file (nothing is unpickled): {type(exc).__name__}: "
-                              f"{first_line}") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path / _STATE}: not a trainer state dict")
-    missing = [k for k in require if k not in state]
-    if missing:
-        raise CheckpointError(f"{path / _STATE}: lacks {missing}")
-    return state
-
-
-def read_policy_weights(policy: Any, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A checkpoint's trained weights, checked to fit ``policy``'s trainable parameters."""
-    path, state = load_checkpoint(Path(directory), require=("params",))
-    params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
-    saved = state["params"]
-    if not (isinstance(saved, dict) and all(isinstance(t, torch.Tensor) for t in saved.values())):
-        raise CheckpointError(f"{path / _STATE}: 'params' is not a mapping of names to tensors")
-    mismatch = sorted(set(params) ^ set(saved)) or [n for n in params if params[n].shape != saved[n].shape]
-    if mismatch:
-        raise CheckpointError(f"checkpoint {path} does not fit this policy; e.g. {mismatch[:3]}")
-    return path, {n: saved[n] for n in params}
-
-
-def load_policy_weights(policy: Any, directory: Path) -> Path:
-    """Load only the trained weights of a checkpoint into ``policy`` (for evaluation/serving)."""
-    path, weights = read_policy_weights(policy, directory)
-    set_weights(policy.model, weights)
-    return path
+    """``inference.checkpoints.load_checkpoint`` requiring, by default, all a resume needs."""
+    return checkpoints.load_checkpoint(directory, require)

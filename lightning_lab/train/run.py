@@ -127,7 +127,7 @@ def _fresh_resume(out: Path, changes: dict[str, Any], log: Callable[[str], None]
 def load_env(config: RunConfig) -> Any:
     """The environment, or the user's agent and task file standing in for one."""
     if config.agent or config.agent_cmd:
-        from ..rollouts.user_agents import UserAgents
+        from .user_agents import UserAgents
 
         return UserAgents(config.agent, config.agent_cmd, config.tasks, config.max_tokens_cap)
     try:

@@ -9,7 +9,11 @@ task, else its line number does; the whole object is what the agent receives, so
 An ``--agent`` function is called as ``fn(task, **agent_options)``; parameters named ``policy``
 and ``base_url`` are filled with the in-process policy and the rollout's traced OpenAI base URL
 (a proxy is started for it). ``async def`` functions are awaited. An ``--agent-cmd`` starts the
-command per rollout (see ``process.py`` for its environment variables).
+command per rollout (see ``rollouts/process.py`` for its environment variables).
+
+Layering: this is part of the run pipeline (``run.load_env`` builds it from ``RunConfig``), and it
+needs both ``rollouts`` (process agents) and ``proxy`` (a base URL for HTTP agents), so it lives
+in ``train/``, above both; ``rollouts`` never imports the proxy.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..proxy import http_agent, serve
 from ..records import Batch
+from ..rollouts.process import process_agent
 
 __all__ = ["UserAgents", "load_callable", "load_task_file"]
 
@@ -101,15 +107,11 @@ class UserAgents:
 
     def _serve(self, policy: Any) -> Any:
         if self.server is None:
-            from ..proxy import serve
-
             self.server = serve(policy, max_tokens_cap=self.max_tokens_cap)
         return self.server
 
     def make_agent(self, policy: Any, **options: Any) -> Callable[[Any], Any]:
         if self.fn is None:
-            from .process import process_agent
-
             if options:
                 raise ConfigError(f"--agent-option does not apply to --agent-cmd: {sorted(options)}")
             return process_agent(self._serve(policy), self.command)
@@ -122,8 +124,6 @@ class UserAgents:
             options["policy"] = policy
         fn = functools.partial(self.fn, **options) if options else self.fn
         if "base_url" in params:
-            from ..proxy import http_agent
-
             return http_agent(self._serve(policy), fn)
         return fn
 
