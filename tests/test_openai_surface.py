@@ -248,8 +248,9 @@ def test_agents_sdk_run_streamed_with_the_default_model(server):
             base_url=server.base_url, api_key="-", max_retries=0))
         agent = agents.Agent(name="weather", instructions="Use the tool.", tools=[tool],
                              model=model, tool_use_behavior="stop_on_first_tool",
-                             model_settings=agents.ModelSettings(tool_choice="required",
-                                                                 max_tokens=48))
+                             model_settings=agents.ModelSettings(
+                                 tool_choice="required", parallel_tool_calls=False,
+                                 max_tokens=128))  # one forced call closes well within 128
         result = agents.Runner.run_streamed(agent, "Weather in Paris?")
         kinds = [e.type async for e in result.stream_events()]
         return kinds, result
