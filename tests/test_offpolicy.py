@@ -101,24 +101,25 @@ def test_recomputed_logprobs_and_truncated_weights_on_perturbed_behaviour():
 
 def test_one_minibatch_recompute_scores_nothing_extra(monkeypatch):
     """With a single minibatch the old policy is the update's own first forward: no extra pass."""
-    import lightning_lab as ll
+    from lightning_lab.train.update import Scorer
 
-    calls = []
-    original = ll.PPOTrainer._policy_logprobs
+    scored = []
+    original = Scorer.logprobs
 
-    def counting(self, rows, model=None):
-        calls.append(len(rows))
-        return original(self, rows, model)
+    def counting(self, rows, which, model=None):
+        scored.extend(which)
+        return original(self, rows, which, model)
 
-    monkeypatch.setattr(ll.PPOTrainer, "_policy_logprobs", counting)
+    monkeypatch.setattr(Scorer, "logprobs", counting)
     state = run_step(recompute=True)
-    assert calls == [] and state.metrics["clip_frac"] == 0.0
+    assert scored == [] and state.metrics["clip_frac"] == 0.0
 
 
-def test_recomputed_old_logprobs_are_the_pre_update_policy_in_every_epoch():
+def test_recomputed_old_logprobs_are_the_pre_update_policy_in_every_epoch(monkeypatch):
     """Two epochs of three minibatches: every row's old logprobs (first minibatch from its own
     forward, the rest scored up front) equal the policy before any optimizer step."""
     import lightning_lab as ll
+    from lightning_lab.train import update
     from tests.numerics import assert_rel_close
 
     policy = ll.models.load("tiny", lora=True)
@@ -129,23 +130,23 @@ def test_recomputed_old_logprobs_are_the_pre_update_policy_in_every_epoch():
                             credit=ll.credit.get("uniform", baseline=None))
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     seen = {}
-    accumulate = trainer._accumulate
+    recompute = update.recompute_old_logprobs
 
-    def spy(rows, mb_idx, ref, old, owned):
-        seen["rows"], seen["old"] = rows, old
-        return accumulate(rows, mb_idx, ref, old, owned)
+    def spy(scorer, rows, mine, **kw):
+        seen["rows"], seen["old"] = rows, recompute(scorer, rows, mine, **kw)
+        return seen["old"]
 
-    trainer._accumulate = spy
+    monkeypatch.setattr(update, "recompute_old_logprobs", spy)
     state = trainer.step()
     assert state.metrics["approx_kl"] > 0  # the policy moved between minibatches
     with torch.no_grad():
         for n, p in policy.model.named_parameters():
             if n in before:
                 p.copy_(before[n])
-    rows, old = seen["rows"], seen["old"]
+    rows, old = seen["rows"], seen["old"].by_row
     assert sorted(old) == list(range(len(rows)))
-    expected = trainer._policy_logprobs(rows)
-    for i, lp in enumerate(expected):
+    expected = trainer.scorer.logprobs(rows, list(range(len(rows))))
+    for i, lp in expected.items():
         assert_rel_close(old[i], lp, rtol=1e-5, what=f"row {i}")
 
 

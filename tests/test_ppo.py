@@ -1,8 +1,9 @@
 """The PPO objective against gradients derived by hand."""
 
+import pytest
 import torch
 
-from lightning_lab.train.ppo import ppo_loss
+from lightning_lab.train.ppo import ppo_loss, value_loss
 
 
 def test_unclipped_gradient_is_minus_advantage_times_ratio_over_n():
@@ -57,3 +58,13 @@ def test_approx_kl_zero_when_policy_unchanged():
     out = ppo_loss(lp.clone(), lp, torch.ones(2), lp, clip_eps=0.2, kl_coef=0.1)
     assert out.approx_kl.item() == 0.0 and out.kl.item() == 0.0
     assert torch.equal(out.ratio, torch.ones(2))
+
+
+def test_value_loss_is_half_the_mean_squared_error_over_transitions():
+    """One term per transition whatever its length: errors 1, -2, 3 give 0.5 * 14 / 3."""
+    values = torch.tensor([1.0, 0.0, 3.0], requires_grad=True)
+    returns = torch.tensor([0.0, 2.0, 0.0])
+    loss = value_loss(values, returns)
+    assert float(loss) == pytest.approx(7.0 / 3.0, rel=1e-6)
+    loss.backward()
+    assert values.grad.tolist() == pytest.approx([1 / 3, -2 / 3, 1.0], rel=1e-6)  # (V - G) / 3

@@ -167,7 +167,7 @@ def test_ppo_trains_an_openai_sdk_agent_through_the_proxy(policy, server):
     assert {tr.agent for tr in rows} == {"writer", "checker"}
     assert all(tr.temperature == 0.8 for tr in rows)  # the trainer's rollout temperature
     with torch.no_grad():
-        fwd = trainer._forward(rows, grad=False)
+        fwd = trainer.scorer.forward(rows, grad=False)
     recorded = torch.tensor([x for tr in rows for x in tr.logprobs])
     assert (fwd.logprobs - recorded).abs().max().item() < 1e-4
 
@@ -354,7 +354,7 @@ def test_remote_backend_traces_trainable_tokens(policy, server):
     assert len(rows) == 2 and all(tr.prompt_ids and tr.response_ids for tr in rows)
     trainer = ll.PPOTrainer(policy, lambda task: None, [{"task_id": "x"}])
     with torch.no_grad():
-        fwd = trainer._forward(rows, grad=False)
+        fwd = trainer.scorer.forward(rows, grad=False)
     recorded = torch.tensor([x for tr in rows for x in tr.logprobs])
     assert (fwd.logprobs - recorded).abs().max().item() < 1e-4
 

@@ -262,11 +262,11 @@ def test_resume_rolls_logs_back_and_survives_a_crashed_first_save(tmp_path):
 
 
 def test_ctrl_c_during_rollouts_saves_the_last_step_and_resumes(tmp_path, monkeypatch):
-    from lightning_lab.train import trainer as trainer_mod
+    from lightning_lab.train import collect
     from lightning_lab.train.config import RunConfig, override
     from lightning_lab.train.run import run
 
-    real, calls = trainer_mod.run_rollouts, []
+    real, calls = collect.run_rollouts, []
 
     def interrupted_in_step_2(*args, **kwargs):
         calls.append(1)
@@ -274,7 +274,7 @@ def test_ctrl_c_during_rollouts_saves_the_last_step_and_resumes(tmp_path, monkey
             raise KeyboardInterrupt()  # what Ctrl-C raises in the main thread
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "run_rollouts", interrupted_in_step_2)
+    monkeypatch.setattr(collect, "run_rollouts", interrupted_in_step_2)
     out = tmp_path / "run"
     config = override(RunConfig(), {**RUN, "steps": 3, "save_every": 0, "out": str(out)})
     lines: list[str] = []
@@ -284,9 +284,41 @@ def test_ctrl_c_during_rollouts_saves_the_last_step_and_resumes(tmp_path, monkey
     assert (out / "checkpoints" / "LATEST").read_text() == "step-000001"
     state = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
     assert len(state["task_queue"]) == len(_wordplay_train_tasks()) - 2  # step 2 drew none
-    monkeypatch.setattr(trainer_mod, "run_rollouts", real)
+    monkeypatch.setattr(collect, "run_rollouts", real)
     run(override(config, {"resume": True}), log=lambda _: None)
     assert _logged_steps(out)[0] == [1, 2, 3]
+
+
+def test_ctrl_c_leaves_the_trainer_at_its_last_step_until_the_weights_move(tiny, monkeypatch):
+    """Interrupted in its rollouts, a step puts back the RNGs and task queue it advanced
+    (``mid_update`` False: a checkpoint now resumes exactly); interrupted after an optimizer
+    step, ``mid_update`` says the weights belong to no step."""
+    from lightning_lab.train import collect
+
+    tasks = [{"task_id": f"t{i}", "q": f"Question {i}"} for i in range(5)]
+    config = ll.PPOConfig(tasks_per_step=2, group_size=2, minibatch_size=2, rollout_workers=1)
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), tasks, config=config)
+    trainer.step()
+    before = trainer.state_dict()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collect, "run_rollouts", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.step()
+    after = trainer.state_dict()
+    assert not trainer.mid_update and after["step"] == 1
+    assert after["task_queue"] == before["task_queue"]
+    assert torch.equal(after["rng"]["torch"], before["rng"]["torch"])
+    assert after["rng"]["tasks"] == before["rng"]["tasks"]
+    assert after["rng"]["minibatches"] == before["rng"]["minibatches"]
+
+    trainer.optimizer.register_step_post_hook(ctrl_c)  # Ctrl-C right after the first step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step()
+    assert trainer.mid_update and trainer.step_count == 1
 
 
 def _wordplay_train_tasks() -> list:

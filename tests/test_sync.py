@@ -71,10 +71,10 @@ def test_rollouts_after_a_sync_come_from_the_new_weights(base_dir, standin, tmp_
     # The server's logprobs of step 2's tokens are those of the weights after step 1's update...
     after_update = ll.models.load(str(base_dir), lora=True)
     load_adapter(after_update, tmp_path / "adapters" / "ll-policy-v1")
-    new = trainer._forward(rows, grad=False, model=after_update.model).logprobs
+    new = trainer.scorer.forward(rows, grad=False, model=after_update.model).logprobs
     # ...and not those of the weights the first step sampled with.
     before_update = ll.models.load(str(base_dir), lora=True)
-    old = trainer._forward(rows, grad=False, model=before_update.model).logprobs
+    old = trainer.scorer.forward(rows, grad=False, model=before_update.model).logprobs
     scale = sampled.abs().max()
     assert (new - sampled).abs().max() < 1e-4 * scale
     assert (old - sampled).abs().max() > 1e-2 * scale

@@ -38,7 +38,7 @@ def test_recorded_logprobs_match_trainer_forward(tiny):
     rows = [tr for _, tr in batch.transitions()]
     assert len({len(tr.prompt_ids) for tr in rows}) > 4  # different prompt lengths -> padding
     with torch.no_grad():
-        fwd = trainer._forward(rows, grad=False)
+        fwd = trainer.scorer.forward(rows, grad=False)
     recorded = torch.tensor([x for tr in rows for x in tr.logprobs])
     assert (fwd.logprobs - recorded).abs().max().item() < 1e-4
     assert all(tr.temperature == 0.7 for tr in rows)
@@ -59,6 +59,29 @@ def test_value_credit_trains_critic_and_recompute_swaps_strategy(tiny):
         assert tr_new.ret == t_new.total_reward
         assert tr_new is not tr_old
     assert uni.credit.name == "uniform" and s1.credit.name == "value"
+
+
+def test_value_loss_is_a_transition_mean_logged_as_optimised(tiny):
+    """Two transitions of 1 and 3 response tokens, returns 2 and 1, scored in separate forwards
+    (a 6-token budget). The critic starts at V=0, so the value loss is 0.5 * (2^2 + 1^2) / 2 =
+    1.25 per transition (a token-weighted log would say 0.5 * (1*4 + 3*1) / 4 = 0.875), and the
+    gradient of value_coef * it on the head's output bias is 0.5 * mean(0 - G) = -0.75."""
+    from lightning_lab.records import Batch, Trajectory, Transition
+
+    def traj(response, reward):
+        return Trajectory(task_id="t", transitions=[Transition(
+            prompt_ids=[1, 2, 3 + len(response)], response_ids=response,
+            logprobs=[-1.0] * len(response), reward=reward)])
+
+    batch = Batch([traj([5], 2.0), traj([6, 7, 8], 1.0)])
+    config = cfg(lr=0.0, value_lr=0.0, kl_coef=0.0, value_coef=0.5, max_tokens_per_forward=6)
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=config,
+                            credit=ll.credit.get("value", gamma=1.0, lam=1.0))
+    state = trainer.learn(batch)
+    assert [tr.ret for _, tr in state.batch.transitions()] == [2.0, 1.0]
+    assert state.metrics["value_loss"] == pytest.approx(1.25, rel=1e-6)
+    bias_grad = trainer.critic.net[-1].bias.grad
+    assert float(bias_grad) == pytest.approx(-0.75, rel=1e-6)
 
 
 def test_failed_rollouts_are_counted_and_skipped(tiny):
@@ -115,7 +138,7 @@ def test_lora_reference_is_adapter_off(tiny_lora):
     trainer = ll.PPOTrainer(tiny_lora, parity_agent(tiny_lora), TASKS, config=cfg(lr=1e-2, minibatch_size=64))
     first = trainer.step().metrics
     assert first["kl"] < 1e-6  # LoRA starts as a no-op: policy == reference on the first minibatch
-    assert trainer._ref_model is None  # no copy of the model was made
+    assert trainer.scorer.ref_model is None  # no copy of the model was made
     later = [trainer.step().metrics["kl"] for _ in range(2)]
     assert later[-1] > 1e-5
 
@@ -143,6 +166,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert resumed.step_count == 2
     got = resumed.step().metrics
     assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
+
+
+def test_load_takes_the_process_group_and_the_adapter_sync(tmp_path, tiny):
+    """What a checkpoint does not hold comes from the caller, as for the constructor."""
+    from lightning_lab.train.distributed import DataParallel
+
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg(group_size=2))
+    trainer.step()
+    trainer.save(tmp_path / "ckpt")
+    parallel, sync = DataParallel(rank=0, world_size=1), object()
+    resumed = ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS,
+                                 parallel=parallel, sync=sync)
+    assert resumed.parallel is parallel and resumed.sync is sync and resumed.step_count == 1
 
 
 def test_half_written_and_incompatible_checkpoints(tmp_path, tiny, tiny_lora):

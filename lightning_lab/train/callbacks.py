@@ -6,9 +6,10 @@ the four methods of ``Callback``; subclass ``CallbackBase`` to override only wha
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+import warnings
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Callback", "CallbackBase", "as_callback"]
+__all__ = ["Callback", "CallbackBase", "CallbackList", "as_callback"]
 
 
 @runtime_checkable
@@ -61,3 +62,32 @@ def as_callback(obj: Any) -> Callback:
         return _StepFunction(obj)
     raise TypeError(f"a callback is a function fn(state) or implements "
                     f"attach/on_step/on_eval/on_finish (subclass CallbackBase); got {obj!r}")
+
+
+class CallbackList:
+    """A trainer's callbacks, each registered once; one that raises is warned about and skipped,
+    since a broken logger must not stop training."""
+
+    def __init__(self, callbacks: Sequence[Any] = ()):
+        self._items: list[Callback] = []
+        for cb in callbacks:
+            self.add(cb)
+
+    def add(self, callback: Any) -> Callback:
+        """Register ``callback`` (a ``Callback`` or a function ``fn(state)``), once."""
+        if any(cb is callback or getattr(cb, "fn", None) is callback for cb in self._items):
+            return callback
+        cb = as_callback(callback)
+        self._items.append(cb)
+        return cb
+
+    def __iter__(self) -> Iterator[Callback]:
+        return iter(self._items)
+
+    def on_step(self, state: Any) -> None:
+        for cb in self._items:
+            try:
+                cb.on_step(state)
+            except Exception as exc:  # noqa: BLE001 - a broken logger must not stop training
+                warnings.warn(f"callback {cb!r} failed ({type(exc).__name__}: {exc}); training "
+                              "goes on", stacklevel=3)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PPOLossOutput", "ppo_loss"]
+__all__ = ["PPOLossOutput", "ppo_loss", "value_loss"]
 
 
 @dataclass
@@ -59,3 +59,14 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         clip_frac = clipped.float().mean()
     return PPOLossOutput(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(),
                          approx_kl=approx_kl, clip_frac=clip_frac, ratio=ratio.detach())
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Critic regression: 0.5 * mean over transitions of (V(s_t) - G_t)^2.
+
+    ``values`` and ``returns`` are (B,), one per transition. Transition-mean aggregation, unlike
+    the policy's token mean: the critic makes one prediction per state (``critic.py``), so a long
+    answer is one regression sample, not many. The update weights each micro-batch's value loss by
+    its share of the minibatch's transitions, and logs it with the same weights.
+    """
+    return 0.5 * ((values - returns) ** 2).mean()

@@ -260,8 +260,8 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
             set_weights(policy.model, warm_start)
     if resumed:
         trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
-                                  config=config.ppo, callbacks=cbs, reference_weights=warm_start)
-        trainer.parallel = parallel
+                                  config=config.ppo, callbacks=cbs, parallel=parallel,
+                                  reference_weights=warm_start)
     else:
         trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
                              callbacks=cbs, parallel=parallel, reference_weights=warm_start)
@@ -344,27 +344,18 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
                         log: Callable[[str], None]) -> Any:
     """``trainer.step()``; on Ctrl-C, checkpoint the last finished step, then re-raise.
 
-    Ctrl-C mostly lands during rollouts, before the update: the weights are those of the last
-    step, and the RNGs and task queue it advanced are put back, so the checkpoint resumes
-    exactly. Once the optimizer has stepped, the weights belong to no step and nothing is saved
-    (the last periodic checkpoint stands).
+    Ctrl-C mostly lands during rollouts, before the update: the trainer then puts itself back
+    at its last finished step (``PPOTrainer.step``), so the checkpoint resumes exactly. Once the
+    optimizer has stepped (``trainer.mid_update``), the weights belong to no step and nothing is
+    saved (the last periodic checkpoint stands).
     """
-    import torch
-
-    before = (torch.get_rng_state(), trainer.task_rng.getstate(),
-              trainer.minibatch_rng.getstate(), list(trainer.task_queue))
-    steps_taken = _optimizer_steps(trainer)
     try:
         return trainer.step()
     except KeyboardInterrupt:
-        if _optimizer_steps(trainer) != steps_taken:
+        if trainer.mid_update:
             log(f"interrupted during the update of step {trainer.step_count + 1}: not saved; "
                 f"resume continues from the last checkpoint")
             raise
-        torch.set_rng_state(before[0])
-        trainer.task_rng.setstate(before[1])
-        trainer.minibatch_rng.setstate(before[2])
-        trainer.task_queue = before[3]
         path = trainer.save(ckpt_dir, keep_last=keep)
         log(f"interrupted: saved {path} (step {trainer.step_count}); continue with --resume")
         raise
@@ -378,10 +369,6 @@ def _thread_governor(config: RunConfig, log: Callable[[str], None]) -> ThreadGov
     governor = ThreadGovernor(requested_threads(config.threads), log)
     governor.adjust()
     return governor
-
-
-def _optimizer_steps(trainer: Any) -> float:
-    return sum(float(s.get("step", 0)) for s in trainer.optimizer.state.values())
 
 
 def _follow(setup: RunSetup) -> dict[str, Any]:
