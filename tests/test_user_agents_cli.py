@@ -80,7 +80,7 @@ def test_train_and_eval_a_module_agent(workdir, capsys):
     assert [t["task_id"] for t in evaluated] == ["a", "line3"]
     for traj in evaluated:
         (tr,) = traj["transitions"]
-        assert tr["meta"]["via"] == "http" and tr["temperature"] == 1.0  # greedy records T=1
+        assert tr["meta"]["via"] == "http" and tr["temperature"] == 0.0  # greedy records 0
         assert tr["reward"] == len(tr["response"])
 
 
