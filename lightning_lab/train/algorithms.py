@@ -8,6 +8,7 @@ says; only what a step is differs (a PPO iteration, an SFT optimizer step, a rej
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -78,7 +79,7 @@ class PPORun(PPOTrainer):
         return {}
 
 
-class _FineTuning:
+class _FineTuning(ABC):
     """What SFT and rejection sampling share: the policy's trainable weights as an SFT
     checkpoint (``train --init-from`` reads it), callbacks, the interrupt flag."""
 
@@ -101,14 +102,16 @@ class _FineTuning:
                                model=getattr(self.policy, "name", ""), keep_last=keep_last)
 
     @property
-    def step_count(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def step_count(self) -> int: ...
 
+    @abstractmethod
     def _optimizer(self) -> Any:
-        raise NotImplementedError
+        """The optimizer a checkpoint saves."""
 
+    @abstractmethod
     def _sft_history(self) -> list[dict[str, float]]:
-        raise NotImplementedError
+        """Every fine-tuning step's metrics, for the checkpoint."""
 
 
 class SFTRun(_FineTuning):
