@@ -16,7 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .train.config import ConfigError, FieldError, PPOConfig, RunConfig, field_docs, parse_options
+from .train.config import (ConfigError, FieldError, PPOConfig, RunConfig, SFTConfig, field_docs,
+                           parse_options)
 
 __all__ = ["main", "build_parser"]
 
@@ -25,8 +26,15 @@ ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "adapter_dir",
                   "vllm_start_timeout_s")
 ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",
               "tasks", "max_tokens_cap")
+SFT_RUN_FIELDS = MODEL_FIELDS + ("decode_dtype", "decode_threads", "threads", "env", "data",
+                                 "limit", "agent_options", "task_options", "init_from",
+                                 "max_minutes", "eval_every", "eval_limit", "save_every",
+                                 "keep_checkpoints", "wandb", "out")
+"""The RunConfig fields ``lightning-lab sft`` takes (the rest are PPO's)."""
 _OPTION_FLAGS = {"agent_options": "--agent-option", "task_options": "--task-option"}
-_SKIP = {"ppo", "seed"}  # ppo: its fields become flags of their own; ppo.seed follows seed
+# ppo: its fields become flags of their own; sft, algorithm: `lightning-lab sft`'s flags (or a
+# --config naming them), so a flag like --lr means one field; seed: added once, after
+_SKIP = {"ppo", "sft", "algorithm", "seed"}
 
 
 def _add_field(p: argparse.ArgumentParser, cls: type, name: str, dest: str, suppress: bool) -> None:
@@ -83,17 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="trainer checkpoint dir to load weights from")
     ev.add_argument("--out", default=None, help="write per-example results (.jsonl or .parquet)")
 
-    from .train.sft import SFTConfig
-    from .train.sft_run import SFTRunConfig
-
     sft = sub.add_parser("sft", help="supervised warm start: stored traces, demonstrations or "
-                                     "rejection sampling",
-                         description="Every flag is an SFTRunConfig field (lightning_lab/train/"
-                                     "sft_run.py); then `train --init-from <out>/checkpoints`.")
-    sft.add_argument("--config", default=None, help="SFTRunConfig YAML (defaults for every flag)")
-    for f in dataclasses.fields(SFTRunConfig):
-        if f.name != "sft":
-            _add_field(sft, SFTRunConfig, f.name, f.name, suppress=True)
+                                     "rejection sampling (train --algorithm sft|rejection)",
+                         description="`train --algorithm sft` (or rejection with --mode rejection) "
+                                     "with the flags that apply: RunConfig fields and SFTConfig's "
+                                     "(lightning_lab/train/config.py); default --out runs/sft; "
+                                     "then `train --init-from <out>/checkpoints`.")
+    sft.add_argument("--config", default=None, help="RunConfig YAML (defaults for every flag)")
+    sft.add_argument("--mode", dest="algorithm", choices=("sft", "rejection"),
+                     default=argparse.SUPPRESS, help="sft: fine-tune on --traces or the "
+                     "environment's demonstrations | rejection: sample --n per task, keep "
+                     "above --threshold, fine-tune, --rounds times")
+    add_run_fields(sft, SFT_RUN_FIELDS, suppress=True)
     for f in dataclasses.fields(SFTConfig):
         if f.name != "seed":
             _add_field(sft, SFTConfig, f.name, f"sft.{f.name}", suppress=True)
@@ -134,9 +143,13 @@ def naming_flags(changes: Mapping[str, Any]) -> Iterator[None]:
         raise ConfigError(f"{flag}: {exc}") from exc
 
 
-def train_config(args: argparse.Namespace) -> RunConfig:
-    """The run ``lightning-lab train`` makes: flags over --config over RunConfig's defaults; on
-    --resume, flags and --config over the run's saved config."""
+SFT_BASE = RunConfig(algorithm="sft", out="runs/sft")
+"""``lightning-lab sft``'s defaults: old SFT YAML files, which name no algorithm, load as SFT."""
+
+
+def train_config(args: argparse.Namespace, base: RunConfig = RunConfig()) -> RunConfig:
+    """The run ``lightning-lab train`` (and ``sft``) makes: flags over --config over ``base``;
+    on --resume, flags and --config over the run's saved config."""
     from .train.config import load_config, override
     from .train.run import resume_config
 
@@ -144,19 +157,22 @@ def train_config(args: argparse.Namespace) -> RunConfig:
     with naming_flags(changes):
         if changes.get("resume"):
             return resume_config(changes.get("out"), changes, config_file=args.config)
-        base = load_config(args.config) if args.config else RunConfig()
+        if args.config:
+            base = load_config(args.config, base)
         return override(base, changes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``train`` and ``sft``: one ``run(config)``, whatever the algorithm."""
     from .train.run import run
 
-    config = train_config(args)
+    config = train_config(args, SFT_BASE if args.command == "sft" else RunConfig())
     callbacks: list[Any] = []
     if config.wandb:
         from .workbench.tracking import WandbCallback
 
-        callbacks.append(WandbCallback(project="lightning-lab"))
+        callbacks.append(WandbCallback(project="lightning-lab",
+                                       config={"algorithm": config.algorithm}))
     run(config, callbacks, log=lambda line: print(line, flush=True))
     return 0
 
@@ -197,22 +213,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from .train.sft_run import SFTRunConfig, load_sft_config, run_sft, sft_override
-
-    base = load_sft_config(args.config) if args.config else SFTRunConfig()
-    changes = _changes(args)
-    with naming_flags(changes):
-        config = sft_override(base, changes)
-    callbacks: list[Any] = []
-    if config.wandb:
-        from .workbench.tracking import WandbCallback
-
-        callbacks.append(WandbCallback(project="lightning-lab", config={"stage": "sft"}))
-    run_sft(config, log=lambda line: print(line, flush=True), callbacks=tuple(callbacks))
-    return 0
-
-
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from .records import TraceFormatError
     from .train.checkpoint import CheckpointError
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("\n".join(credit.names()))
         return 0
-    handler = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft}.get(args.command) or args.handler
+    handler = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_train}.get(args.command) or args.handler
     try:
         return handler(args) or 0
     except _usage_errors() as exc:  # what the user can fix; anything else keeps its traceback

@@ -16,7 +16,7 @@ def test_train_resume_and_eval_with_checkpoint(tmp_path, capsys):
     assert [json.loads(l)["step"] for l in lines] == [1, 2]
     assert (out / "checkpoints" / "LATEST").read_text() == "step-000002"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"before", "after", "history", "train_minutes"} and len(summary["history"]) == 2
+    assert set(summary) == {"before", "after", "history", "train_minutes", "checkpoint"} and len(summary["history"]) == 2
 
     assert main(args + ["--steps", "3", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out

@@ -13,10 +13,8 @@ import torch
 
 from lightning_lab.cli import main
 from lightning_lab.train.checkpoint import CheckpointError
-from lightning_lab.train.config import ConfigError, PPOConfig, RunConfig, load_config
+from lightning_lab.train.config import ConfigError, PPOConfig, RunConfig, SFTConfig, load_config
 from lightning_lab.train.run import build, resume_config, run
-from lightning_lab.train.sft import SFTConfig
-from lightning_lab.train.sft_run import SFTRunConfig, load_sft_config
 from lightning_lab.train.threads import ENV_VAR, choose_threads, requested_threads
 
 TINY = ["--model", "tiny", "--env", "wordplay", "--tasks-per-step", "2", "--group-size", "2",
@@ -48,18 +46,42 @@ def test_a_bad_yaml_value_names_the_field_and_the_file(tmp_path, text, message):
 
 @pytest.mark.parametrize("text, message", [
     ("lr: .nan\n", "sft.lr must be a finite number"),
-    ("temperature: -1\n", "temperature must be > 0"),
+    ("temperature: -1\n", "sft.temperature must be > 0"),
     ("keep_checkpoints: -2\n", "keep_checkpoints must be >= 0"),
     ("sft: null\n", "sft must be a mapping of fields"),
     ("out: ' '\n", "out must name a folder"),
     ("n: 2\nn: 3\n", "duplicate key 'n'"),
+    ("n: '3'\n", "sft.n must be int, got '3'"),  # the old SFT loader let strings through
+    ("wandb: 'yes'\n", "wandb must be true or false"),
+    ("sft:\n  epochs: two\n", "sft.epochs must be float"),
+    ("algorithm: sft\nresume: true\n", "resume continues ppo runs only"),
+    ("algorithm: bogus\n", "algorithm must be one of ppo, sft, rejection"),
 ])
 def test_a_bad_sft_yaml_value_names_the_field_and_the_file(tmp_path, text, message):
+    """``lightning-lab sft --config``: a RunConfig over SFT defaults, checked as train's is."""
     path = tmp_path / "sft.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message) as info:
-        load_sft_config(path)
+        load_config(path, RunConfig(algorithm="sft"))
     assert str(path) in str(info.value)
+
+
+def test_an_old_sft_yaml_loads_into_the_sft_section_with_a_deprecation(tmp_path):
+    """What ``lightning-lab sft`` saved before ``algorithm``: ``mode`` and top-level sampling
+    fields; ``mode`` is read as ``algorithm`` (with a warning naming the rewrite)."""
+    path = tmp_path / "old.yaml"
+    path.write_text("model: tiny\nmode: rejection\nn: 4\nthreshold: 0.25\nrounds: 3\n"
+                    "temperature: 0.5\ntraces: null\ntraces_format: auto\n"
+                    "sft: {lr: 0.001, epochs: 2.0, agents: [writer]}\nout: runs/old\n")
+    with pytest.warns(FutureWarning, match="write 'algorithm: rejection' instead"):
+        config = load_config(path)
+    assert config.algorithm == "rejection"
+    assert (config.sft.n, config.sft.threshold, config.sft.rounds) == (4, 0.25, 3)
+    assert (config.sft.temperature, config.sft.lr, config.sft.agents) == (0.5, 1e-3, ("writer",))
+    assert config.ppo == PPOConfig()  # the bare names went to the algorithm's own section
+    path.write_text("mode: sft\nalgorithm: sft\n")
+    with pytest.raises(ConfigError, match="give only algorithm"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -98,7 +120,7 @@ def test_sft_and_resume_flags_are_checked_too(tmp_path, capsys):
     assert f"{empty}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cls", [RunConfig, PPOConfig, SFTRunConfig, SFTConfig])
+@pytest.mark.parametrize("cls", [RunConfig, PPOConfig, SFTConfig])
 def test_every_numeric_field_declares_its_range(cls):
     numeric = [f for f in dataclasses.fields(cls) if {"int", "float"} & set(f.type.split())]
     assert numeric, cls

@@ -41,7 +41,7 @@ def test_cli_sweep_and_notebook_make_the_same_run(tmp_path):
     summaries = [summary_nb] + [json.loads((d / "summary.json").read_text()) for d in (cli_out, sweep_out)]
     assert summaries[0] == json.loads((tmp_path / "nb" / "summary.json").read_text())
     for s in summaries:
-        assert set(s) == {"before", "after", "history", "train_minutes"}
+        assert set(s) == {"before", "after", "history", "train_minutes", "checkpoint"}
         assert set(s["before"]) == set(s["after"]) == set(summaries[0]["after"])
         assert len(s["history"]) == 2
     # the same resolved config everywhere (only the folder differs)

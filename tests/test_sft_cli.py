@@ -72,7 +72,56 @@ def test_sft_rejection_mode_runs_rounds(tmp_path):
     assert all(r["kept"] == r["sampled"] for r in summary["rounds"])  # threshold -1 keeps all
     assert summary["rows"] == 16 and summary["loss"]  # 8 trajectories of 2 calls (namer, shouter)
     _, state = load_checkpoint(out / "checkpoints", require=("params",))
-    assert state["step"] == len(summary["loss"])
+    assert state["step"] == 2  # a rejection run's step is a round
+    assert len(state["history"]) == len(summary["loss"])  # every fine-tuning step of both
+    sampled = (out / "trajectories.jsonl").read_text().splitlines()
+    assert len(sampled) == 8  # each round's samples, as a PPO run's
+
+
+def test_sft_is_a_run_with_the_same_callbacks_evaluations_and_checkpoints(tmp_path, monkeypatch):
+    """``algorithm: sft`` goes through ``run(config)``: callbacks are attached to its trainer
+    and see each evaluation at its step (the old SFT pipeline said step 0 after training too),
+    the policy gets the run's decode options, checkpoints follow save_every/keep_checkpoints."""
+    from lightning_lab.inference import models
+    from lightning_lab.train.callbacks import CallbackBase
+    from lightning_lab.train.config import RunConfig
+    from lightning_lab.train.run import run
+
+    loaded: dict = {}
+    real_load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **kw: loaded.update(kw) or real_load(*a, **kw))
+
+    class Recorder(CallbackBase):
+        def __init__(self):
+            self.events: list = []
+
+        def attach(self, trainer):
+            self.events.append(("attach", trainer.step_count))
+
+        def on_step(self, state):
+            self.events.append(("step", state.step))
+
+        def on_eval(self, metrics, step):
+            self.events.append(("eval", step))
+
+        def on_finish(self):
+            self.events.append(("finish",))
+
+    recorder, out = Recorder(), tmp_path / "sft"
+    config = RunConfig(algorithm="sft", model="tiny", env="text_to_sql", limit=12, eval_limit=1,
+                       agent_options={"max_turns": 1, "max_new_tokens": 4}, decode_dtype="auto",
+                       save_every=2, keep_checkpoints=0, sft={"batch_size": 4, "lr": 1e-3},
+                       out=str(out))
+    summary = run(config, [recorder], log=lambda _line: None)
+    assert recorder.events == [("attach", 0), ("eval", 0), ("step", 1), ("step", 2), ("step", 3),
+                               ("eval", 3), ("finish",)]
+    assert loaded["decode_dtype"] == "auto" and loaded["decode_threads"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in out.glob("eval_*.jsonl")) == ["eval_step0000.jsonl",
+                                                                "eval_step0003.jsonl"]
+    assert summary["rows"] == 12 and len(summary["history"]) == 3
+    assert summary["checkpoint"].endswith("step-000003")
+    assert yaml.safe_load((out / "config.yaml").read_text())["algorithm"] == "sft"
 
 
 def test_warm_started_run_takes_its_warm_start_as_kl_reference(tmp_path):

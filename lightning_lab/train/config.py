@@ -1,4 +1,5 @@
-"""Run configuration: ``PPOConfig`` (the update) inside ``RunConfig`` (a whole run).
+"""Run configuration: ``PPOConfig`` and ``SFTConfig`` (an algorithm's section) inside
+``RunConfig`` (a whole run: PPO, SFT or rejection sampling, chosen by ``algorithm``).
 
 ``RunConfig`` is the single source of a run, in the style of cleanrl's ``Args``: the CLI's
 ``train`` flags are generated from its fields (each field's docstring is the flag's help), it
@@ -17,15 +18,16 @@ import json
 import math
 import operator
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .. import credit as credit_lib
 from ..errors import ConfigError
 from ..tracing import DEFAULT_TEMPERATURE
 
-__all__ = ["PPOConfig", "RunConfig", "ConfigError", "FieldError", "bounded", "check_ranges",
+__all__ = ["PPOConfig", "SFTConfig", "RunConfig", "ALGORITHMS", "REJECTION_TEMPERATURE", "ConfigError", "FieldError", "bounded", "check_ranges",
            "field_docs", "override", "flatten", "parse_options", "load_config", "load_yaml",
            "save_config", "FROZEN_ON_RESUME", "CREDIT_FIELDS", "credit_fields_not_taken"]
 
@@ -136,17 +138,83 @@ class PPOConfig:
     """Seeds the task order, the minibatch order and torch's sampling RNG."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.trainable_agents, str):
-            self.trainable_agents = tuple(a for a in self.trainable_agents.split(",") if a)
-        elif self.trainable_agents is not None:
-            self.trainable_agents = tuple(self.trainable_agents)
+        self.trainable_agents = _names(self.trainable_agents)
         check_ranges(self)
+
+
+REJECTION_TEMPERATURE = 0.8
+"""Rejection sampling's default temperature, below ``tracing.DEFAULT_TEMPERATURE`` on purpose:
+only the successes are kept, and a cooler policy succeeds more often while still varying."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``algorithm: sft``) and rejection sampling (``algorithm:
+    rejection``): the data, the fine-tuning's hyper-parameters and the sampling rounds."""
+
+    traces: str | None = None
+    """Stored traces to fine-tune on; None = the environment's demonstrations (sft) or fresh
+    samples (rejection)."""
+    traces_format: str = field(default="auto", metadata={
+        "choices": ("auto", "batch", "otlp", "agentlightning")})
+    """auto (by file name/content) | batch (.jsonl/.parquet) | otlp (OTLP-JSON) | agentlightning."""
+    epochs: float = bounded(1.0, gt=0)
+    """Passes over the rows (fractions allowed: 0.5 = half the rows); per round for rejection."""
+    batch_size: int = bounded(16, ge=1)
+    """Transitions per optimizer step."""
+    lr: float = bounded(2e-4, ge=0)
+    """AdamW learning rate of the trainable parameters (the LoRA adapter, usually)."""
+    weight_decay: float = bounded(0.0, ge=0)
+    """AdamW weight decay of the trainable parameters."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Linear learning-rate warm-up over this many optimizer steps."""
+    max_grad_norm: float = bounded(1.0, gt=0)
+    """Gradient-norm clip of the trainable parameters."""
+    max_tokens_per_forward: int = bounded(2048, ge=1)
+    """Padded tokens per forward (a shared prompt counts once); larger batches accumulate."""
+    max_context: int | None = bounded(None, ge=1)
+    """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
+    model's ``max_position_embeddings``."""
+    agents: tuple[str, ...] | None = None
+    """Train only on transitions of these roles; None = all."""
+    n: int = bounded(8, ge=1)
+    """Rejection sampling: samples per task per round."""
+    threshold: float = bounded(0.5)
+    """Rejection sampling: keep trajectories whose total reward is strictly above this."""
+    rounds: int = bounded(2, ge=1)
+    """Rejection sampling: sample -> keep -> fine-tune cycles (the run's steps)."""
+    tasks_per_round: int | None = bounded(None, ge=1)
+    """Rejection sampling: tasks per round (None: all train tasks)."""
+    temperature: float = bounded(REJECTION_TEMPERATURE, gt=0)
+    """Rejection sampling: sampling temperature."""
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
+    """Seeds the row order (a run copies its seed here)."""
+
+    def __post_init__(self) -> None:
+        self.agents = _names(self.agents)
+        check_ranges(self)
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A role-name list as a tuple (``"a,b"`` from a flag, a list from YAML)."""
+    if isinstance(value, str):
+        return tuple(a for a in value.split(",") if a)
+    return None if value is None else tuple(value)
+
+
+ALGORITHMS = ("ppo", "sft", "rejection")
+SECTIONS = {"ppo": PPOConfig, "sft": SFTConfig}
+"""``RunConfig``'s nested sections: the fields of one algorithm, as ``ppo.lr`` / ``sft.lr``."""
 
 
 @dataclass
 class RunConfig:
-    """One training run: model, environment, credit, PPO, evaluation, budget, checkpoints."""
+    """One training run: model, environment, algorithm (PPO with its credit, SFT or rejection
+    sampling), evaluation, budget, checkpoints."""
 
+    algorithm: str = field(default="ppo", metadata={"choices": ALGORITHMS})
+    """ppo (RL, the ppo.* fields) | sft (fine-tune on traces or demonstrations, sft.*) |
+    rejection (sample sft.n per task, fine-tune on those above sft.threshold, sft.rounds times)."""
     model: str = "smollm2-135m"
     """tiny | smollm2-135m | a local Hugging Face model directory."""
     lora: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
@@ -207,13 +275,16 @@ class RunConfig:
     baseline: str | None = None
     """none | group | rloo | batch (None: the strategy's default)."""
     steps: int = bounded(20, ge=0)
-    """Train until the trainer has done this many steps (resumed steps count)."""
+    """ppo: train until the trainer has done this many steps (resumed steps count); sft and
+    rejection run sft.epochs / sft.rounds instead."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """The update's hyper-parameters (CLI flags without prefix, e.g. --lr, --group-size)."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Fine-tuning and rejection sampling (lightning-lab sft's --epochs, --batch-size, --n, ...)."""
     eval_every: int = bounded(0, ge=0)
     """Greedy dev evaluation every N steps (0: before and after training only)."""
     eval_limit: int | None = bounded(None, ge=0)
-    """Evaluate on at most this many dev tasks."""
+    """Evaluate on at most this many dev tasks (0: no evaluation)."""
     max_minutes: float | None = bounded(None, gt=0)
     """Stop after the step that passes this wall-clock budget (evaluations excluded)."""
     save_every: int = bounded(5, ge=0)
@@ -232,12 +303,19 @@ class RunConfig:
     """Run folder: config.yaml, metrics.jsonl, trajectories.jsonl, evals, checkpoints/, summary.json."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, Mapping):
-            try:
-                self.ppo = PPOConfig(**self.ppo)
-            except FieldError as exc:
-                raise exc.within("ppo") from None
-        self.ppo.seed = self.seed  # one seed per run; PPOConfig.seed is for library users
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if isinstance(section, Mapping):
+                try:
+                    section = cls(**section)
+                except FieldError as exc:
+                    raise exc.within(name) from None
+            section.seed = self.seed  # one seed per run; the sections' seed is for library users
+            setattr(self, name, section)
+        if self.algorithm not in ALGORITHMS:
+            raise FieldError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, "
+                             f"got {self.algorithm!r}")
+        self._check_algorithm_fields()
         if self.rollout_engine not in ("local", "vllm"):
             raise FieldError("rollout_engine", f"must be local or vllm, got {self.rollout_engine!r}")
         if self.rollout_engine == "vllm":
@@ -249,6 +327,17 @@ class RunConfig:
             raise FieldError("lora", f"must be auto, on or off, got {self.lora!r}")
         check_ranges(self)
         check_out(self.out)
+
+    def _check_algorithm_fields(self) -> None:
+        """What only PPO runs do: continue from a checkpoint, sample through vLLM."""
+        if self.algorithm == "ppo":
+            return
+        if self.resume:
+            raise FieldError("resume", f"continues ppo runs only; start the {self.algorithm} "
+                             "run again (or warm-start it with init_from)")
+        if self.rollout_engine != "local":
+            raise FieldError("rollout_engine", f"{self.algorithm} samples with the local engine; "
+                             "vllm is for ppo runs")
 
     def credit_params(self) -> dict[str, Any]:
         """Parameters given for the credit strategy (unset ones keep the strategy's defaults)."""
@@ -330,30 +419,71 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def override(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
-    """A copy of ``config`` with fields replaced by dotted name (``ppo.lr``); a PPO field may also
-    be named alone (``lr``). Unknown names fail with the valid ones; values are type-checked."""
+    """A copy of ``config`` with fields replaced by dotted name (``ppo.lr``, ``sft.epochs``).
+    A section's field may be named alone (``lr``): the run's algorithm's section first (``ppo``
+    for ppo, ``sft`` for sft and rejection), else the one that has it. Unknown names fail with
+    the valid ones; values are type-checked. ``mode`` (old SFT configs) is read as ``algorithm``."""
+    values = _renamed(values)
     top = dataclasses.asdict(config)
-    run_hints, ppo_hints = _hints(RunConfig), _hints(PPOConfig)
+    algorithm = values.get("algorithm", config.algorithm)
+    run_hints = _hints(RunConfig)
+    for key, value in _dotted(values).items():
+        section, name = _place(key, run_hints, algorithm)
+        if section is None:
+            top[name] = _coerce(name, value, run_hints[name])
+        else:
+            top[section][name] = _coerce(f"{section}.{name}", value,
+                                         _hints(SECTIONS[section])[name])
+    return RunConfig(**top)
+
+
+def _renamed(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Old ``lightning-lab sft`` configs said ``mode: sft | rejection``; it is ``algorithm`` now.
+    Their other top-level fields (``traces``, ``n``, ``threshold`` ...) still load as the bare
+    names of ``sft.*`` fields."""
+    if "mode" not in values:
+        return values
+    if "algorithm" in values:
+        raise ConfigError("mode is the old name of algorithm; give only algorithm")
+    warnings.warn(f"config field 'mode' is deprecated; write 'algorithm: {values['mode']}' "
+                  "instead", FutureWarning, stacklevel=3)
+    return {("algorithm" if k == "mode" else k): v for k, v in values.items()}
+
+
+def _dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``{ppo: {lr: 1}}`` as ``{"ppo.lr": 1}``; other keys as they are."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key == "ppo":
-            flat.update({f"ppo.{k}": v for k, v in nested_mapping("ppo", value).items()})
+        if key in SECTIONS:
+            flat.update({f"{key}.{k}": v for k, v in nested_mapping(key, value).items()})
         else:
             flat[key] = value
-    for key, value in flat.items():
-        if key.startswith("ppo.") or (key not in run_hints and key in ppo_hints):
-            name = key.removeprefix("ppo.")
-            if name == "seed":
-                raise ConfigError("ppo.seed follows the run's seed; set seed instead")
-            if name not in ppo_hints:
-                raise ConfigError(f"unknown config field {key!r}; PPO fields: {sorted(ppo_hints)}")
-            top["ppo"][name] = _coerce(f"ppo.{name}", value, ppo_hints[name])
-        elif key in run_hints and key != "ppo":
-            top[key] = _coerce(key, value, run_hints[key])
-        else:
+    return flat
+
+
+def _place(key: str, run_hints: Mapping[str, Any], algorithm: Any) -> tuple[str | None, str]:
+    """(section or None for a run field, field name) of a config key."""
+    section, dot, name = key.partition(".")
+    if not dot and key in run_hints and key not in SECTIONS:
+        return None, key
+    if dot:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        if name not in _hints(SECTIONS[section]):
+            raise ConfigError(f"unknown config field {key!r}; {section} fields: "
+                              f"{sorted(_hints(SECTIONS[section]))}")
+    else:
+        order = ("ppo", "sft") if algorithm == "ppo" else ("sft", "ppo")
+        section = next((s for s in order if key in _hints(SECTIONS[s])), "")
+        if not section:
             raise ConfigError(f"unknown config field {key!r}; valid: "
-                              f"{sorted(k for k in run_hints if k != 'ppo')} and ppo.<field>")
-    return RunConfig(**top)
+                              f"{sorted(k for k in run_hints if k not in SECTIONS)}, "
+                              "ppo.<field> and sft.<field>")
+        name = key
+    if name == "seed":
+        raise ConfigError(f"{section}.seed follows the run's seed; set seed instead")
+    return section, name
 
 
 def nested_mapping(name: str, value: Any) -> Mapping[str, Any]:
@@ -406,8 +536,8 @@ def load_yaml(path: str | Path, what: str = "run config") -> dict[str, Any]:
 
 
 def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from YAML (nested ``ppo:`` mapping or dotted keys), over ``base``; every
-    error names the file."""
+    """A RunConfig from YAML (nested ``ppo:`` / ``sft:`` mappings or dotted keys), over
+    ``base``; every error names the file."""
     path = Path(path)
     data = load_yaml(path)
     try:
@@ -425,9 +555,10 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dataclasses.asdict(config)
-    del data["ppo"]["seed"]  # follows the run's seed
-    if data["ppo"]["trainable_agents"] is not None:
-        data["ppo"]["trainable_agents"] = list(data["ppo"]["trainable_agents"])
+    for section, names in (("ppo", "trainable_agents"), ("sft", "agents")):
+        del data[section]["seed"]  # follows the run's seed
+        if data[section][names] is not None:
+            data[section][names] = list(data[section][names])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)

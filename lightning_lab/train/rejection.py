@@ -14,15 +14,11 @@ from typing import Any, Callable, Sequence
 
 from ..records import Batch
 from ..rollouts.threads import run_rollouts
+from .config import REJECTION_TEMPERATURE as TEMPERATURE
 from .sft import SFTConfig, SFTTrainer
 
-__all__ = ["TEMPERATURE", "RejectionConfig", "RoundResult", "keep_above", "rejection_sample",
-           "rejection_sampling_finetune"]
-
-
-TEMPERATURE = 0.8
-"""Rejection sampling's default temperature, below ``tracing.DEFAULT_TEMPERATURE`` on purpose:
-only the successes are kept, and a cooler policy succeeds more often while still varying."""
+__all__ = ["TEMPERATURE", "RejectionConfig", "RejectionRounds", "RoundResult", "keep_above",
+           "rejection_sample", "rejection_sampling_finetune"]
 
 
 @dataclass
@@ -55,9 +51,19 @@ class RoundResult:
     sft_history: list[dict[str, float]]
 
     @property
+    def step(self) -> int:
+        """The round's number: a run's step (``run(config)`` with ``algorithm: rejection``)."""
+        return self.round
+
+    @property
+    def batch(self) -> Batch:
+        """What the round sampled (a run saves it to ``trajectories.jsonl``)."""
+        return self.sampled
+
+    @property
     def metrics(self) -> dict[str, float]:
         rewards = [t.total_reward for t in self.sampled if t.status == "ok"]
-        return {"round": float(self.round), "sampled": float(len(self.sampled)),
+        return {"step": float(self.round), "round": float(self.round), "sampled": float(len(self.sampled)),
                 "kept": float(len(self.kept)),
                 "reward_mean": sum(rewards) / max(len(rewards), 1),
                 "tasks_solved": float(len({t.task_id for t in self.kept})),
@@ -87,33 +93,50 @@ def rejection_sample(agent: Callable[[Any], Any], tasks: Sequence[Any], *, n: in
     return sampled, keep_above(sampled, threshold, unique=unique)
 
 
-def rejection_sampling_finetune(policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any],
-                                config: RejectionConfig | None = None, *,
-                                on_round: Callable[[RoundResult], None] | None = None,
-                                callbacks: Sequence[Any] = ()) -> list[RoundResult]:
-    """``config.rounds`` rounds of sample -> keep above threshold -> SFT; one optimizer throughout.
+class RejectionRounds:
+    """Rounds of sample -> keep above threshold -> SFT, one at a time; one optimizer throughout.
 
     A round that keeps nothing trains nothing and says so in its result (``kept == 0``); the next
-    round samples again from the unchanged policy.
+    round samples again from the unchanged policy. Round ``r`` samples a fresh slice of the
+    task list (``tasks_per_round``), wrapping around.
     """
-    cfg = config or RejectionConfig()
-    tasks = list(tasks)
-    per_round = cfg.tasks_per_round or len(tasks)
-    optimizer = None
-    results = []
-    for r in range(cfg.rounds):
-        start = (r * per_round) % len(tasks)
+
+    def __init__(self, policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any],
+                 config: RejectionConfig | None = None, *, callbacks: Sequence[Any] = ()):
+        self.policy, self.agent, self.tasks = policy, agent, list(tasks)
+        self.config = config or RejectionConfig()
+        self.callbacks = callbacks
+        self.optimizer: Any = None
+        self.results: list[RoundResult] = []
+
+    def round(self) -> RoundResult:
+        cfg, tasks = self.config, self.tasks
+        per_round = cfg.tasks_per_round or len(tasks)
+        start = (len(self.results) * per_round) % len(tasks)
         chunk = (tasks + tasks)[start:start + per_round]
-        sampled, kept = rejection_sample(agent, chunk, n=cfg.n, threshold=cfg.threshold,
+        sampled, kept = rejection_sample(self.agent, chunk, n=cfg.n, threshold=cfg.threshold,
                                          temperature=cfg.temperature, unique=cfg.unique,
                                          max_workers=cfg.rollout_workers)
         history: list[dict[str, float]] = []
         if len(kept):
-            sft = SFTTrainer(policy, kept, cfg.sft, callbacks=callbacks, optimizer=optimizer)
-            optimizer = sft.optimizer
+            sft = SFTTrainer(self.policy, kept, cfg.sft, callbacks=self.callbacks,
+                             optimizer=self.optimizer)
+            self.optimizer = sft.optimizer
             history = [s.metrics for s in sft.fit(progress=False)]
-        result = RoundResult(round=r + 1, sampled=sampled, kept=kept, sft_history=history)
-        results.append(result)
+        result = RoundResult(round=len(self.results) + 1, sampled=sampled, kept=kept,
+                             sft_history=history)
+        self.results.append(result)
+        return result
+
+
+def rejection_sampling_finetune(policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any],
+                                config: RejectionConfig | None = None, *,
+                                on_round: Callable[[RoundResult], None] | None = None,
+                                callbacks: Sequence[Any] = ()) -> list[RoundResult]:
+    """``config.rounds`` rounds of ``RejectionRounds``: sample -> keep above threshold -> SFT."""
+    rounds = RejectionRounds(policy, agent, tasks, config, callbacks=callbacks)
+    for _ in range(rounds.config.rounds):
+        result = rounds.round()
         if on_round is not None:
             on_round(result)
-    return results
+    return rounds.results

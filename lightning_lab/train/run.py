@@ -1,9 +1,10 @@
 """``run(config)``: one training run, the same from the CLI, a sweep or a notebook.
 
-Greedy dev evaluation before, PPO steps until ``steps`` or the wall-clock budget (with evaluations
-every ``eval_every`` steps and checkpoints every ``save_every``), a final checkpoint and
-evaluation, and ``summary.json``. The run folder holds everything needed to look at it or go on:
-``config.yaml`` (the resolved config), ``metrics.jsonl``, ``trajectories.jsonl``,
+Greedy dev evaluation before, steps of ``config.algorithm`` (``algorithms.py``: PPO iterations
+until ``steps``, SFT optimizer steps for ``sft.epochs``, rejection rounds for ``sft.rounds``) or
+until the wall-clock budget (with evaluations every ``eval_every`` steps and checkpoints every
+``save_every``), a final checkpoint and evaluation, and ``summary.json``. The run folder holds everything needed to look at it or go on:
+``config.yaml`` (the resolved config), ``metrics.jsonl``, ``trajectories.jsonl`` (PPO, rejection),
 ``eval_stepNNNN.jsonl``, ``checkpoints/`` and ``summary.json``.
 
 Under ``torchrun`` / ``accelerate launch`` every process runs this same function: each samples its
@@ -23,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .. import credit as credit_lib
 from .. import envs
+from .algorithms import PPORun, RejectionRun, SFTRun, sft_data
 from .callbacks import Callback, as_callback
 from .checkpoint import clean_orphans, latest_checkpoint
 from .logs import roll_back_logs
@@ -47,6 +49,7 @@ class RunSetup:
     train_tasks: list[Any]
     dev_tasks: list[Any]
     trainer: Any
+    """The ``algorithms.Algorithm`` the run steps (a ``PPOTrainer`` for ppo)."""
     callbacks: list[Callback]
     resumed: bool = False
     parallel: Any = None
@@ -66,9 +69,12 @@ class RunSetup:
         return Path(self.config.out)
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks."""
+        """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks;
+        nothing without dev tasks (``eval_limit: 0``)."""
         from ..rollouts import evaluate
 
+        if not self.dev_tasks:
+            return {}
         batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize,
                                   timeout_s=self.config.ppo.rollout_timeout_s)
         batch.save_jsonl(self.out / f"eval_{tag}.jsonl")
@@ -237,34 +243,28 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
           log: Callable[[str], None] = print) -> RunSetup:
     """Environment, tasks, policy, agent and trainer of ``config`` (resumed if it says so)."""
     from .distributed import DataParallel
-    from .trainer import PPOTrainer
 
     parallel = DataParallel.from_env(config.device)
+    if parallel.world_size > 1 and config.algorithm != "ppo":
+        raise ConfigError(f"algorithm {config.algorithm} runs in one process (no torchrun) for now")
     env = load_env(config)
     train_tasks = load_tasks(env, config, "train", config.limit)
-    dev_tasks = load_tasks(env, config, "dev", config.eval_limit)
-    strategy = credit_strategy(config)
+    dev_tasks = load_tasks(env, config, "dev", config.eval_limit) if config.eval_limit != 0 else []
+    strategy = credit_strategy(config) if config.algorithm == "ppo" else None
     policy = load_policy(dataclasses.replace(config, device=parallel.local_device(config.device)))
     agent = make_agent(env, policy, config)
     cbs = [as_callback(cb) for cb in callbacks] if parallel.is_main else []
-    ckpt_dir = Path(config.out) / "checkpoints"
     # A crash during the very first save leaves no complete checkpoint: start from step 0.
-    resumed = config.resume and latest_checkpoint(ckpt_dir) is not None
-    warm_start = None  # the KL reference too, read again on resume
-    if config.init_from:
-        from ..inference.adapters import set_weights
-        from .checkpoint import read_policy_weights
-
-        _, warm_start = read_policy_weights(policy, Path(config.init_from))
-        if not resumed:
-            set_weights(policy.model, warm_start)
-    if resumed:
-        trainer = PPOTrainer.load(ckpt_dir, policy, agent, train_tasks, credit=strategy,
-                                  config=config.ppo, callbacks=cbs, parallel=parallel,
-                                  reference_weights=warm_start)
+    resumed = config.resume and latest_checkpoint(Path(config.out) / "checkpoints") is not None
+    warm_start = _warm_start(config, policy, resumed)
+    if config.algorithm == "sft":
+        batch, skipped = sft_data(config, env, policy, train_tasks, log)
+        trainer: Any = SFTRun(policy, batch, config.sft, train_tasks, skipped, cbs)
+    elif config.algorithm == "rejection":
+        trainer = RejectionRun(policy, agent, train_tasks, config.sft, cbs)
     else:
-        trainer = PPOTrainer(policy, agent, train_tasks, credit=strategy, config=config.ppo,
-                             callbacks=cbs, parallel=parallel, reference_weights=warm_start)
+        trainer = _ppo_trainer(config, policy, agent, train_tasks, strategy, cbs, parallel,
+                               resumed, warm_start)
     if config.rollout_engine == "vllm" and parallel.world_size > 1:
         raise ConfigError("--rollout-engine vllm runs in one process (no torchrun) for now")
     rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log)
@@ -276,6 +276,30 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
                     parallel, rollouts)
 
 
+def _warm_start(config: RunConfig, policy: Any, resumed: bool) -> dict[str, Any] | None:
+    """``init_from``'s weights (the KL reference too, read again on resume), set into the policy
+    unless a resumed run's own checkpoint will be."""
+    if not config.init_from:
+        return None
+    from ..inference.adapters import set_weights
+    from .checkpoint import read_policy_weights
+
+    _, weights = read_policy_weights(policy, Path(config.init_from))
+    if not resumed:
+        set_weights(policy.model, weights)
+    return weights
+
+
+def _ppo_trainer(config: RunConfig, policy: Any, agent: Any, tasks: list[Any], strategy: Any,
+                 callbacks: list[Callback], parallel: Any, resumed: bool,
+                 warm_start: dict[str, Any] | None) -> PPORun:
+    options = dict(credit=strategy, config=config.ppo, callbacks=callbacks, parallel=parallel,
+                   reference_weights=warm_start)
+    if resumed:
+        return PPORun.load(Path(config.out) / "checkpoints", policy, agent, tasks, **options)
+    return PPORun(policy, agent, tasks, **options)
+
+
 def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], None] = print
         ) -> dict[str, Any]:
     """Train as ``config`` says; returns (and writes) the run's summary."""
@@ -283,11 +307,9 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     if not setup.parallel.is_main:
         return _follow(setup)
     out, trainer = setup.out, setup.trainer
-    governor = _thread_governor(config, log)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
     ckpt_dir = out / "checkpoints"
-    keep = config.keep_checkpoints or None
     if setup.resumed:
         log(f"resumed from {ckpt_dir} at step {trainer.step_count}")
     elif config.resume:
@@ -299,45 +321,59 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
             log("rolled back to step {}: dropped {}".format(trainer.step_count, ", ".join(
                 f"{n} line(s) of {f}" for f, n in dropped.items() if n)))
     try:
-        before = setup.evaluate(f"step{trainer.step_count:04d}")
-        log(f"[eval step{trainer.step_count:04d}] " + _fmt(before))
-        log(f"training {setup.policy.name} on {getattr(setup.env, 'name', config.env)} with {trainer.credit.describe()} "
-            f"for {config.steps} steps -> {out}")
-        started = time.monotonic()
-        deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
-        with open(out / "metrics.jsonl", "a") as metrics_log:
-            while setup.parallel.broadcast(trainer.step_count < config.steps
-                                           and time.monotonic() < deadline):
-                t0 = time.perf_counter()
-                if governor is not None:
-                    governor.adjust()
-                state = _interruptible_step(trainer, ckpt_dir, keep, log)
-                m = state.metrics
-                metrics_log.write(json.dumps(m) + "\n")
-                metrics_log.flush()
-                state.batch.save_jsonl(out / "trajectories.jsonl", append=True)
-                log(f"step {state.step:3d}  reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}  "
-                    f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  loss {m['policy_loss']:+.4f}  "
-                    f"tok/s {m['tokens_per_s']:.0f}  failed {int(m['n_failed'])}  "
-                    f"{time.perf_counter() - t0:.1f}s")
-                if config.save_every and state.step % config.save_every == 0:
-                    trainer.save(ckpt_dir, keep_last=keep)
-                if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
-                    log(f"[eval step{state.step:04d}] " + _fmt(setup.evaluate(f"step{state.step:04d}")))
-        train_minutes = (time.monotonic() - started) / 60
-        log(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
-        trainer.save(ckpt_dir, keep_last=keep)
-        after = setup.evaluate(f"step{trainer.step_count:04d}")
-        log(f"[eval step{trainer.step_count:04d}] " + _fmt(after))
-        summary = {"before": before, "after": after, "train_minutes": train_minutes,
-                   "history": [h["reward_mean"] for h in trainer.history]}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        log("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
+        summary = _train(setup, log)
     finally:
         for cb in setup.callbacks:
             cb.on_finish()
         setup.close()
     return summary
+
+
+def _train(setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate, step until the plan or the budget is done, checkpoint, evaluate, summarise."""
+    config, out, trainer = setup.config, setup.out, setup.trainer
+    ckpt_dir, keep = out / "checkpoints", config.keep_checkpoints or None
+    governor = _thread_governor(config, log)
+    before = _evaluate(setup, log)
+    planned = trainer.planned_steps(config)
+    log(f"training {setup.policy.name} on {getattr(setup.env, 'name', config.env)} with "
+        f"{trainer.describe()} for {planned} steps -> {out}")
+    started = time.monotonic()
+    deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
+    with open(out / "metrics.jsonl", "a") as metrics_log:
+        while setup.parallel.broadcast(trainer.step_count < planned
+                                       and time.monotonic() < deadline):
+            t0 = time.perf_counter()
+            if governor is not None:
+                governor.adjust()
+            state = _interruptible_step(trainer, ckpt_dir, keep, log)
+            metrics_log.write(json.dumps(state.metrics) + "\n")
+            metrics_log.flush()
+            if trainer.keeps_trajectories:
+                state.batch.save_jsonl(out / "trajectories.jsonl", append=True)
+            log(f"{trainer.line(state)}  {time.perf_counter() - t0:.1f}s")
+            if config.save_every and state.step % config.save_every == 0:
+                trainer.save(ckpt_dir, keep_last=keep)
+            if config.eval_every and state.step % config.eval_every == 0 and state.step < planned:
+                _evaluate(setup, log)
+    train_minutes = (time.monotonic() - started) / 60
+    log(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
+    checkpoint = trainer.save(ckpt_dir, keep_last=keep)
+    after = _evaluate(setup, log)
+    summary = {"before": before, "after": after, "train_minutes": train_minutes,
+               "history": [h["reward_mean"] for h in trainer.history],
+               "checkpoint": str(checkpoint), **trainer.summary()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log("reward_mean per step: " + " ".join(f"{r:.2f}" for r in summary["history"]))
+    return summary
+
+
+def _evaluate(setup: RunSetup, log: Callable[[str], None]) -> dict[str, float]:
+    tag = f"step{setup.trainer.step_count:04d}"
+    metrics = setup.evaluate(tag)
+    if metrics:
+        log(f"[eval {tag}] " + _fmt(metrics))
+    return metrics
 
 
 def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,

@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..inference.prompts import dedupe_prompts
-from ..records import Batch, Trajectory, Transition
-from .config import SEED_MAX, bounded, check_ranges
+from ..records import Batch, TraceFormatError, Trajectory, Transition
+from .callbacks import CallbackList
+from .config import SFTConfig
 from .scoring import chunk_rows, score
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
-           "sft_loss", "sft_rows", "sft_state_dict"]
+           "load_traces", "sft_loss", "sft_rows", "sft_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -119,33 +120,6 @@ def sft_loss(logprobs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class SFTConfig:
-    epochs: float = bounded(1.0, gt=0)
-    """Passes over the rows by ``fit()`` (fractions allowed: 0.5 = half the rows)."""
-    batch_size: int = bounded(16, ge=1)
-    """Transitions per optimizer step."""
-    lr: float = bounded(2e-4, ge=0)
-    """AdamW learning rate of the trainable parameters (the LoRA adapter, usually)."""
-    weight_decay: float = bounded(0.0, ge=0)
-    warmup_steps: int = bounded(0, ge=0)
-    """Linear learning-rate warm-up over this many optimizer steps."""
-    max_grad_norm: float = bounded(1.0, gt=0)
-    max_tokens_per_forward: int = bounded(2048, ge=1)
-    """Padded tokens per forward (a shared prompt counts once); larger batches accumulate."""
-    max_context: int | None = bounded(None, ge=1)
-    """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
-    model's ``max_position_embeddings``."""
-    agents: tuple[str, ...] | None = None
-    """Train only on transitions of these roles; None = all."""
-    seed: int = bounded(0, ge=0, le=SEED_MAX)
-
-    def __post_init__(self) -> None:
-        if self.agents is not None:
-            self.agents = tuple(self.agents)
-        check_ranges(self)
-
-
-@dataclass
 class SFTStepState:
     """One optimizer step of SFT; carries ``metrics`` and ``batch`` like ``StepState`` so the
     W&B callback and the dashboard's curves take it as they are."""
@@ -168,10 +142,10 @@ class SFTTrainer:
     """
 
     def __init__(self, policy: Any, batch: Batch, config: SFTConfig | None = None, *,
-                 callbacks: Sequence[Any] = (), optimizer: torch.optim.Optimizer | None = None):
+                 callbacks: Sequence[Any] | CallbackList = (), optimizer: torch.optim.Optimizer | None = None):
         self.policy = policy
         self.config = config or SFTConfig()
-        self.callbacks = list(callbacks)
+        self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         model = policy.model
         max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None)
         self.rows, self.skipped = sft_rows(batch, agents=self.config.agents, max_context=max_context)
@@ -225,11 +199,7 @@ class SFTTrainer:
         self.history.append(metrics)
         sub = Batch([Trajectory(task_id="sft", transitions=list(rows))])
         state = SFTStepState(step=self.step_count, batch=sub, metrics=metrics, skipped=self.skipped)
-        for cb in self.callbacks:
-            try:
-                getattr(cb, "on_step", cb)(state)
-            except Exception as exc:  # noqa: BLE001 - a broken logger must not stop training
-                warnings.warn(f"callback {cb!r} failed ({type(exc).__name__}: {exc})", stacklevel=2)
+        self.callbacks.on_step(state)
         return state
 
     def fit(self, epochs: float | None = None, *, max_minutes: float | None = None,
@@ -283,3 +253,40 @@ def sft_state_dict(policy: Any, *, config: dict[str, Any], step: int,
     return {"kind": "sft", "step": step, "config": config, "credit": {}, "params": params,
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "history": list(history)}
+
+
+def load_traces(path: str | Path, fmt: str = "auto", tokenizer: Any = None) -> Batch:
+    """A ``Batch`` from stored traces in any supported format; bad records are reported in
+    ``Batch.load_errors`` (the loaders skip them and name file and record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trace file at {path}")
+    if fmt == "auto":
+        fmt = _guess_format(path)
+    if fmt == "batch":
+        batch = Batch.load_parquet(path) if path.suffix == ".parquet" else Batch.load_jsonl(path)
+    elif fmt == "otlp":
+        from ..traces.otel import load_otlp_json
+
+        batch = load_otlp_json(path)
+    elif fmt == "agentlightning":
+        from ..traces.agentlightning import load_agentlightning
+
+        batch = load_agentlightning(path, tokenizer)
+    else:
+        raise ValueError(f"unknown traces format {fmt!r}; expected auto, batch, otlp or agentlightning")
+    if not batch.trajectories:  # refused here, before a model is evaluated for nothing
+        raise TraceFormatError(f"{path}: no trajectories to train on")
+    return batch
+
+
+def _guess_format(path: Path) -> str:
+    if path.suffix == ".parquet":
+        return "batch"
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096)
+    if '"resourceSpans"' in head:
+        return "otlp"
+    if '"rollout_id"' in head and '"span_id"' in head:
+        return "agentlightning"
+    return "batch"
