@@ -466,3 +466,31 @@ def test_fuzz_never_5xx(fuzz_client):
     check()
     # junk "model" strings are 404 model_not_found since names are checked, hence the lower bar
     assert seen["n"] >= 1000 and seen["ok"] > 150, seen
+
+
+def test_protocol_models_warn_undeclared_fields_and_name_the_bad_one():
+    """Issue 24 item 4: requests are pydantic models; an undeclared field is an extra (warned,
+    no hand-kept list), a bad one is a 400 whose ``param`` is pydantic's location."""
+    from lightning_lab.proxy.protocol import CompletionRequest, validate
+    from lightning_lab.proxy.responses import to_chat_body
+
+    chat = proxy.parse_chat_request({"messages": USER, "brand_new_option": 1, "logit_bias": {},
+                                     "max_completion_tokens": 7, "stop": "x", "user": 0})
+    assert chat.ignored == ["brand_new_option", "logit_bias"]
+    assert (chat.max_tokens, chat.stop, chat.user, chat.n) == (7, ("x",), "", 1)
+    completion = validate(CompletionRequest, {"prompt": "p", "logprobs": 2, "n": 2, "zz": 1})
+    sampling = completion.sampling()
+    assert completion.ignored == ["zz"] and (sampling.top_logprobs, sampling.n) == (2, 2)
+    assert to_chat_body({"input": "hi", "store": True, "mystery": 1})[1] == ["mystery"]
+    for body, param, code in [
+        ({"messages": [USER[0], {"role": "user", "content": 5}]}, "messages[1].content",
+         "invalid_type"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", "missing_required_parameter"),
+        ({"messages": USER, "temperature": 10**400}, "temperature", "invalid_value"),
+        ({"messages": USER, "n": True}, "n", "invalid_type"),
+        ({"messages": USER * 5000}, "messages", "too_many_messages"),
+    ]:
+        with pytest.raises(proxy.ProtocolError) as err:
+            proxy.parse_chat_request(body)
+        assert (err.value.param, err.value.code, err.value.status) == (param, code, 400)
+        assert f"'{param}'" in err.value.message

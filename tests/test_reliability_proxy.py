@@ -157,7 +157,7 @@ def test_queued_tokens_are_capped_per_server_with_429(policy, server):
                 c.post("/v1/chat/completions", json=body))) for _ in range(2)]
             for t in threads:
                 t.start()
-            while server.app.state.inflight < 2:
+            while server.app.state.serving.inflight < 2:
                 threading.Event().wait(0.01)
             r = c.post("/v1/chat/completions", json=body)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"

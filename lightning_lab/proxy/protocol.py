@@ -1,44 +1,36 @@
-"""The OpenAI chat-completions wire format: parse requests strictly, build responses and errors.
+"""The OpenAI wire format as pydantic models: chat, completions and responses requests, errors.
 
-Kept free of FastAPI and torch so it can be tested (and fuzzed) on its own. Parsing is strict
-about types and ranges because every accepted request ends up in a trajectory the trainer learns
-from; unknown OpenAI parameters are accepted and reported back (``ignored``) instead of failing,
-so off-the-shelf agents that send e.g. ``presence_penalty`` keep working.
+Kept free of FastAPI and torch so it can be tested (and fuzzed) on its own. Validation is strict
+about types and ranges (no coercion: ``"1"`` is not a number) because every accepted request
+ends up in a trajectory the trainer learns from. Fields a model does not declare are accepted
+and listed in ``ignored`` (the ``X-LL-Warning`` header) instead of failing, so off-the-shelf
+agents that send e.g. ``presence_penalty`` keep working. ``validate`` turns pydantic's first
+error into an OpenAI-style ``ProtocolError`` whose ``param`` names the field
+(``messages[0].content``).
 """
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
+import sys
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, field_validator, model_validator)
 
 from lightning_lab.inference.tools import (ToolError, check_history, parse_response_format,
                                            parse_tool_choice, parse_tools)
 
-__all__ = ["ChatRequest", "ProtocolError", "parse_chat_request", "error_body", "completion_body",
-           "chunk_body", "logprobs_content"]
+__all__ = ["ChatRequest", "CompletionRequest", "ResponsesRequest", "ProtocolError", "validate",
+           "parse_chat_request", "error_body"]
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 32
 MAX_MESSAGES = 4096
 """More messages than this is a client error (the app's byte and token caps bound the rest)."""
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 32
 MAX_GRAMMAR_CHARS = 1 << 16
 """A longer ``guided_grammar`` is refused before llguidance compiles it."""
-KNOWN_IGNORED = frozenset({
-    "frequency_penalty", "presence_penalty", "logit_bias", "service_tier", "store", "modalities",
-    "audio", "prediction", "reasoning_effort", "top_k", "web_search_options",
-})
-"""OpenAI parameters we accept but do not implement; reported in the ``X-LL-Warning`` header."""
-CONSUMED = frozenset({
-    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
-    "seed", "logprobs", "top_logprobs", "stream", "stream_options", "user", "metadata",
-    "return_token_ids", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-    "functions", "function_call", "guided_grammar",
-})
 
 
 class ProtocolError(ValueError):
@@ -50,37 +42,226 @@ class ProtocolError(ValueError):
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
 
 
-@dataclass
-class ChatRequest:
-    """A validated ``/v1/chat/completions`` request (``temperature=None``: the rollout default)."""
+class FieldError(ValueError):
+    """A field validator's complaint, ``what`` is wrong; ``validate`` names the field (from
+    pydantic's location, which the validator does not know: ``messages[3].content``)."""
 
-    messages: list[dict[str, Any]]
-    """Text content, plus ``tool_calls`` (assistant) and ``tool_call_id``/``name`` (tool) as sent."""
-    model: str = ""
-    temperature: float | None = None
-    top_p: float = 1.0
-    max_tokens: int | None = None
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    stream: bool = False
-    include_usage: bool = False
-    user: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    return_token_ids: bool = False
-    """vLLM's extension: add ``prompt_token_ids`` and ``choices[].token_ids`` to the response."""
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    """OpenAI function tools (legacy ``functions`` are converted), validated."""
+    def __init__(self, what: str, code: str = "invalid_value"):
+        super().__init__(what)
+        self.what, self.code = what, code
+
+
+# ---------------------------------------------------------------- field types
+def _valid_text(value: str) -> str:
+    """JSON's ``"\\ud800"`` decodes to a lone surrogate, which no tokenizer (or UTF-8 file) takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(f"is not valid Unicode text (lone surrogate at {exc.start})") from None
+    return value
+
+
+def _finite_range(value: Any) -> Any:
+    """An int beyond float range is a number out of range, not a wrong type (as JSON reads it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return sys.float_info.max if value > 0 else -sys.float_info.max
+    return value
+
+
+def _or(default: Any) -> BeforeValidator:
+    """``null`` (or, with ``falsy``, any false value) means the default, as OpenAI reads it."""
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+Number = Annotated[float, BeforeValidator(_finite_range)]
+Seed = Annotated[int | None, Field(ge=-(1 << 63), le=(1 << 64) - 1),
+                 AfterValidator(lambda s: None if s is None else s % (1 << 62))]
+TopP = Annotated[Number, Field(ge=0.0, le=1.0), _or(1.0),
+                 AfterValidator(lambda p: max(p, 1e-6))]  # OpenAI allows 0: only the top token
+MaxTokens = Annotated[int | None, Field(ge=1, le=1 << 20)]
+Flag = Annotated[bool, _or(False)]
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise FieldError("must be a string or a list of strings", "invalid_type")
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise FieldError(f"takes at most {MAX_STOP} non-empty strings")
+    return tuple(_valid_text(s) for s in stops)
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    value = value or {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FieldError("must be an object of strings", "invalid_type")
+    for key, text in value.items():
+        _valid_text(key + text)
+    return dict(value)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value or {}, dict):
+        raise FieldError("must be an object", "invalid_type")
+    return value or {}
+
+
+class _Request(BaseModel):
+    """What every endpoint's request shares: strict types, undeclared fields kept as extras."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False,
+                              validate_assignment=False)
+
+    model: Text = ""
+    temperature: Annotated[Number | None, Field(ge=0.0, le=2.0)] = None
+    """None: the rollout's temperature, else the policy's (``tracing.sampling_temperature``)."""
+    top_p: TopP = 1.0
+    max_tokens: MaxTokens = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), _or(1)] = 1
+    stop: Annotated[tuple[str, ...], BeforeValidator(_stop)] = ()
+    seed: Seed = None
+    stream: Flag = False
+    stream_options: Annotated[dict[str, Any], BeforeValidator(_object)] = {}
+    user: Annotated[Text, BeforeValidator(lambda v: v or "")] = ""
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options.get("include_usage", False))
+
+    @property
+    def ignored(self) -> list[str]:
+        """Parameters that were sent but have no effect here."""
+        return sorted(self.model_extra or {})
+
+
+# ---------------------------------------------------------------- chat
+def _content(value: Any) -> str:
+    """String content, or the text parts of a content list (images etc. are rejected)."""
+    if value is None or isinstance(value, str):
+        return _valid_text(value or "")
+    if not isinstance(value, list):
+        raise FieldError("must be a string or a list of text parts", "invalid_type")
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+               for p in value):
+        raise FieldError("holds a part that is not text: only text content parts are supported")
+    return _valid_text("".join(p["text"] for p in value))
+
+
+class ChatMessage(BaseModel):
+    """One message as sent; ``tool_calls``/``tool_call_id``/``name`` are checked as a history."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Annotated[str, BeforeValidator(_content)] = ""
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    name: Any = None
+    function_call: Any = None
+    """Legacy: an assistant's single call (``role: "function"`` answers it)."""
+
+    def as_dict(self, i: int) -> dict[str, Any]:
+        """The chat-template form, the legacy function call and result converted."""
+        if self.role == "function":  # legacy result: answers the call above it
+            return {"role": "tool", "content": self.content,
+                    "tool_call_id": f"call_legacy_{i - 1}", "name": self.name or ""}
+        msg: dict[str, Any] = {"role": self.role, "content": self.content}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                msg[key] = getattr(self, key)
+        if self.role == "assistant" and self.function_call is not None:
+            msg["tool_calls"] = [{"id": f"call_legacy_{i}", "type": "function",
+                                  "function": self.function_call}]
+        return msg
+
+
+def _few_messages(value: Any) -> Any:
+    """Refused by length before thousands of messages are validated one by one."""
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise FieldError(f"holds {len(value)} messages; at most {MAX_MESSAGES} are accepted",
+                         "too_many_messages")
+    return value
+
+
+def _history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = [m.as_dict(i) for i, m in enumerate(messages)]
+    try:
+        check_history(out)
+    except ToolError as exc:
+        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+    return out
+
+
+class ChatRequest(_Request):
+    """A validated ``/v1/chat/completions`` request; also the sampling options every endpoint
+    hands the backend (``CompletionRequest.sampling()``)."""
+
+    max_completion_tokens: MaxTokens = None
+    """The newer name of ``max_tokens``; wins when both are sent."""
+    metadata: Annotated[dict[str, str], BeforeValidator(_metadata)] = {}
+    tools: Any = None
+    """OpenAI function tools (legacy ``functions`` are converted), validated in ``_tool_fields``."""
     tool_choice: Any = None
-    parallel_tool_calls: bool = True
+    functions: Any = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
     guided_grammar: str | None = None
     """vLLM's extension (``extra_body={"guided_grammar": ...}``): a Lark grammar (llguidance's
     dialect) the reply must follow, e.g. SQL over one database's identifiers."""
-    ignored: list[str] = field(default_factory=list)
-    """Parameters that were sent but have no effect here."""
+    parallel_tool_calls: bool = True
+    messages: Annotated[list[ChatMessage], BeforeValidator(_few_messages), Field(min_length=1),
+                        AfterValidator(_history)]
+    """Validated as ``ChatMessage``; kept as the dicts the chat template takes."""
+    logprobs: Flag = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), _or(0)] = 0
+    return_token_ids: Flag = False
+    """vLLM's extension: add ``prompt_token_ids`` and ``choices[].token_ids`` to the response."""
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        try:
+            parse_response_format(value)
+        except ToolError as exc:
+            raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+        return value
+
+    @field_validator("guided_grammar", mode="before")
+    @classmethod
+    def _grammar(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value.strip()
+                                  or len(value) > MAX_GRAMMAR_CHARS):
+            raise FieldError(f"must be a non-empty Lark grammar string of at most "
+                             f"{MAX_GRAMMAR_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatRequest":
+        """Legacy ``functions``/``function_call`` become ``tools``/``tool_choice``; both checked
+        together (a named choice must name a tool); ``max_completion_tokens`` wins."""
+        param, tools, choice = "tools", self.tools, self.tool_choice
+        if tools is None and self.functions is not None:
+            if not isinstance(self.functions, list):
+                raise ProtocolError("'functions' must be a list", param="functions",
+                                    code="invalid_type")
+            param, tools = "functions", [{"type": "function", "function": f} for f in self.functions]
+            legacy = self.function_call
+            choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
+        try:
+            parsed = parse_tools(tools, param)
+            parse_tool_choice(choice, parsed, "tool_choice" if param == "tools" else "function_call")
+        except ToolError as exc:
+            if param == "functions" and exc.param:
+                exc.param = exc.param.replace(".function.", ".", 1)
+            raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
+        self.tools, self.tool_choice = [t.to_openai() for t in parsed], choice
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError("'top_logprobs' needs 'logprobs': true", param="top_logprobs",
+                                code="invalid_value")
+        return self
 
     @property
     def tool_options(self) -> dict[str, Any]:
@@ -90,256 +271,173 @@ class ChatRequest:
                 "response_format": self.response_format, "grammar": self.guided_grammar}
 
 
-def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or (isinstance(value, float) and not math.isfinite(value)):  # ints: any size
-        raise ProtocolError(f"'{name}' must be a number, got {value!r}", param=name,
-                            code="invalid_type")
-    if not lo <= value <= hi:
-        raise ProtocolError(f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
-                            code="invalid_value")
-    return float(value)
+# ---------------------------------------------------------------- completions
+def _prompts(value: Any) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of id lists."""
+    def is_ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(value, str) or is_ids(value):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) or is_ids(v) for v in value):
+        prompts = list(value)
+    else:
+        raise FieldError("must be a string, a list of strings, a list of token ids or a list "
+                         "of token-id lists (non-empty)", "invalid_type")
+    if len(prompts) > MAX_PROMPTS:
+        raise FieldError(f"holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    for p in prompts:
+        if isinstance(p, str):
+            _valid_text(p)
+    return prompts
 
 
-def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"'{name}' must be an integer, got {value!r}", param=name,
-                            code="invalid_type")
-    if not lo <= value <= hi:
-        raise ProtocolError(f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
-                            code="invalid_value")
-    return value
+def _unsupported(why: str) -> AfterValidator:
+    def refuse(value: Any) -> Any:
+        if value is not None:
+            raise FieldError(why, "unsupported_parameter")
+        return value
+    return AfterValidator(refuse)
 
 
-def _boolean(body: dict, name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ProtocolError(f"'{name}' must be a boolean, got {value!r}", param=name,
-                            code="invalid_type")
-    return value
+class CompletionRequest(_Request):
+    """A validated ``/v1/completions`` request: raw prompts, no chat template."""
+
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompts)]
+    suffix: Annotated[Any, _unsupported("(insertion) is not supported")] = None
+    best_of: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
+    logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
+    """The legacy form: how many alternatives per token (0: only the sampled token's logprob)."""
+    echo: Flag = False
+    metadata: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ProtocolError("'best_of' other than n is not supported", param="best_of",
+                                code="unsupported_parameter")
+        if self.echo and self.logprobs is not None:
+            raise ProtocolError("echo with logprobs would need the prompt's logprobs, which are "
+                                "not computed", param="echo", code="unsupported_parameter")
+        return self
+
+    def sampling(self) -> ChatRequest:
+        """The sampling options as the ``ChatRequest`` the backend takes (no messages)."""
+        shared = self.model_dump(include=set(_Request.model_fields))
+        return ChatRequest.model_construct(
+            **shared, messages=[], logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0)
 
 
-def _text(value: str, param: str) -> str:
-    """``value`` if it is valid Unicode text: JSON's ``"\\ud800"`` decodes to a lone surrogate,
-    which no tokenizer (and no UTF-8 file) accepts."""
+# ---------------------------------------------------------------- responses
+STATEFUL = ("needs server-side state, which this server does not keep: send the whole history "
+            "in 'input'")
+
+
+class ResponsesRequest(BaseModel):
+    """A ``/v1/responses`` request's top level; ``input`` items and the sampling fields are
+    checked when it is translated onto chat (``responses.to_chat_body``), under chat's names."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: Any
+    instructions: Any = None
+    model: Any = ""
+    tools: Any = None
+    tool_choice: Any = None
+    text: Any = None
+    previous_response_id: Annotated[Any, _unsupported(STATEFUL)] = None
+    conversation: Annotated[Any, _unsupported(STATEFUL)] = None
+    prompt: Annotated[Any, _unsupported(STATEFUL)] = None
+    temperature: Any = None
+    top_p: Any = None
+    max_output_tokens: Any = None
+    user: Any = None
+    metadata: Any = None
+    parallel_tool_calls: Any = None
+    seed: Any = None
+    """An extension, as in vLLM (``stop`` too)."""
+    stop: Any = None
+    stream: Any = None
+    # accepted, no effect here (not warned: the Agents SDK sends them on every call)
+    store: Any = None
+    include: Any = None
+    truncation: Any = None
+    reasoning: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    top_logprobs: Any = None
+    background: Any = None
+    max_tool_calls: Any = None
+    prompt_cache_retention: Any = None
+    stream_options: Any = None
+
+    @property
+    def ignored(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+# ---------------------------------------------------------------- errors
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate(model: type[Model], body: Any) -> Model:
+    """``body`` (decoded JSON) as ``model``; else a ``ProtocolError`` for the first bad field."""
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object", code="invalid_type")
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ProtocolError(f"'{param}' is not valid Unicode text (lone surrogate at {exc.start})",
-                            param=param, code="invalid_value") from None
-    return value
-
-
-def _content(value: Any, i: int) -> str:
-    """String content, or the text parts of a content list (images etc. are rejected)."""
-    param = f"messages[{i}].content"
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return _text(value, param)
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise ProtocolError("only text content parts are supported", param=param,
-                                    code="invalid_value")
-            texts.append(part["text"])
-        return _text("".join(texts), param)
-    raise ProtocolError(f"'{param}' must be a string or a list of text parts", param=param,
-                        code="invalid_type")
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ProtocolError("'messages' must be a non-empty list", param="messages",
-                            code="invalid_type" if not isinstance(value, list) else "invalid_value")
-    if len(value) > MAX_MESSAGES:
-        raise ProtocolError(f"'messages' holds {len(value)} messages; at most {MAX_MESSAGES} "
-                            "are accepted", param="messages", code="too_many_messages")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ProtocolError(f"'messages[{i}]' must be an object", param=f"messages[{i}]",
-                                code="invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ProtocolError(f"'messages[{i}].role' must be one of {list(ROLES)}, got {role!r}",
-                                param=f"messages[{i}].role", code="invalid_value")
-        msg: dict[str, Any] = {"role": role, "content": _content(message.get("content"), i)}
-        for key in ("tool_calls", "tool_call_id", "name"):
-            if message.get(key) is not None:
-                msg[key] = message[key]
-        if role == "assistant" and message.get("function_call") is not None:  # legacy form
-            call = message["function_call"]
-            msg["tool_calls"] = [{"id": f"call_legacy_{i}", "type": "function", "function": call}]
-        if role == "function":  # legacy result: answers the call above it
-            msg = {"role": "tool", "content": msg["content"], "tool_call_id": f"call_legacy_{i - 1}",
-                   "name": message.get("name") or ""}
-        out.append(msg)
-    try:
-        check_history(out)
-    except ToolError as exc:
-        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
-    return out
-
-
-def _tools(body: dict) -> tuple[list[dict[str, Any]], Any]:
-    """``tools``/``tool_choice``, or the legacy ``functions``/``function_call`` converted."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    param = "tools"
-    if tools is None and body.get("functions") is not None:
-        functions, param = body["functions"], "functions"
-        if not isinstance(functions, list):
-            raise ProtocolError("'functions' must be a list", param="functions", code="invalid_type")
-        tools = [{"type": "function", "function": f} for f in functions]
-        legacy = body.get("function_call")
-        choice = ({"type": "function", "function": legacy} if isinstance(legacy, dict)
-                  else legacy)
-    try:
-        parsed = parse_tools(tools, param)
-        parse_tool_choice(choice, parsed, "tool_choice" if param == "tools" else "function_call")
-    except ToolError as exc:
-        if param == "functions" and exc.param:
-            exc.param = exc.param.replace(".function.", ".", 1)
-        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
-    return [t.to_openai() for t in parsed], choice
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ProtocolError("'stop' must be a string or a list of strings", param="stop",
-                            code="invalid_type")
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise ProtocolError(f"'stop' takes at most {MAX_STOP} non-empty strings", param="stop",
-                            code="invalid_value")
-    return tuple(_text(s, "stop") for s in stops)
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _protocol_error(exc.errors()[0]) from None
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
     """Validate a decoded JSON body; raises ``ProtocolError`` naming the offending parameter."""
-    if not isinstance(body, dict):
-        raise ProtocolError("request body must be a JSON object", code="invalid_type")
-    if "messages" not in body:
-        raise ProtocolError("missing required parameter: 'messages'", param="messages",
-                            code="missing_required_parameter")
-    model = body.get("model", "")
-    if not isinstance(model, str):
-        raise ProtocolError("'model' must be a string", param="model", code="invalid_type")
-    _text(model, "model")
-    max_tokens = _integer(body, "max_completion_tokens", 1, 1 << 20)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, 1 << 20)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
-    user = body.get("user") or ""
-    if not isinstance(user, str):
-        raise ProtocolError("'user' must be a string", param="user", code="invalid_type")
-    _text(user, "user")
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ProtocolError("'metadata' must be an object of strings", param="metadata",
-                            code="invalid_type")
-    for key, value in metadata.items():
-        _text(key + value, "metadata")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise ProtocolError("'stream_options' must be an object", param="stream_options",
-                            code="invalid_type")
-    tools, tool_choice = _tools(body)
-    try:
-        parse_response_format(body.get("response_format"))
-    except ToolError as exc:
-        raise ProtocolError(exc.message, param=exc.param, code=exc.code) from exc
-    grammar = body.get("guided_grammar")
-    if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()
-                                or len(grammar) > MAX_GRAMMAR_CHARS):
-        raise ProtocolError(f"'guided_grammar' must be a non-empty Lark grammar string of at most "
-                            f"{MAX_GRAMMAR_CHARS} characters", param="guided_grammar",
-                            code="invalid_value")
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise ProtocolError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls",
-                            code="invalid_type")
-    request = ChatRequest(
-        messages=_messages(body["messages"]),
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=parallel,
-        response_format=body.get("response_format"),
-        guided_grammar=grammar,
-        model=model,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=1.0 if top_p is None else max(top_p, 1e-6),  # OpenAI allows 0: only the top token
-        max_tokens=max_tokens,
-        n=_integer(body, "n", 1, MAX_N) or 1,
-        stop=_stop(body.get("stop")),
-        seed=None if seed is None else seed % (1 << 62),
-        logprobs=_boolean(body, "logprobs"),
-        top_logprobs=_integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0,
-        stream=_boolean(body, "stream"),
-        include_usage=bool(stream_options.get("include_usage", False)),
-        user=user,
-        metadata=dict(metadata),
-        return_token_ids=_boolean(body, "return_token_ids"),
-    )
-    if request.top_logprobs and not request.logprobs:
-        raise ProtocolError("'top_logprobs' needs 'logprobs': true", param="top_logprobs",
-                            code="invalid_value")
-    request.ignored = sorted(k for k in body if k not in CONSUMED)
-    return request
+    return validate(ChatRequest, body)
+
+
+EXPECTED = {"float_type": "a number", "finite_number": "a number", "int_type": "an integer",
+            "bool_type": "a boolean", "string_type": "a string", "list_type": "a list",
+            "tuple_type": "a list", "dict_type": "an object", "model_type": "an object"}
+"""What pydantic's type errors expected, in the words of OpenAI's error messages."""
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """``("messages", 0, "content")`` -> ``"messages[0].content"``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _protocol_error(error: dict[str, Any]) -> ProtocolError:
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ProtocolError):  # a check that names its own field
+        return cause
+    param, kind, value = _param(error["loc"]), error["type"], error.get("input")
+    if isinstance(cause, FieldError):
+        return ProtocolError(f"'{param}' {cause.what}", param=param, code=cause.code)
+    if kind == "missing":
+        return ProtocolError(f"missing required parameter: '{param}'", param=param,
+                             code="missing_required_parameter")
+    if kind in EXPECTED:
+        return ProtocolError(f"'{param}' must be {EXPECTED[kind]}, got {_short(value)}",
+                             param=param, code="invalid_type")
+    ctx = error.get("ctx") or {}
+    rule = {"greater_than_equal": f"at least {ctx.get('ge')}",
+            "less_than_equal": f"at most {ctx.get('le')}", "too_short": "non-empty",
+            "literal_error": f"one of {ctx.get('expected')}"}.get(kind, error["msg"])
+    return ProtocolError(f"'{param}' must be {rule}, got {_short(value)}", param=param,
+                         code="invalid_value")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def new_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
-
-
-def logprobs_content(token_texts: list[str], logprobs: list[float],
-                     top: list[list[tuple[str, float]]] | None = None) -> list[dict[str, Any]]:
-    """``choices[].logprobs.content``: one entry per generated token (stop token included),
-    with its most likely alternatives ``top`` (token text, logprob), best first, if asked."""
-    def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    top = top or [[] for _ in token_texts]
-    return [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in alts]}
-            for t, lp, alts in zip(token_texts, logprobs, top)]
-
-
-def completion_body(*, request_id: str, model: str, choices: list[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int,
-                    prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
-    body = {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "system_fingerprint": None, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
-    if prompt_token_ids is not None:
-        body["prompt_token_ids"] = prompt_token_ids
-    return body
-
-
-def chunk_body(*, request_id: str, model: str, created: int, choices: list[dict[str, Any]],
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
-    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return body

@@ -5,7 +5,8 @@ The Agents SDK's default model talks Responses: ``input`` items (messages, ``fun
 turn (no server-side state). Each request becomes a chat request (items -> messages, function
 calls -> assistant ``tool_calls``, outputs -> ``tool`` messages, tools -> chat tools) and takes
 the chat path, so it is rendered, sampled, parsed and traced exactly like a chat completion; the
-chat reply is turned back into output items. Streaming and stored state are refused with a 400.
+chat reply is turned back into output items (or streamed as Responses events). Stored state
+(``previous_response_id``) is refused with a 400.
 """
 
 from __future__ import annotations
@@ -16,23 +17,22 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from .context import Endpoints
-from .protocol import ProtocolError, parse_chat_request
+from .chat import new_call
+from .protocol import ProtocolError, ResponsesRequest, parse_chat_request, validate
+from .registry import OpenRollout
+from .serving import Serving, ignored_warning, warning_headers
 from .streaming import Delta, released
 
-__all__ = ["add_response_routes", "to_chat_body", "to_response"]
+__all__ = ["respond", "to_chat_body", "to_response"]
 
 PASSED = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens",
           "user": "user", "metadata": "metadata", "parallel_tool_calls": "parallel_tool_calls",
           "seed": "seed", "stop": "stop", "stream": "stream"}
 """Responses parameters with a chat equivalent (``seed``/``stop`` are extensions, as in vLLM)."""
-IGNORED = frozenset({"store", "include", "truncation", "reasoning", "service_tier",
-                     "prompt_cache_key", "safety_identifier", "top_logprobs", "background",
-                     "max_tool_calls", "prompt_cache_retention", "stream_options"})
 TEXT_PART_TYPES = ("input_text", "output_text", "text", "refusal")
 
 
@@ -155,17 +155,8 @@ def _response_format(body: dict) -> dict[str, Any] | None:
 
 def to_chat_body(body: Any) -> tuple[dict[str, Any], list[str]]:
     """A Responses request as a chat-completions body, plus the parameters it ignores."""
-    if not isinstance(body, dict):
-        raise ProtocolError("request body must be a JSON object", code="invalid_type")
-    if "input" not in body:
-        raise ProtocolError("missing required parameter: 'input'", param="input",
-                            code="missing_required_parameter")
-    for key in ("previous_response_id", "conversation", "prompt"):
-        if body.get(key) is not None:
-            raise ProtocolError(f"'{key}' needs server-side state, which this server does not "
-                                "keep: send the whole history in 'input'", param=key,
-                                code="unsupported_parameter")
-    chat: dict[str, Any] = {"messages": _messages(body), "model": body.get("model", "")}
+    request = validate(ResponsesRequest, body)
+    chat: dict[str, Any] = {"messages": _messages(body), "model": request.model}
     for key, chat_key in PASSED.items():
         if body.get(key) is not None:
             chat[chat_key] = body[key]
@@ -177,9 +168,7 @@ def to_chat_body(body: Any) -> tuple[dict[str, Any], list[str]]:
     response_format = _response_format(body)
     if response_format is not None:
         chat["response_format"] = response_format
-    known = set(PASSED) | IGNORED | {"input", "instructions", "model", "tools", "tool_choice",
-                                     "text", "stream"}
-    return chat, sorted(k for k in body if k not in known)
+    return chat, request.ignored
 
 
 def _output(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -225,39 +214,28 @@ def to_response(body: dict[str, Any], chat: dict[str, Any] | None, model: str,
     }
 
 
-def add_response_routes(app: FastAPI, ep: Endpoints) -> None:
-    @app.post("/v1/responses")
-    async def responses(request: Request):
-        return await respond(request, None)
-
-    @app.post("/rollout/{rollout_id}/v1/responses")
-    async def rollout_responses(rollout_id: str, request: Request):
-        return await respond(request, rollout_id)
-
-    async def respond(request: Request, rollout_id: str | None):
-        ep.check_auth(request)
-        entry = ep.lookup(rollout_id)
-        body = await ep.json_body(request)
-        chat_body, ignored = to_chat_body(body)
-        chat_request = parse_chat_request(chat_body)
-        ignored = sorted(set(ignored) | set(chat_request.ignored))
-        warnings = [f"ignored unsupported parameter(s): {', '.join(ignored)}"] if ignored else []
-        call = ep.make_call(request, entry, chat_request, warnings)
-        call.meta["api"] = "responses"
-        ticket = ep.admit([call])
-        headers = {"X-LL-Warning": "; ".join(warnings)} if warnings else {}
-        if chat_request.stream:
-            return StreamingResponse(released(_events(body, call, ep.backend.name), ticket),
-                                     media_type="text/event-stream", headers=headers,
-                                     background=BackgroundTask(ticket.release))
-        try:
-            completions = await ep.complete(request, call)
-        finally:
-            ticket.release()
-        if isinstance(completions, JSONResponse):
-            return completions
-        out = to_response(body, call.response(completions), ep.backend.name)
-        return JSONResponse(out, headers=headers)
+async def respond(serving: Serving, request: Request, entry: OpenRollout | None):
+    """Translate onto chat, take the chat path, translate the reply (or stream) back."""
+    body = await serving.json_body(request)
+    chat_body, ignored = to_chat_body(body)
+    chat_request = parse_chat_request(chat_body)
+    warnings = ignored_warning(sorted(set(ignored) | set(chat_request.ignored)))
+    call = new_call(serving, request, entry, chat_request, warnings)
+    call.meta["api"] = "responses"
+    ticket = serving.admit([call])
+    headers = warning_headers(warnings)
+    if chat_request.stream:
+        return StreamingResponse(released(_events(body, call, serving.backend.name), ticket),
+                                 media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(ticket.release))
+    try:
+        completions = await serving.complete(request, call)
+    finally:
+        ticket.release()
+    if isinstance(completions, JSONResponse):
+        return completions
+    return JSONResponse(to_response(body, call.response(completions), serving.backend.name),
+                        headers=headers)
 
 
 class _Sequence:
