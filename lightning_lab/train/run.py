@@ -66,9 +66,12 @@ class RunSetup:
         return Path(self.config.out)
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks."""
+        """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks.
+        Rollouts prefetched for the next step are discarded first, so it samples the current
+        weights (``PPOTrainer.settle``)."""
         from ..rollouts import evaluate
 
+        self.trainer.settle()
         batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize,
                                   timeout_s=self.config.ppo.rollout_timeout_s)
         batch.save_jsonl(self.out / f"eval_{tag}.jsonl")
