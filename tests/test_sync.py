@@ -81,6 +81,25 @@ def test_rollouts_after_a_sync_come_from_the_new_weights(base_dir, standin, tmp_
     assert second.metrics["behaviour_logprob_err"] < 1e-4 * scale
 
 
+def test_prefetched_rollouts_sample_the_adapter_synced_before_the_update(base_dir, standin,
+                                                                         tmp_path):
+    """max_staleness=1: step k+1's rollouts sample during step k's update, from the version
+    synced right before it; they record its name and a lag of 1."""
+    trainer, backend, front = make_trainer(base_dir, standin, tmp_path, max_staleness=1)
+    try:
+        states = [trainer.step() for _ in range(3)]
+        trainer.settle()  # an evaluation now would sample the current weights
+    finally:
+        front.stop()
+    assert [{tr.meta["adapter_version"] for tr in rows_of(s)} for s in states] == [
+        {"ll-policy-v0"}, {"ll-policy-v0"}, {"ll-policy-v1"}]
+    assert [{tr.meta["lag"] for tr in rows_of(s)} for s in states] == [{0}, {1}, {1}]
+    assert [s.metrics["staleness_max"] for s in states] == [0.0, 1.0, 1.0]
+    assert states[1].metrics["stale_transitions"] == len(rows_of(states[1]))
+    assert "is_weight_mean" in states[-1].metrics  # truncated IS is on
+    assert backend.name == "ll-policy-v3" and trainer._prefetch is None
+
+
 @pytest.mark.parametrize("failure", ["refused", "timeout", "unreachable"])
 def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, standin, tmp_path,
                                                                        failure):

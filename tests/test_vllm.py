@@ -174,6 +174,25 @@ def test_a_run_syncs_then_samples_every_step_from_vllm(policy, server_url, tmp_p
 
 
 @pytest.mark.vllm
+def test_a_run_with_max_staleness_samples_the_version_before_each_update(policy, server_url,
+                                                                          tmp_path):
+    config = RunConfig(model="smollm2-135m", env="wordplay", rollout_engine="vllm",
+                       vllm_url=server_url, out=str(tmp_path / "run"), eval_limit=2, steps=3)
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=2, group_size=2,
+                                     minibatch_size=4, max_staleness=1)
+    setup = build(config)
+    try:
+        states = [setup.trainer.step() for _ in range(3)]
+    finally:
+        setup.close()
+    version = setup.rollouts.sync.version_name
+    assert [{tr.meta["adapter_version"] for tr in rows(s)} for s in states] == [
+        {version(0)}, {version(0)}, {version(1)}]
+    assert [{tr.meta["lag"] for tr in rows(s)} for s in states] == [{0}, {1}, {1}]
+    assert all(s.metrics["n_failed"] == 0 for s in states)
+
+
+@pytest.mark.vllm
 def test_a_server_of_another_base_model_is_refused(server_url):
     tiny = ll.models.load("tiny")  # same tokenizer, other weights
     engine = VLLMEngine.for_policy(server_url, tiny)

@@ -145,6 +145,8 @@ class Engine:
         """Rows in the running batch after the worker's last iteration (0 when idle)."""
         self.aborted_rows = 0
         """Rows that left the batch early because their request was aborted (client gone, timeout)."""
+        self.snapshot: Any = None
+        """A ``WeightSnapshot`` the worker decodes instead of the live model (None: the live one)."""
 
     def submit(self, request: Request) -> Future:
         """Queue a request; the future resolves to its n Samples or to the request's own error."""
@@ -162,6 +164,17 @@ class Engine:
         """Submit all, wait for all; raises the first request error."""
         futures = [self.submit(r) for r in requests]
         return [f.result() for f in futures]
+
+    def snapshot_weights(self, version: int) -> None:
+        """Decode from a private copy of the trainable weights as they are now (``version``'s),
+        until the next call: asynchronous rollouts then never read weights the optimizer is
+        writing (``inference/snapshot.py``). Call it at a version boundary, between updates."""
+        from lightning_lab.inference.snapshot import WeightSnapshot
+
+        with self.lock:  # held by every forward: no decode step sees a half-copied snapshot
+            if self.snapshot is None:
+                self.snapshot = WeightSnapshot(self.model)
+            self.snapshot.refresh(version)
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the worker after the requests it already holds; later submits restart it."""
@@ -217,7 +230,9 @@ class Engine:
             stopping |= self._collect(waiting, block=not len(batch) and not waiting)
             try:
                 self.aborted_rows += self._drop_aborted(batch)
-                self._admit(batch, waiting)
+                batch = self._current(batch)
+                if batch.model is self._decoder():  # else: rows of the old model finish first
+                    self._admit(batch, waiting)
                 if len(batch):
                     threads = self.threads_for(len(batch))
                     if threads and threads != torch.get_num_threads():  # this thread only
@@ -230,8 +245,15 @@ class Engine:
                 batch = self._new_batch()
         self.active_rows = 0
 
+    def _decoder(self) -> Any:
+        return self.model if self.snapshot is None else self.snapshot.model
+
+    def _current(self, batch: DecodeBatch) -> DecodeBatch:
+        """A fresh batch on the model to decode once ``batch`` (on another one) has drained."""
+        return self._new_batch() if batch.model is not self._decoder() and not len(batch) else batch
+
     def _new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self._decode, self.stop_token_ids, self.config.fast_path,
+        return DecodeBatch(self._decoder(), self._decode, self.stop_token_ids, self.config.fast_path,
                            self.decode_dtype)
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:

@@ -46,6 +46,10 @@ class Algorithm(Protocol):
 
     def save(self, directory: str | Path, keep_last: int | None = None) -> Path: ...
 
+    def settle(self) -> None:
+        """Drop anything sampled ahead for the next step, so an evaluation sees the current
+        weights (asynchronous PPO rollouts; nothing for the others)."""
+
     def add_callback(self, callback: Any) -> Callback: ...
 
     def describe(self) -> str:
@@ -91,6 +95,9 @@ class _FineTuning(ABC):
 
     def add_callback(self, callback: Any) -> Callback:
         return self.callbacks.add(callback)
+
+    def settle(self) -> None:
+        """Fine-tuning samples nothing ahead (rejection rounds sample inside their step)."""
 
     def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
         from .checkpoint import save_checkpoint

@@ -3,11 +3,18 @@
 Data parallel: every process draws the same task list (same seed), runs ``tasks[rank::world]``,
 then every process holds the whole batch (credit and minibatches need it) and knows which
 trajectories it sampled (``distributed.py``).
+
+Asynchronous rollouts (``PPOConfig.max_staleness > 0``): a ``Prefetcher`` samples the next
+step's share in a background thread while this step's update runs; the gather then happens on
+the main thread when the step takes the batch, so collectives never run from two threads.
 """
 
 from __future__ import annotations
 
 import random
+import threading
+import time
+from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 from ..records import Batch
@@ -16,7 +23,7 @@ from ..tracing import derive_seed
 from .config import PPOConfig
 from .distributed import DataParallel
 
-__all__ = ["TaskOrder", "collect_rollouts"]
+__all__ = ["Prefetcher", "TaskOrder", "collect_rollouts"]
 
 
 class TaskOrder:
@@ -48,10 +55,55 @@ def collect_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], config: 
                      parallel: DataParallel, iteration: int) -> tuple[Batch, set[str]]:
     """All processes' rollouts of ``tasks`` (``group_size`` each) in one-process order, and the
     trajectory ids this process sampled. Seeds and group ids differ per step and per rank."""
+    local = sample_share(agent, tasks, config, parallel, iteration)
+    return parallel.gather_batch(local, len(tasks), config.group_size)
+
+
+def sample_share(agent: Callable[[Any], Any], tasks: Sequence[Any], config: PPOConfig,
+                 parallel: DataParallel, iteration: int) -> Batch:
+    """This process's rollouts of its share of ``tasks`` (no communication)."""
     rank_part = (parallel.rank,) if parallel.enabled else ()
     rank = f"r{parallel.rank}/" if parallel.enabled else ""
-    local = run_rollouts(agent, parallel.shard(tasks), group_size=config.group_size,
-                         timeout_s=config.rollout_timeout_s, temperature=config.temperature,
-                         max_workers=config.rollout_workers, group_prefix=f"s{iteration}/{rank}",
-                         seed=derive_seed("rollouts", config.seed, iteration, *rank_part))
-    return parallel.gather_batch(local, len(tasks), config.group_size)
+    return run_rollouts(agent, parallel.shard(tasks), group_size=config.group_size,
+                        timeout_s=config.rollout_timeout_s, temperature=config.temperature,
+                        max_workers=config.rollout_workers, group_prefix=f"s{iteration}/{rank}",
+                        seed=derive_seed("rollouts", config.seed, iteration, *rank_part))
+
+
+class Prefetcher:
+    """Step ``iteration``'s rollouts, sampled in a daemon thread from weights of ``version``.
+
+    ``rewind`` is the task order's state before these tasks were drawn: a checkpoint taken while
+    they are in flight saves it, so a resumed run samples the same tasks anew (the rollouts
+    themselves are discarded, never trained on twice or lost silently). The seeds and group ids
+    are those of ``iteration``, as a synchronous step would use.
+    """
+
+    def __init__(self, agent: Callable[[Any], Any], tasks: Sequence[Any], config: PPOConfig,
+                 parallel: DataParallel, iteration: int, *, version: int, rewind: dict[str, Any]):
+        self.n_tasks, self.group_size, self.parallel = len(tasks), config.group_size, parallel
+        self.iteration, self.version, self.rewind = iteration, version, rewind
+        self._future: Future = Future()
+        args = (agent, tasks, config, parallel, iteration)
+        threading.Thread(target=self._run, args=args, name=f"ll-prefetch-{iteration}",
+                         daemon=True).start()  # a daemon: Ctrl-C never waits for it
+
+    def _run(self, *args: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            local = sample_share(*args)
+        except BaseException as exc:  # re-raised by ``result`` on the main thread
+            self._future.set_exception(exc)
+            return
+        self._future.set_result((local, time.perf_counter() - t0))
+
+    def result(self) -> tuple[Batch, set[str], float]:
+        """The whole batch (gathered over processes), this process's trajectory ids, and the
+        seconds the sampling took; waits for it."""
+        local, seconds = self._future.result()
+        batch, own = self.parallel.gather_batch(local, self.n_tasks, self.group_size)
+        return batch, own, seconds
+
+    def wait(self) -> None:
+        """Let the sampling finish, whatever its outcome (before the sampler's weights move)."""
+        self._future.exception()

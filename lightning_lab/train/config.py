@@ -121,6 +121,10 @@ class PPOConfig:
     rollouts from vLLM, bf16 sampling or a lagging adapter version; see ``offpolicy.py``)."""
     tis_cap: float = bounded(2.0, ge=1)
     """Truncation C of the importance weight min(pi_trainer / pi_behaviour, C)."""
+    max_staleness: int = bounded(0, ge=0)
+    """Asynchronous rollouts: >0 samples the next step's rollouts while this step's update runs,
+    from a snapshot of the weights (the local engine) or the last synced adapter (vLLM) at most
+    this many versions old, and turns ``recompute_logprobs`` on. 0 = sample, then update."""
     update_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
     """Matmul dtype of the update's forward and backward (autocast; weights, adapter, optimizer
     and logits stay fp32): float32 | auto (bf16 on a CPU with native bf16 and on CUDA) |

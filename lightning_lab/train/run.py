@@ -70,11 +70,13 @@ class RunSetup:
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy dev evaluation, saved as ``eval_<tag>.jsonl`` and passed to the callbacks;
-        nothing without dev tasks (``eval_limit: 0``)."""
+        nothing without dev tasks (``eval_limit: 0``). Rollouts prefetched for the next step are
+        discarded first, so it samples the current weights (``settle``)."""
         from ..rollouts import evaluate
 
         if not self.dev_tasks:
             return {}
+        self.trainer.settle()
         batch, metrics = evaluate(self.agent, self.dev_tasks, summarize=self.env.summarize,
                                   timeout_s=self.config.ppo.rollout_timeout_s)
         batch.save_jsonl(self.out / f"eval_{tag}.jsonl")

@@ -19,11 +19,12 @@ import torch
 
 from .. import credit as credit_lib
 from .callbacks import Callback, CallbackList
-from .collect import TaskOrder, collect_rollouts
+from .collect import Prefetcher, TaskOrder, collect_rollouts
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
+from .sync import AdapterSyncError
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
@@ -113,11 +114,15 @@ class PPOTrainer:
         model = policy.model
         self.update_dtype = resolve_dtype(self.config.update_dtype, str(policy.device))
         sampler_dtype = getattr(getattr(policy, "engine", None), "decode_dtype", torch.float32)
-        self.recompute_logprobs = (self.config.recompute_logprobs or sampler_dtype != torch.float32
+        self.recompute_logprobs = (self.config.recompute_logprobs or self.config.max_staleness > 0
+                                   or sampler_dtype != torch.float32
                                    or self.update_dtype != torch.float32)
         """PPO's old policy = the trainer's own forward before the update, not the sampler's
-        logprobs: asked for, or implied when the sampler or the update multiply in bf16 (their
-        logprobs then differ by ~1e-2, which would shift every ratio)."""
+        logprobs: asked for, or implied when rollouts may be sampled by older weights
+        (``max_staleness``) or when the sampler or the update multiply in bf16 (their logprobs
+        then differ by ~1e-2, which would shift every ratio)."""
+        self._prefetch: Prefetcher | None = None
+        """The next step's rollouts, sampling while this step's update runs (``max_staleness``)."""
         self.critic = ValueHead(model.config.hidden_size).to(policy.device)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -133,35 +138,52 @@ class PPOTrainer:
         A Ctrl-C (``KeyboardInterrupt``) before the update's first optimizer step puts back the
         RNGs and task queue the step advanced: the trainer is then exactly at its last finished
         step, and a checkpoint saved now resumes as if the step had never begun. After that
-        step, ``mid_update`` says the weights belong to no step.
+        step, ``mid_update`` says the weights belong to no step. The same holds for an
+        ``AdapterSyncError``, and for rollouts prefetched for this step or the next
+        (``max_staleness``): they are dropped and their tasks drawn again.
         """
         before = self._sampling_state()
         try:
             return self._step()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, AdapterSyncError):
             if not self.mid_update:
+                self._prefetch = None  # a daemon thread: left to finish, its rollouts unused
                 self._load_sampling_state(before)
             raise
 
     def _step(self) -> StepState:
         t0 = time.perf_counter()
-        if self.sync is not None and self.sync.due(self.step_count):  # raises before any change
-            self._sync_adapter()
-        tasks = [self.tasks[i] for i in self.task_order.next(self.config.tasks_per_step)]
-        batch, own = collect_rollouts(self.agent, tasks, self.config, self.parallel, self.step_count)
-        rollout_s = time.perf_counter() - t0
+        if self.config.max_staleness > 0:
+            self._check_async()
+        if self._prefetch is not None:  # sampled during the last update
+            prefetch, self._prefetch = self._prefetch, None
+            batch, own, rollout_s = prefetch.result()
+            version = prefetch.version
+        else:
+            self._sync_if_due()  # raises before any change
+            version = self._sampler_version()
+            batch, own = collect_rollouts(self.agent, self._draw_tasks(), self.config,
+                                          self.parallel, self.step_count)
+            rollout_s = time.perf_counter() - t0
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
-        return self.learn(batch, rollout_s=rollout_s, own=own)
+        if self.config.max_staleness > 0:
+            self._start_prefetch()
+        return self.learn(batch, rollout_s=rollout_s, own=own, version=version)
 
-    def learn(self, batch: Batch, *, rollout_s: float = 0.0, own: Any = None) -> StepState:
+    def learn(self, batch: Batch, *, rollout_s: float = 0.0, own: Any = None,
+              version: int | None = None) -> StepState:
         """Credit -> PPO epochs on ``batch`` -> metrics: the second half of ``step()``.
 
         ``step()`` calls it on fresh rollouts; ``offline.offline_ppo_step`` on a stored batch
         (checked there for behaviour logprobs), so both take exactly the same update. ``own``:
         the trajectory ids this process sampled under data parallelism (None: all of them).
+        ``version``: the trainer step whose weights sampled ``batch`` (None: unknown, e.g. a
+        stored batch); each transition then records its lag behind the weights updated now.
         """
         sync_metrics = self._stamp_versions(batch) if self.sync is not None else {}
+        if version is not None:
+            sync_metrics.update(self._stamp_lag(batch, version))
         t1 = time.perf_counter()
         if self.credit.needs_values:
             self.critic_values(batch)
@@ -197,7 +219,64 @@ class PPOTrainer:
                             kl=f"{state.metrics['kl']:.4f}")
         return states
 
+    def settle(self) -> None:
+        """Discard the rollouts prefetched for the next step (after they finish; their tasks are
+        drawn again by the next step) and put the sampler on the current weights. Call it before
+        sampling anything else mid-run, e.g. an evaluation, so that it sees the policy as trained
+        so far. A no-op without a prefetch, and under data parallelism (where every process would
+        have to settle together): evaluation there samples the sampler's version."""
+        if self._prefetch is None or self.parallel.enabled:
+            return
+        prefetch, self._prefetch = self._prefetch, None
+        prefetch.wait()
+        self._set_task_state(prefetch.rewind)
+        if self.sync is None:
+            self.policy.engine.snapshot_weights(self.step_count)
+        elif self.sync.synced_step != self.step_count:
+            self._sync_adapter()
+
     # ------------------------------------------------------------------ pieces
+    def _draw_tasks(self) -> list[Any]:
+        return [self.tasks[i] for i in self.task_order.next(self.config.tasks_per_step)]
+
+    def _sync_if_due(self) -> None:
+        if self.sync is not None and self.sync.due(self.step_count):
+            self._sync_adapter()
+
+    def _sampler_version(self) -> int:
+        """The trainer step whose weights rollouts started now are sampled by: the last synced
+        adapter's with a server, else the policy's own (as of now)."""
+        return self.step_count if self.sync is None else int(self.sync.synced_step)
+
+    def _start_prefetch(self) -> None:
+        """Start sampling the next step's rollouts from the weights as they are before this
+        step's update: the server's adapter is synced first when due, the local engine decodes
+        from its own snapshot of them (``Engine.snapshot_weights``)."""
+        self._sync_if_due()
+        if self.sync is None:
+            self.policy.engine.snapshot_weights(self.step_count)
+        rewind = self._task_state()
+        self._prefetch = Prefetcher(self.agent, self._draw_tasks(), self.config, self.parallel,
+                                    self.step_count + 1, version=self._sampler_version(),
+                                    rewind=rewind)
+
+    def _check_async(self) -> None:
+        """Asynchronous rollouts need a sampler holding its own weights, at most
+        ``max_staleness`` versions behind when the update that uses them runs."""
+        k = self.config.max_staleness
+        if self.sync is not None:
+            if self.sync.config.every > k:
+                raise ValueError(
+                    f"PPOConfig.max_staleness={k} but the adapter sync runs every "
+                    f"{self.sync.config.every} steps (SyncConfig.every): prefetched rollouts "
+                    f"would be up to {self.sync.config.every} versions old; sync at least every "
+                    f"{k} step(s) or raise max_staleness")
+        elif not hasattr(getattr(self.policy, "engine", None), "snapshot_weights"):
+            raise ValueError(
+                f"PPOConfig.max_staleness={k} needs a sampler with its own copy of the weights: "
+                f"the local engine, or a server with an AdapterSync (trainer.sync); this "
+                f"policy's engine is {type(getattr(self.policy, 'engine', None)).__name__}")
+
     def _sync_adapter(self) -> None:
         """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
         from .sync import AdapterSyncError
@@ -222,6 +301,18 @@ class PPOTrainer:
             version = tr.meta.setdefault("adapter_version", self.sync.version)
             stale += version != self.sync.version
         return {"stale_transitions": float(stale)}
+
+    def _stamp_lag(self, batch: Batch, version: int) -> dict[str, float]:
+        """Record on each transition the version that sampled it (a server's own word stays)
+        and its ``lag``: the trainer steps between that version and the weights this update
+        starts from; their mean and max are the step's staleness."""
+        lags = []
+        for _, tr in batch.transitions():
+            tr.meta.setdefault("adapter_version", version)
+            tr.meta["lag"] = self.step_count - version
+            lags.append(tr.meta["lag"])
+        return {"staleness_mean": sum(lags) / len(lags) if lags else 0.0,
+                "staleness_max": float(max(lags, default=0))}
 
     def _weights_moved(self, *_: Any) -> None:
         self.mid_update = True
@@ -264,16 +355,24 @@ class PPOTrainer:
 
     def _sampling_state(self) -> dict[str, Any]:
         """What a step draws from: the RNGs (task order, minibatch order, torch's sampling) and
-        the rest of the current pass over the tasks."""
-        return {"rng": {"torch": torch.get_rng_state(), "tasks": _rng_state(self.task_order.rng),
+        the rest of the current pass over the tasks. Rollouts prefetched for the next step count
+        as not drawn: a checkpoint discards them and its resume samples their tasks anew."""
+        tasks = self._prefetch.rewind if self._prefetch is not None else self._task_state()
+        return {"rng": {"torch": torch.get_rng_state(), "tasks": tasks["rng"],
                         "minibatches": _rng_state(self.minibatch_rng)},
-                "task_queue": list(self.task_order.queue)}
+                "task_queue": tasks["queue"]}
+
+    def _task_state(self) -> dict[str, Any]:
+        return {"rng": _rng_state(self.task_order.rng), "queue": list(self.task_order.queue)}
+
+    def _set_task_state(self, state: dict[str, Any]) -> None:
+        _set_rng_state(self.task_order.rng, state["rng"])
+        self.task_order.queue = [int(i) for i in state["queue"]]
 
     def _load_sampling_state(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["rng"]["torch"])
-        _set_rng_state(self.task_order.rng, state["rng"]["tasks"])
+        self._set_task_state({"rng": state["rng"]["tasks"], "queue": state["task_queue"]})
         _set_rng_state(self.minibatch_rng, state["rng"]["minibatches"])
-        self.task_order.queue = [int(i) for i in state["task_queue"]]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s state. The trainer's own config and credit stay: a resumed
