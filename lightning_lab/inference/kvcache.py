@@ -1,13 +1,19 @@
-"""A KV cache that grows in chunks instead of re-concatenating the whole cache every token.
+"""KV storage: a batch cache that grows in chunks, and a prompt-prefix cache across batches.
 
 transformers' ``DynamicLayer`` appends with ``torch.cat``, which copies every layer's cache on
 every decode step (for a 32-row batch of SmolLM2 that is ~150 MB per token). ``GrowingLayer``
 keeps spare capacity and writes new keys/values in place; ``keys``/``values`` stay plain
 attributes from the outside (views of the used part), so cache surgery written against
 ``DynamicLayer`` (select rows, pad, concatenate batches) keeps working unchanged.
+
+``PrefixCache`` keeps the KV of prompt blocks after their batch is gone, so a later request
+whose prompt starts with them (the next sample of a group, another question on the same
+schema) prefills only the rest.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from transformers import DynamicCache
@@ -77,3 +83,104 @@ def growing_cache() -> DynamicCache:
     cache = DynamicCache()
     cache.layer_class_to_replicate = GrowingLayer
     return cache
+
+
+Past = tuple[int, list[torch.Tensor], list[torch.Tensor]]
+"""A prompt prefix's KV: (tokens, per-layer keys, per-layer values), each (Hkv, tokens, D)."""
+
+
+def empty_past() -> Past:
+    return 0, [], []
+
+
+def truncate(past: Past, length: int) -> Past:
+    """The first ``length`` tokens of ``past`` (views, no copy)."""
+    n, keys, values = past
+    if length >= n:
+        return past
+    return length, [k[:, :length] for k in keys], [v[:, :length] for v in values]
+
+
+class PrefixCache:
+    """Prompt KV kept across batches in fixed-size token blocks, evicted least recently used.
+
+    vLLM's automatic prefix caching on this engine's cache: a block is keyed by *all* prompt
+    tokens up to its end (the exact token tuple, so a hit is never a hash collision), and holds
+    every layer's keys/values for its ``block_size`` tokens. Keys carry rotary at absolute
+    positions, which is right for any prompt because every prompt starts at position 0. Lookups
+    touch a prompt's blocks deepest first, so the shared roots of many prompts are the last to be
+    evicted and an evicted block's descendants go before it. ``fingerprint`` guards against
+    stale KV: a changed weight (optimizer step, adapter swap) empties the cache.
+    """
+
+    def __init__(self, block_size: int, max_tokens: int):
+        if block_size < 1 or max_tokens < 0:
+            raise ValueError(f"prefix cache needs block_size >= 1 and max_tokens >= 0, "
+                             f"got {block_size} and {max_tokens}")
+        self.block_size, self.max_tokens = block_size, max_tokens
+        self.blocks: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]]
+        self.blocks = OrderedDict()
+        self.version: object = None
+        self.evicted = 0
+        """Blocks dropped to stay within ``max_tokens`` (not counting a weight-change reset)."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ks, vs in self.blocks.values() for t in ks + vs)
+
+    def validate(self, version: object) -> None:
+        """Empty the cache when the weights it was computed with changed."""
+        if version != self.version:
+            self.blocks.clear()
+            self.version = version
+
+    def lookup(self, prompt: list[int]) -> Past:
+        """The longest cached block prefix of ``prompt`` that leaves at least one token to compute
+        (the prefill must produce the last token's logits)."""
+        found = []
+        for end in range(self.block_size, len(prompt), self.block_size):
+            key = tuple(prompt[:end])
+            if key not in self.blocks:
+                break
+            found.append(key)
+        if not found:
+            return empty_past()
+        for key in reversed(found):  # deepest first: the root ends up most recently used
+            self.blocks.move_to_end(key)
+        layers = range(len(self.blocks[found[0]][0]))
+        keys = [torch.cat([self.blocks[f][0][i] for f in found], dim=1) for i in layers]
+        values = [torch.cat([self.blocks[f][1][i] for f in found], dim=1) for i in layers]
+        return len(found) * self.block_size, keys, values
+
+    def missing_from(self, prompt: list[int]) -> int:
+        """Start of the first full block of ``prompt`` not cached (``len(prompt)``-ish if none)."""
+        end = self.block_size
+        while end <= len(prompt) and tuple(prompt[:end]) in self.blocks:
+            end += self.block_size
+        return end - self.block_size
+
+    def store(self, prompt: list[int], start: int, keys: list[torch.Tensor],
+              values: list[torch.Tensor]) -> None:
+        """Add the full blocks of ``prompt`` from ``start`` (a block boundary); ``keys``/``values``
+        are per layer (Hkv, len(prompt) - start, D). Then evict down to ``max_tokens``."""
+        size = self.block_size
+        if self.max_tokens < size:
+            return
+        for end in range(start + size, len(prompt) + 1, size):
+            a, b = end - size - start, end - start
+            key = tuple(prompt[:end])
+            if key not in self.blocks:
+                self.blocks[key] = ([k[:, a:b].clone() for k in keys],
+                                    [v[:, a:b].clone() for v in values])
+        for end in range(len(prompt) // size * size, 0, -size):  # deepest first, as in lookup
+            self.blocks.move_to_end(tuple(prompt[:end]))
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.tokens > self.max_tokens:
+            self.blocks.popitem(last=False)
+            self.evicted += 1

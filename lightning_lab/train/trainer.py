@@ -30,6 +30,7 @@ from ..records import Batch, Transition
 from ..rollouts.threads import run_rollouts
 from ..tracing import derive_seed
 from ..inference.adapters import has_adapter
+from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
 from .scoring import Scores, chunk_rows, score, sharing_groups
 
@@ -180,7 +181,8 @@ class PPOTrainer:
 
         metrics.update(_batch_metrics(batch), **sync_metrics)
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
-                       tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9))
+                       tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9),
+                       prefix_hit_rate=prefix_hit_rate(self.policy))
         self.step_count += 1
         metrics["step"] = self.step_count
         state = StepState(step=self.step_count, batch=batch, metrics=metrics, credit=self.credit,
