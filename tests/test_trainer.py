@@ -26,9 +26,10 @@ def test_reward_rises_on_tiny_model(tiny):
     assert last > first + 0.3, [round(s.metrics["reward_mean"], 3) for s in states]
     m = states[-1].metrics
     for key in ("reward_mean", "reward_std", "kl", "clip_frac", "policy_loss", "entropy", "grad_norm",
-                "tokens_per_s", "rollout_s", "update_s", "n_failed"):
+                "tokens_per_s", "rollout_s", "update_s", "n_failed", "prefix_hit_rate"):
         assert key in m
     assert m["kl"] > 0 and m["n_failed"] == 0
+    assert m["prefix_hit_rate"] > 0.5  # a group's 8 rows share one prompt
 
 
 def test_recorded_logprobs_match_trainer_forward(tiny):

@@ -7,6 +7,10 @@ prefilled once and its cache row repeated n times; a prefix shared by all prompt
 at once; new prompts are prefilled separately and spliced into the running cache (continuous
 batching).
 
+With a ``PrefixCache`` the prompt KV also outlives its batch: a later prompt starting with
+cached blocks (the next sample of a group that arrived late, another question on the same
+schema, a longer prompt extending this one) prefills only its own tokens.
+
 Rows are padded on the left (or between a shared prefix and their own suffix). Every forward gets
 explicit position ids that count real tokens only (``cumsum(mask) - 1``), so a row's logits do not
 depend on its padding, which is what lets the trainer recompute the same logprobs from the
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from lightning_lab.inference.fast_llama import FastLlama, supports
-from lightning_lab.inference.kvcache import growing_cache
+from lightning_lab.inference.kvcache import Past, PrefixCache, empty_past, growing_cache, truncate
 from lightning_lab.inference.sampling import SamplingParams, choose_tokens, top_logprobs
 from lightning_lab.inference.prompts import dedupe_prompts
 
@@ -82,8 +86,13 @@ class DecodeBatch:
         stop_token_ids: set[int],
         fast: bool = True,
         dtype: torch.dtype = torch.float32,
+        prefix_cache: PrefixCache | None = None,
+        stats: "PrefillStats | None" = None,
     ):
         self.model = model
+        self.prefix_cache = prefix_cache
+        """Prompt KV kept across batches (owned by the engine, outlives this batch)."""
+        self.stats = stats if stats is not None else PrefillStats()
         self.fast = FastLlama(model, dtype) if fast and supports(model) else None
         self.decode = decode
         self.stop_token_ids = stop_token_ids
@@ -127,31 +136,76 @@ class DecodeBatch:
         # separate requests) are prefilled once and their KV copied, like the n rows of one request.
         unique, of_group = dedupe_prompts([g[0].prompt_ids for g in groups])
         prompts = [list(p) for p in unique]
-        shared = _shared_prefix(prompts)
-        cache = growing_cache()
         with torch.inference_mode():
-            if shared:  # e.g. a common system prompt: compute its KV once, copy it to every row
-                prefix = torch.tensor([prompts[0][:shared]])  # (1, P)
-                self._forward(prefix, torch.ones_like(prefix), torch.arange(shared)[None], cache)
-                copies = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-                cache.batch_select_indices(copies)
-            suffixes = [p[shared:] for p in prompts]
-            width = max(len(p) for p in suffixes)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (U, W)
-            new = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in suffixes])  # (U, W)
-            # Padding sits between prefix and suffix; the mask hides it, positions skip it.
-            positions = shared + (new.cumsum(-1) - 1).clamp(min=0)  # (U, W)
-            mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), new], dim=1)
-            mask = mask.to(self.device)
-            logits = self._forward(ids, mask, positions, cache)  # (U, V)
+            if self.prefix_cache is not None:
+                self.prefix_cache.validate(weights_version(self.model))
+            cache, mask, logits = self._prefill(prompts, self._pasts(prompts))
+            self._remember(prompts, cache, mask)
             expand = torch.tensor([of_group[i] for i, g in enumerate(groups) for _ in g])  # (R,)
             if not torch.equal(expand, torch.arange(len(prompts))):
                 expand = expand.to(self.device)
                 cache.batch_select_indices(expand)
                 logits, mask = logits[expand], mask[expand]
         rows = [r for g in groups for r in g]
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
         self._merge(rows, cache, mask)
         return self._sample(logits, first=len(self.rows) - len(rows))
+
+    def _pasts(self, prompts: list[list[int]]) -> list[Past]:
+        """Each prompt's KV that need not be computed: its longest prefix in the prefix cache, or
+        the prefix all prompts share (e.g. a system prompt or schema), computed here once."""
+        cached = self.prefix_cache
+        hits = [cached.lookup(p) if cached is not None else empty_past() for p in prompts]
+        shared = _shared_prefix(prompts)
+        best = max(hits, key=lambda h: h[0])
+        base = min(best[0], shared)  # the part of the shared prefix some prompt already holds
+        needy = sum(h[0] < shared for h in hits)
+        if shared - base < MIN_SHARED_PREFIX or needy < 2:
+            return hits
+        common = self._extend(prompts[0][:shared], truncate(best, base))
+        if cached is not None:
+            cached.store(prompts[0][:shared], 0, common[1], common[2])
+        return [h if h[0] >= shared else common for h in hits]
+
+    def _extend(self, tokens: list[int], past: Past) -> Past:
+        """The KV of ``tokens`` (one prompt prefix), computing only what ``past`` lacks."""
+        cache, _, _ = self._prefill([tokens], [past])
+        return len(tokens), [layer.keys[0] for layer in cache.layers], [
+            layer.values[0] for layer in cache.layers]
+
+    def _prefill(self, prompts: list[list[int]], pasts: list[Past]
+                 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run each prompt's tokens after its past: (cache, mask (U, L), last logits (U, V)).
+
+        Pasts are right-aligned in the first columns and suffixes left-padded after them, so
+        padding sits between a row's past and its own tokens; the mask hides it, positions skip it.
+        """
+        held = [past[0] for past in pasts]
+        cache = growing_cache()
+        if max(held):
+            _load_pasts(cache, pasts, max(held))
+        suffixes = [p[n:] for p, n in zip(prompts, held)]
+        self.stats.computed_tokens += sum(len(p) for p in suffixes)
+        width = max(len(p) for p in suffixes)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in suffixes])  # (U, W)
+        new = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in suffixes])  # (U, W)
+        old = torch.tensor([[0] * (max(held) - n) + [1] * n for n in held], dtype=torch.long)
+        positions = torch.tensor(held)[:, None] + (new.cumsum(-1) - 1).clamp(min=0)  # (U, W)
+        mask = torch.cat([old, new], dim=1).to(self.device)
+        return cache, mask, self._forward(ids, mask, positions, cache)
+
+    def _remember(self, prompts: list[list[int]], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Copy the prompts' newly computed full blocks into the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for row, prompt in enumerate(prompts):
+            start = self.prefix_cache.missing_from(prompt)
+            if start + self.prefix_cache.block_size > len(prompt):
+                continue
+            columns = mask[row].nonzero()[start:, 0]  # the prompt's real tokens from ``start``
+            keys = [layer.keys[row][:, columns] for layer in cache.layers]
+            values = [layer.values[row][:, columns] for layer in cache.layers]
+            self.prefix_cache.store(prompt, start, keys, values)
 
     def step(self) -> list[Row]:
         """Feed every row its pending token and sample the next one."""
@@ -292,3 +346,38 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
         return finished
+
+
+def _load_pasts(cache: DynamicCache, pasts: list[Past], width: int) -> None:
+    """Fill an empty cache with each row's past, right-aligned in ``width`` columns."""
+    layers = next(len(keys) for n, keys, _ in pasts if n)
+    for i in range(layers):
+        like = next(keys[i] for n, keys, _ in pasts if n)  # (Hkv, n, D)
+        k = like.new_zeros(len(pasts), like.shape[0], width, like.shape[2])
+        v = torch.zeros_like(k)
+        for row, (n, keys, values) in enumerate(pasts):
+            if n:
+                k[row, :, width - n :] = keys[i]
+                v[row, :, width - n :] = values[i]
+        cache.update(k, v, i)
+
+
+def weights_version(model: Any) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a parameter is replaced or changed in place (optimizer step, loaded
+    adapter): cached KV computed before then is stale."""
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+@dataclass
+class PrefillStats:
+    """Prompt tokens of admitted rows vs those run through a forward (the rest were reused: the
+    n rows of a prompt, identical prompts, a shared prefix, prefix-cache hits)."""
+
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+
+    def hit_rate(self, since: "PrefillStats | None" = None) -> float:
+        """Share of prompt tokens not recomputed (since the ``since`` snapshot); 0 with none."""
+        total = self.prompt_tokens - (since.prompt_tokens if since else 0)
+        computed = self.computed_tokens - (since.computed_tokens if since else 0)
+        return (total - computed) / total if total else 0.0

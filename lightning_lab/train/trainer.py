@@ -29,6 +29,7 @@ from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, ow
                      ppo_update)
 from ..records import Batch
 from ..inference.adapters import has_adapter
+from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
 
 __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
@@ -196,7 +197,8 @@ class PPOTrainer:
 
         metrics.update(_batch_metrics(batch), **sync_metrics)
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
-                       tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9))
+                       tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9),
+                       prefix_hit_rate=prefix_hit_rate(self.policy))
         self.step_count += 1
         self.mid_update = False
         metrics["step"] = self.step_count
