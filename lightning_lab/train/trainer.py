@@ -145,6 +145,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         if self.sync is not None and self.sync.due(self.step_count):  # raises before any change
             self._sync_adapter()
+        t_sampling = time.perf_counter()
         tasks = [self.tasks[i] for i in self._next_task_indices()]
         # Data parallel: this process runs its share of the tasks, then every process holds the
         # whole batch (credit and minibatches need it) and knows which rows it sampled.
@@ -156,19 +157,21 @@ class PPOTrainer:
                              group_prefix=f"s{self.step_count}/{rank}",
                              seed=derive_seed("rollouts", cfg.seed, self.step_count, *rank_part))
         batch, own = self.parallel.gather_batch(local, len(tasks), cfg.group_size)
-        rollout_s = time.perf_counter() - t0
+        rollout_s = time.perf_counter() - t_sampling  # tokens_per_s is the sampler's alone
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
-        return self.learn(batch, rollout_s=rollout_s, own=own)
+        return self.learn(batch, rollout_s=rollout_s, sync_s=t_sampling - t0, own=own)
 
-    def learn(self, batch: Batch, *, rollout_s: float = 0.0, own: Any = None) -> StepState:
+    def learn(self, batch: Batch, *, rollout_s: float = 0.0, sync_s: float = 0.0,
+              own: Any = None) -> StepState:
         """Credit -> PPO epochs on ``batch`` -> metrics: the second half of ``step()``.
 
         ``step()`` calls it on fresh rollouts; ``offline.offline_ppo_step`` on a stored batch
         (checked there for behaviour logprobs), so both take exactly the same update. ``own``:
         the trajectory ids this process sampled under data parallelism (None: all of them).
         """
-        sync_metrics = self._stamp_versions(batch) if self.sync is not None else {}
+        sync_metrics = ({**self._stamp_versions(batch), "sync_s": sync_s}
+                        if self.sync is not None else {})
         t1 = time.perf_counter()
         if self.credit.needs_values:
             self.critic_values(batch)
