@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import openai
 import pytest
 import torch
 
 import lightning_lab as ll
 from lightning_lab import proxy
+from lightning_lab.train import trainer as trainer_module
 from lightning_lab.train.export import load_adapter
 from lightning_lab.train.sync import AdapterSync, AdapterSyncError, SyncConfig
 
@@ -98,6 +102,33 @@ def test_prefetched_rollouts_sample_the_adapter_synced_before_the_update(base_di
     assert states[1].metrics["stale_transitions"] == len(rows_of(states[1]))
     assert "is_weight_mean" in states[-1].metrics  # truncated IS is on
     assert backend.name == "ll-policy-v3" and trainer._prefetch is None
+
+
+def test_rollout_time_and_tokens_per_s_leave_the_sync_out(base_dir, standin, tmp_path,
+                                                          monkeypatch):
+    """A slow adapter load once made a vLLM run's rollout tok/s look like the sampler's fault."""
+    trainer, _, front = make_trainer(base_dir, standin, tmp_path)
+    skipped = 0.0  # seconds the trainer's clock jumps during the sync
+
+    def clock() -> float:
+        return time.perf_counter() + skipped
+
+    real_sync = trainer.sync.sync
+
+    def slow_sync(policy, step):
+        nonlocal skipped
+        skipped += 1000.0
+        return real_sync(policy, step)
+
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(trainer.sync, "sync", slow_sync)
+    try:
+        metrics = trainer.step().metrics
+    finally:
+        front.stop()
+    assert metrics["sync_s"] >= 1000.0
+    assert 0 < metrics["rollout_s"] < 1000.0
+    assert metrics["tokens_per_s"] == metrics["response_tokens"] / metrics["rollout_s"]
 
 
 @pytest.mark.parametrize("failure", ["refused", "timeout", "unreachable"])

