@@ -24,10 +24,10 @@ from starlette.background import BackgroundTask
 from .. import tracing
 from .backends import Backend, Completion, Prepared
 from .limits import Ticket, decode_json
-from .protocol import ChatRequest, ProtocolError, error_body, parse_chat_request
+from .protocol import ChatRequest, ProtocolError, parse_chat_request
 from .registry import OpenRollout, RolloutRegistry
 from .serving import Serving, agent_name, ignored_warning, off_loop, warning_headers
-from .streaming import ContentBeforeCalls, Delta, stream_deltas, top_texts
+from .streaming import ContentBeforeCalls, Delta, sse_error, stream_deltas, top_texts
 
 __all__ = ["chat_completion", "new_call", "Call", "tool_call_deltas", "new_id"]
 
@@ -289,9 +289,7 @@ class Call:
             self.record_abort()
             raise
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, OpenAI-style
-            error = exc if isinstance(exc, ProtocolError) else ProtocolError(
-                f"{type(exc).__name__}: {exc}", type="server_error", status=500)
-            yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
+            yield sse_error(exc)
             yield "data: [DONE]\n\n"
             return
         for i, c in enumerate(completions):

@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .chat import new_call, new_id
-from .protocol import ChatRequest, CompletionRequest, ProtocolError, error_body, validate
+from .protocol import ChatRequest, CompletionRequest, ProtocolError, validate
 from .registry import OpenRollout
 from .serving import Serving, ignored_warning, off_loop, warning_headers
-from .streaming import Delta, released, stream_deltas, top_texts
+from .streaming import Delta, released, sse_error, stream_deltas, top_texts
 
 __all__ = ["text_completion"]
 
@@ -125,9 +125,7 @@ async def _events(serving: Serving, calls: list[Any], request_id: str, echo: boo
                 prompt_tokens += len(call.prepared.prompt_ids)
                 completion_tokens += sum(len(c.response_ids) for c in item)
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, OpenAI-style
-        error = exc if isinstance(exc, ProtocolError) else ProtocolError(
-            f"{type(exc).__name__}: {exc}", type="server_error", status=500)
-        yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
+        yield sse_error(exc)
         yield "data: [DONE]\n\n"
         return
     if calls and calls[0].request.include_usage:

@@ -9,10 +9,12 @@ the engine's final text, which is authoritative. Concatenated deltas equal the n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from .backends import Completion
+from .protocol import ProtocolError, error_body
 
 __all__ = ["IncrementalText", "ContentBeforeCalls", "Delta", "stream_deltas", "released",
            "top_texts"]
@@ -146,3 +148,12 @@ def top_texts(backend: Any, top: list[list[tuple[int, float]]]) -> list[list[tup
     """Per-token alternatives with their token ids replaced by the tokens' texts."""
     texts = iter(backend.token_texts([i for alts in top for i, _ in alts]))
     return [[(next(texts), lp) for _, lp in alts] for alts in top]
+
+
+def sse_error(exc: Exception) -> str:
+    """The in-band SSE error event of a stream whose headers are already sent (OpenAI's shape):
+    a ``ProtocolError`` keeps its status and field, anything else is a ``server_error``."""
+    error = exc if isinstance(exc, ProtocolError) else ProtocolError(
+        f"{type(exc).__name__}: {exc}", type="server_error", status=500)
+    return f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
+
