@@ -176,8 +176,11 @@ def _weights(policy) -> torch.Tensor:
 def _one_row_per_batch(policy: ll.Policy) -> ll.Policy:
     """Make the engine decode one row at a time, so each row's logits come from the same matmul
     shapes whatever else is queued: float results no longer depend on how the 32 concurrent
-    agents' calls happened to be batched (which thread scheduling, and so the load, decides)."""
+    agents' calls happened to be batched (which thread scheduling, and so the load, decides).
+    The prefix cache is off for the same reason: a cached prompt block holds the keys/values of
+    whichever row computed it first, in that row's forward shapes (exact to ~1e-7, not bitwise)."""
     policy.engine.config.max_batch_rows = 1
+    policy.engine.prefix_cache = None
     return policy
 
 
