@@ -1,6 +1,13 @@
-"""Prefix sharing levers (issue 27): here ``sampling``, the engine's prefix cache on vs off.
+"""Prefix sharing levers (issue 27), one ``<lever> speed-up N.NNx`` line each.
 
-Workload: 8 samples of one schema prompt (a system line, ~600 tokens of CREATE TABLE
+``sft``: target tokens/s of SFT steps with ``SFTConfig.share_prefixes`` on vs off. Workload:
+``--sft-databases`` schema prompts (~600 tokens of CREATE TABLE statements, each database its
+own tables) with ``--sft-questions`` questions each (the question follows the schema) and a
+~40-token SQL target; batches of 16 rows drawn as ``SFTTrainer`` draws them (shuffled, so a
+batch holds a few questions of each database). Learning rate 0, so both trainers see the same
+weights and, with one seed, the same batches; their steps are interleaved, medians reported.
+
+``sampling``: the engine's prefix cache on vs off. Workload: 8 samples of one schema prompt (a system line, ~600 tokens of CREATE TABLE
 statements, a question; chat template applied), temperature 1, at most 32 new tokens. The 8
 requests arrive one after another as agent threads' calls do while the engine is busy: request
 k+1 is submitted when request k has sampled its first token, so each is admitted into the
@@ -10,7 +17,7 @@ so no run reuses an earlier one's prompt. (One request with n=8 shares one prefi
 the cache too: that case is printed as well, as a check that the cache costs nothing there.) Both engines share one model and the same seeds, so they sample
 the same tokens; methods are interleaved and medians of ``--repeats`` runs reported.
 
-    python benchmarks/prefix_sharing.py [--model tiny|smollm2-135m] [--repeats 3]
+    python benchmarks/prefix_sharing.py [--model tiny|smollm2-135m] [--repeats 3] [--levers sft,sampling]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import replace
 import lightning_lab as ll
 from lightning_lab.inference.engine import Engine, Request
 from lightning_lab.inference.sampling import SamplingParams
+from lightning_lab.train.sft import demonstrations_to_batch
 
 from common import banner, interleaved, median
 
@@ -34,19 +42,31 @@ TABLES = ("people", "stadium", "concert", "singer", "orchestra", "museum", "visi
           "flight", "employee", "shop", "hiring", "course", "teacher", "student", "pets")
 
 
-def schema_prompt(policy, tokens: int) -> list[int]:
-    """A text-to-SQL style chat prompt with CREATE TABLE statements until ~``tokens`` long."""
+QUESTION = "How many concerts were held in each stadium in 2014?"
+
+
+def schema_messages(policy, tokens: int, database: int = 0, question: str = QUESTION
+                    ) -> list[dict[str, str]]:
+    """A text-to-SQL style chat with CREATE TABLE statements until ~``tokens`` long; each
+    ``database`` starts from another table, so two databases share only the system line."""
     tables: list[str] = []
-    ids: list[int] = []
-    for table in TABLES * 4:
+    messages: list[dict[str, str]] = []
+    names = TABLES[database % len(TABLES):] + TABLES[:database % len(TABLES)]
+    for table in names * 4:
         tables.append(f"CREATE TABLE {table}{len(tables)} (\n  " + ",\n  ".join(COLUMNS) + "\n);")
         messages = [{"role": "system", "content": "Answer with one SQLite query."},
                     {"role": "user", "content": "Schema:\n" + "\n".join(tables)
-                     + "\nQuestion: How many concerts were held in each stadium in 2014?"}]
+                     + f"\nQuestion: {question}"}]
         ids = policy.tokenizer(policy.prompt_text(messages), add_special_tokens=False)["input_ids"]
         if len(ids) >= tokens:
             break
-    return ids
+    return messages
+
+
+def schema_prompt(policy, tokens: int) -> list[int]:
+    """Token ids of ``schema_messages``."""
+    text = policy.prompt_text(schema_messages(policy, tokens))
+    return policy.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def staggered(engine: Engine, prompt: list[int], max_new_tokens: int) -> float:
@@ -86,16 +106,47 @@ def cold(engine: Engine) -> None:
         engine.prefix_cache.clear()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a directory")
-    parser.add_argument("--prompt-tokens", type=int, default=600)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def sft_demonstrations(policy, args) -> list[ll.Demonstration]:
+    """``--sft-databases`` x ``--sft-questions`` schema prompts with ~40-token SQL targets."""
+    demos = []
+    for db in range(args.sft_databases):
+        for q in range(args.sft_questions):
+            table = TABLES[(db + q) % len(TABLES)]
+            question = f"Which {table} names have a budget above {1000 * (q + 1)}, by city?"
+            target = (f" T1.name, T1.city FROM {table}{q} AS T1 JOIN people0 AS T2 ON "
+                      f"T1.owner_id = T2.id WHERE T1.budget > {1000 * (q + 1)};")
+            demos.append(ll.Demonstration(schema_messages(policy, args.prompt_tokens, db, question),
+                                          target, prefill="SELECT", task_id=f"db{db}-q{q}"))
+    return demos
 
-    print(banner())
-    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+def sft_lever(args) -> None:
+    """SFT target tokens/s with shared prefixes on vs off (same batches, same weights)."""
+    policy = ll.models.load(args.model, lora=True)
+    batch, _ = demonstrations_to_batch(policy.tokenizer, sft_demonstrations(policy, args))
+    rows = [tr for _, tr in batch.transitions()]
+    print(f"sft: model {args.model} | {len(rows)} rows ({args.sft_databases} databases) | prompt "
+          f"{min(len(tr.prompt_ids) for tr in rows)}-{max(len(tr.prompt_ids) for tr in rows)} tokens "
+          f"| target {sum(len(tr.response_ids) for tr in rows) / len(rows):.0f} tokens | batch 16")
+    trainers = {share: ll.SFTTrainer(policy, batch, ll.SFTConfig(
+                    lr=0.0, batch_size=16, share_prefixes=share)) for share in (True, False)}
+
+    def speed(trainer) -> float:
+        metrics = trainer.step().metrics
+        return metrics["response_tokens"] / metrics["update_s"]
+
+    methods = {f"sharing {'on' if share else 'off'}": (lambda t=t: speed(t))
+               for share, t in trainers.items()}
+    interleaved(methods, 1)  # warm-up
+    speeds = {name: median(v) for name, v in interleaved(methods, args.repeats).items()}
+    for name, tokens_per_s in speeds.items():
+        print(f"{name:>20}: {tokens_per_s:.1f} target tokens/s")
+    print(f"sft speed-up {speeds['sharing on'] / speeds['sharing off']:.2f}x")
+    policy.close()
+
+
+def sampling_lever(args) -> None:
+    """Sampling time of 8 staggered requests of one schema prompt, prefix cache on vs off."""
     policy = ll.models.load(args.model)
     prompt = schema_prompt(policy, args.prompt_tokens)
     engines = {cache: Engine(policy.model, policy.tokenizer,
@@ -121,6 +172,27 @@ def main() -> None:
     for engine in engines.values():
         engine.close()
     policy.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a directory")
+    parser.add_argument("--prompt-tokens", type=int, default=600)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--levers", default="sft,sampling", help="comma-separated: sft, sampling")
+    parser.add_argument("--sft-databases", type=int, default=4)
+    parser.add_argument("--sft-questions", type=int, default=8)
+    args = parser.parse_args()
+    levers = {"sft": sft_lever, "sampling": sampling_lever}
+    unknown = set(args.levers.split(",")) - set(levers)
+    if unknown:
+        parser.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(levers)}")
+
+    print(banner())
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    for name in args.levers.split(","):
+        levers[name](args)
 
 
 if __name__ == "__main__":

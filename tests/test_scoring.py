@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lightning_lab.records import Transition
-from lightning_lab.train.scoring import chunk_rows, hosts, padded_tokens, score, sharing_groups
+from lightning_lab.train.scoring import (chunk_rows, hosts, padded_tokens, prefix_groups, score,
+                                         sharing_groups)
 from numerics import assert_rel_close
 
 
@@ -156,3 +157,70 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tiny_lora)
     assert (ckpt.logprobs - plain.logprobs).abs().max() <= 1e-5 * scale
     for a, b in zip(ckpt_grads, plain_grads):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7 * max(g.norm() for g in plain_grads)
+
+
+def rows_with_shared_prefixes():
+    """(a) three prompts sharing a 12-token prefix with different questions after it, one of
+    them a GRPO pair; (b) a second family sharing 5 tokens, and a loner that shares nothing;
+    (c) a prompt that is a prefix of another's (its response differs from the extension, so it
+    does not ride on it)."""
+    schema = [5, 17, 42, 8, 99, 3, 60, 61, 62, 63, 64, 65]
+    other = [7, 7, 250, 31, 40]
+    return [row(schema + [100, 101], [4, 9, 21]), row(schema + [102], [60, 2]),
+            row(other + [1, 2, 3], [8, 9]), row(schema + [100, 101], [4, 88, 3, 77, 5]),
+            row(schema + [103, 104, 105], [11], temperature=0.7), row([300, 301, 302], [6, 7]),
+            row(other + [4], [12, 13, 14]), row(other, [90, 91]),
+            row(other + [1, 2, 3, 9, 9], [15, 16])]
+
+
+def test_prefix_groups_share_common_leading_tokens():
+    rows = rows_with_shared_prefixes()
+    prompts = [tr.prompt_ids for tr in rows]
+    lengths = [len(tr.prompt_ids) + len(tr.response_ids) for tr in rows]
+    prefixes, of_prompt = prefix_groups(prompts, lengths, share_prefixes=True)
+    schema, other = rows[0].prompt_ids[:12], rows[7].prompt_ids
+    assert [prefixes[u] for u in of_prompt] == [tuple(schema)] * 2 + [tuple(other)] + \
+        [tuple(schema)] * 2 + [(300, 301, 302)] + [tuple(other)] * 3
+    # off: one prefix per distinct prompt, as before
+    assert prefix_groups(prompts, lengths, share_prefixes=False)[0] == \
+        list(dict.fromkeys(map(tuple, prompts)))
+    # sharing the schema: 3 prefixes (padded to 12) + 9 rests (padded to 5 + 2 ... the longest)
+    rest = max(n - len(prefixes[u]) for n, u in zip(lengths, of_prompt))
+    assert padded_tokens(rows, share_prefixes=True) == 3 * 12 + 9 * rest < padded_tokens(rows)
+    # a 2-token common start is not worth padding a long prompt into the second pass when the
+    # others share 30 tokens: groups {schema + 1, schema + 2 tokens} and the long prompt whole
+    schema = list(range(10, 40))
+    long_one = [10, 11] + list(range(50, 80))
+    mixed = [row(schema + [1], [5, 6]), row(schema + [2, 3], [5]), row(long_one, [5])]
+    prefixes, _ = prefix_groups([tr.prompt_ids for tr in mixed], [33, 33, 33], share_prefixes=True)
+    assert sorted(prefixes) == [tuple(schema), tuple(long_one)]
+    assert padded_tokens(mixed, share_prefixes=True) == 2 * 32 + 3 * 3 < padded_tokens(mixed)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+@pytest.mark.parametrize("pick", [[0, 1, 3, 4], [7, 8], None], ids=["long-prefix", "prompt-is-prefix", "mixed"])
+def test_shared_prefix_logprobs_and_gradients_equal_per_row(hidden, pick):
+    import lightning_lab as ll
+
+    model = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False}).model
+    rows = rows_with_shared_prefixes()
+    rows = rows if pick is None else [rows[i] for i in pick]
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(parts, share):
+        model.zero_grad(set_to_none=True)
+        outs = [score(model, part, grad=True, hidden=hidden, share_prefixes=share) for part in parts]
+        logprobs = torch.cat([o.logprobs for o in outs])
+        total = (logprobs * torch.linspace(-1, 1, len(logprobs))).sum()
+        if hidden:
+            total = total + torch.cat([o.prompt_hidden for o in outs]).pow(2).sum()
+        total.backward()
+        return logprobs.detach(), torch.cat([p.grad.flatten() for p in lora])
+
+    assert padded_tokens(rows, share_prefixes=True) < padded_tokens(rows)  # something is shared
+    shared_lp, shared_grad = loss_and_grads([rows], True)
+    alone_lp, alone_grad = loss_and_grads([[r] for r in rows], False)
+    assert shared_lp.shape == (sum(len(r.response_ids) for r in rows),)
+    assert_rel_close(shared_lp, alone_lp, 1e-6, "logprobs")
+    assert alone_grad.norm() > 0
+    assert_rel_close(shared_grad, alone_grad, 1e-4, "LoRA gradient")

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import lightning_lab as ll
+from numerics import assert_rel_close
 from shared_agents import parity_agent
 from lightning_lab.train.offline import OfflineBatchError, offline_ppo_step
 from lightning_lab.train.rejection import RejectionConfig, keep_above, rejection_sampling_finetune
+from lightning_lab.train.scoring import padded_tokens
 from lightning_lab.train.sft import (Demonstration, SFTConfig, SFTTrainer, demonstrations_to_batch,
                                      sft_loss)
 
@@ -146,3 +148,29 @@ def test_offline_ppo_without_logprobs_names_the_field_and_sft_still_works(tiny, 
         offline_ppo_step(trainer, batch)
     state = SFTTrainer(tiny, batch, SFTConfig(batch_size=8)).step()
     assert math.isfinite(state.metrics["loss"]) and state.metrics["n_rows"] == 8
+
+
+def test_sft_step_with_shared_prefixes_equals_unshared():
+    """Questions after one schema: sharing its tokens gives the same loss and gradients."""
+    torch.manual_seed(0)
+    policy = ll.models.load("tiny", lora={"r": 4, "init_lora_weights": False})
+    schema = "Schema: " + " ".join(f"CREATE TABLE t{i} (id INT, name TEXT);" for i in range(12))
+    demos = [Demonstration(prompt=[{"role": "user", "content": f"{schema}\nQuestion {q}: {w}?"}],
+                           target=f" SELECT name FROM t{q} WHERE id = {q};", prefill="SQL:")
+             for q, w in enumerate(["how many", "which names", "list all", "count the", "who"])]
+    batch, _ = demonstrations_to_batch(policy.tokenizer, demos)
+    rows = [t.transitions[0] for t in batch]
+    assert padded_tokens(rows, share_prefixes=True) < padded_tokens(rows) / 2
+    lora = [p for p in policy.model.parameters() if p.requires_grad]
+
+    def step(share):
+        config = SFTConfig(lr=0.0, batch_size=5, max_grad_norm=1e9, share_prefixes=share,
+                           max_tokens_per_forward=256)
+        loss = SFTTrainer(policy, batch, config).step().metrics["loss"]
+        return loss, torch.cat([p.grad.flatten() for p in lora])
+
+    shared_loss, shared_grad = step(True)
+    alone_loss, alone_grad = step(False)
+    assert shared_loss == pytest.approx(alone_loss, rel=1e-6)
+    assert alone_grad.norm() > 0
+    assert_rel_close(shared_grad, alone_grad, 1e-4, "LoRA gradient")

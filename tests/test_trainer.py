@@ -224,3 +224,16 @@ def test_callbacks_receive_states_and_failures_do_not_stop_training(tiny):
     with pytest.warns(UserWarning, match="wandb down"):
         trainer.step()
     assert len(seen) == 1 and isinstance(seen[0], ll.StepState)
+
+
+def test_micro_batches_put_rows_of_one_schema_together():
+    """Sorted by prompt, two schemas' questions (interleaved in the minibatch) each fit one
+    forward when their prefix counts once; unshared, every row needs its own."""
+    from lightning_lab.records import Transition
+    from lightning_lab.train.update import micro_batches
+
+    schemas = [list(range(100, 140)), list(range(200, 240))]
+    rows = [Transition(prompt_ids=schemas[i % 2] + [i], response_ids=[1, 2]) for i in range(6)]
+    # one schema's 3 rows: 40 (prefix) + 3 * 3 = 49 padded tokens; a row alone: 43
+    assert micro_batches(rows, list(range(6)), 50, share_prefixes=True) == [[0, 2, 4], [1, 3, 5]]
+    assert micro_batches(rows, list(range(6)), 50) == [[i] for i in range(6)]

@@ -133,6 +133,10 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """Recompute decoder layers in the backward instead of storing activations (for models whose
     update does not fit in memory; each row is then scored without prompt sharing)."""
+    share_prefixes: bool = True
+    """Rows of a forward whose prompts start alike (one schema, other questions) run their
+    common leading tokens once (exact: same logprobs and gradients); False shares identical
+    prompts only."""
     rollout_workers: int = bounded(32, ge=1)
     """Agents run concurrently; their LLM calls are batched by the policy's engine."""
     rollout_timeout_s: float | None = bounded(None, gt=0)
@@ -176,6 +180,10 @@ class SFTConfig:
     """Gradient-norm clip of the trainable parameters."""
     max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward (a shared prompt counts once); larger batches accumulate."""
+    share_prefixes: bool = True
+    """Rows of a forward whose prompts start alike (one schema, other questions) run their
+    common leading tokens once, and each batch is ordered by prompt so they meet (exact: same
+    logprobs and gradients); False shares identical prompts only."""
     max_context: int | None = bounded(None, ge=1)
     """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
     model's ``max_position_embeddings``."""

@@ -13,6 +13,12 @@ alone):
   inputs "rides" on it: a causal forward over the longer sequence already computed the hidden
   states at its positions, so its logprobs are gathered from there at no extra forward cost.
 
+* **Prefixes** (``share_prefixes=True``): different prompts that start alike (the questions of
+  one database after the same schema) run their common leading tokens once. The hosts' prompts
+  are sorted and split into groups by ``prefix_groups``; the first pass runs each group's common
+  prefix, the second the rest of each host's prompt and its response on top of that prefix's
+  keys/values. Without it, a group is the hosts of one identical prompt (the first bullet).
+
 ``index_select`` is differentiable, so the gradient through a shared position is the sum over
 the rows that read it, which is what scoring them separately gives.
 """
@@ -29,7 +35,8 @@ from ..inference.adapters import base_model
 from ..inference.prompts import dedupe_prompts
 from ..records import Transition
 
-__all__ = ["Scores", "chunk_rows", "hosts", "padded_tokens", "score", "sharing_groups"]
+__all__ = ["Scores", "chunk_rows", "hosts", "padded_tokens", "prefix_groups", "score",
+           "sharing_groups"]
 
 
 @dataclass
@@ -105,17 +112,84 @@ def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def padded_tokens(rows: Sequence[Transition]) -> int:
-    """Tokens ``score`` runs for ``rows``: the hosts' distinct prompts plus their responses,
-    each padded (riders are free)."""
-    of_row = hosts(rows)
-    host_rows = [rows[h] for h in sorted(set(of_row))]
-    prompts, _ = dedupe_prompts([tr.prompt_ids for tr in host_rows])
-    longest_response = max((len(tr.response_ids) for tr in host_rows), default=0)
-    return len(prompts) * max(map(len, prompts), default=0) + len(host_rows) * longest_response
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    diff = (torch.as_tensor(a[:n]) != torch.as_tensor(b[:n])).nonzero()
+    return int(diff[0]) if len(diff) else n
 
 
-def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
+def _partition_cost(groups: list[list[int]], cuts: list[int], lengths: Sequence[int]) -> int:
+    """Padded tokens of two passes: the groups' prefixes, then every member's rest."""
+    rest = max(lengths[m] - c for g, c in zip(groups, cuts) for m in g)
+    return len(groups) * max(cuts) + sum(map(len, groups)) * rest
+
+
+def _split_run(run: list[int], adjacent: list[int], prompts: Sequence[Sequence[int]],
+               lengths: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    """Groups and prefix lengths for ``run`` (positions in prompt-sorted order).
+
+    The run's common prefix is the least adjacent common length; the run stays one group unless
+    splitting it where that minimum sits (recursively) pads fewer tokens: a short shared system
+    line is not worth padding every schema after it into the second pass.
+    """
+    if len(run) == 1:
+        return [run], [len(prompts[run[0]])]
+    cut = min(adjacent[k] for k in run[:-1])
+    pieces: list[list[int]] = [[run[0]]]
+    for k in run[1:]:
+        if adjacent[k - 1] == cut:
+            pieces.append([])
+        pieces[-1].append(k)
+    groups: list[list[int]] = []
+    cuts: list[int] = []
+    for piece in pieces:
+        g, c = _split_run(piece, adjacent, prompts, lengths)
+        groups += g
+        cuts += c
+    if cut > 0 and _partition_cost([run], [cut], lengths) <= _partition_cost(groups, cuts, lengths):
+        return [run], [cut]
+    return groups, cuts
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]], lengths: Sequence[int], *,
+                  share_prefixes: bool) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Prefixes run once by ``score``'s first pass and, per prompt, the index of its prefix.
+
+    ``lengths``: each prompt's whole sequence (prompt + scored response tokens), which the
+    second pass pads to. Without ``share_prefixes`` the prefixes are the distinct prompts; with
+    it, prompts sorted together share their common leading tokens (a prompt that is a prefix
+    of another is its group's prefix whole), grouped so the two passes pad fewest tokens.
+    """
+    if not share_prefixes:
+        return dedupe_prompts(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    ranked = [prompts[i] for i in order]
+    adjacent = [_common_length(a, b) for a, b in zip(ranked, ranked[1:])]
+    groups, cuts = _split_run(list(range(len(order))), adjacent, ranked,
+                              [lengths[i] for i in order])
+    of_prompt = [0] * len(prompts)
+    for g, members in enumerate(groups):
+        for k in members:
+            of_prompt[order[k]] = g
+    return [tuple(ranked[g[0]][:c]) for g, c in zip(groups, cuts)], of_prompt
+
+
+def padded_tokens(rows: Sequence[Transition], *, share_prefixes: bool = False) -> int:
+    """Tokens ``score`` runs for ``rows``: the hosts' prefixes (``prefix_groups``) plus the rest
+    of each host, each padded (riders are free)."""
+    host_rows = [rows[h] for h in sorted(set(hosts(rows)))]
+    lengths = [len(tr.prompt_ids) + len(tr.response_ids) for tr in host_rows]
+    prefixes, of_host = prefix_groups([tr.prompt_ids for tr in host_rows], lengths,
+                                      share_prefixes=share_prefixes)
+    rest = max((n - len(prefixes[u]) for n, u in zip(lengths, of_host)), default=0)
+    return len(prefixes) * max(map(len, prefixes), default=0) + len(host_rows) * rest
+
+
+def chunk_rows(rows: Sequence[Transition], budget: int, *, share_prefixes: bool = False
+               ) -> list[list[int]]:
     """Split rows (in order) into forward passes of at most ``budget`` padded tokens.
 
     Activation memory grows with tokens (a 135M model's backward over a few thousand tokens
@@ -124,7 +198,8 @@ def chunk_rows(rows: Sequence[Transition], budget: int) -> list[list[int]]:
     """
     chunks: list[list[int]] = []
     for i in range(len(rows)):
-        if chunks and padded_tokens([rows[j] for j in chunks[-1] + [i]]) <= budget:
+        if chunks and padded_tokens([rows[j] for j in chunks[-1] + [i]],
+                                    share_prefixes=share_prefixes) <= budget:
             chunks[-1].append(i)
         else:
             chunks.append([i])
@@ -143,15 +218,17 @@ def _autocast(device: str | torch.device, dtype: torch.dtype = torch.float32) ->
 
 def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device = "cpu",
           grad: bool = False, hidden: bool = False, checkpointing: bool = False,
-          dtype: torch.dtype = torch.float32) -> Scores:
+          dtype: torch.dtype = torch.float32, share_prefixes: bool = False) -> Scores:
     """Logprobs (at each transition's sampling temperature) of every response token of ``rows``.
 
-    Two decoder passes over the host rows (see ``hosts``): their distinct prompts, right-padded
-    so every sequence sits at positions 0..L-1 as it did during sampling; then each host's
-    response (all but its last token) on top of its prompt's cached keys/values, at positions
-    ``len(prompt) + j``. Every row, host or rider, then reads the hidden states at its own
-    positions of its host's sequence. Logits are computed only at positions that predict
-    response tokens, which keeps the (tokens x vocab) tensor small.
+    Two decoder passes over the host rows (see ``hosts``): their prefixes (``prefix_groups``:
+    the distinct prompts, or with ``share_prefixes`` the common leading tokens of prompts that
+    start alike), right-padded so every sequence sits at positions 0..L-1 as it did during
+    sampling; then each host's remaining prompt tokens and response (all but its last token) on
+    top of its prefix's cached keys/values, at positions ``len(prefix) + j``. Every row, host or
+    rider, then reads the hidden states at its own positions of its host's sequence. Logits are
+    computed only at positions that predict response tokens, which keeps the (tokens x vocab)
+    tensor small.
 
     ``checkpointing=True`` (with ``gradient_checkpointing_enable()`` called on the model) trades
     compute for activation memory: each row then runs as one prompt+response sequence without a
@@ -165,38 +242,38 @@ def score(model: Any, rows: Sequence[Transition], *, device: str | torch.device 
     of_row = hosts(rows)
     host_ids = sorted(set(of_row))
     slot = {h: b for b, h in enumerate(host_ids)}  # row index -> position among hosts
-    host_rows = [rows[h] for h in host_ids]
-    prompts, of_host = dedupe_prompts([tr.prompt_ids for tr in host_rows])
-    plen = torch.tensor([len(p) for p in prompts])
-    lp = int(plen.max())
-    host_prompt = torch.tensor(of_host)
-    width = max(len(tr.response_ids) for tr in host_rows) - 1  # a last token predicts nothing
+    host_inputs = [_inputs(rows[h]) for h in host_ids]
+    prefixes, of_host = prefix_groups([rows[h].prompt_ids for h in host_ids],
+                                      [len(x) for x in host_inputs], share_prefixes=share_prefixes)
+    cut = [len(prefixes[u]) for u in of_host]  # per host: tokens run by the first pass
+    lp = max(map(len, prefixes))
+    host_prefix = torch.tensor(of_host)
+    width = max(len(x) - c for x, c in zip(host_inputs, cut))
     lengths = [len(tr.response_ids) for tr in rows]
     with torch.set_grad_enabled(grad), _autocast(device, dtype):
-        p_ids, p_mask = _padded(prompts, lp)
+        p_ids, p_mask = _padded(prefixes, lp)
         first = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
                         use_cache=width > 0)
         hidden_size = first.last_hidden_state.shape[-1]
         states = [first.last_hidden_state.reshape(-1, hidden_size)]  # (U * Lp, H)
         if width > 0:
-            r_ids, r_mask = _padded([tr.response_ids[:-1] for tr in host_rows], width)
+            r_ids, r_mask = _padded([x[c:] for x, c in zip(host_inputs, cut)], width)
             cache = first.cache
-            cache.reorder_cache(host_prompt.to(device))  # (U, ...) -> (B_hosts, ...) per layer
-            mask = torch.cat([p_mask[host_prompt], r_mask], dim=1)  # (Bh, Lp + width)
-            positions = plen[host_prompt][:, None] + torch.arange(width)[None, :]  # (Bh, width)
+            cache.reorder_cache(host_prefix.to(device))  # (U, ...) -> (B_hosts, ...) per layer
+            mask = torch.cat([p_mask[host_prefix], r_mask], dim=1)  # (Bh, Lp + width)
+            positions = torch.tensor(cut)[:, None] + torch.arange(width)[None, :]  # (Bh, width)
             rest = decoder(input_ids=r_ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), cache=cache,
                            use_cache=False).last_hidden_state  # (Bh, width, H)
             states.append(rest.reshape(-1, hidden_size))
-        states = torch.cat(states)  # prompt-pass positions, then response-pass positions
+        states = torch.cat(states)  # first-pass positions, then second-pass positions
 
         def flat(i: int, position: int) -> int:
             """Row of ``states`` holding row i's host's hidden state at ``position``."""
             b = slot[of_row[i]]
-            u = of_host[b]
-            if position < len(prompts[u]):
-                return u * lp + position
-            return len(prompts) * lp + b * width + position - len(prompts[u])
+            if position < cut[b]:
+                return of_host[b] * lp + position
+            return len(prefixes) * lp + b * width + position - cut[b]
 
         # Response token j of row i sits at position P_i + j and is predicted at P_i + j - 1.
         at = torch.tensor([flat(i, len(tr.prompt_ids) - 1 + j)

@@ -3,7 +3,8 @@
 Why a separate trainer and not a PPO mode: SFT needs no rollouts, no advantages, no reference
 model and no behaviour logprobs, so a stored ``Batch`` (JSONL/Parquet, OpenTelemetry, Agent
 Lightning spans, or demonstrations built from a dataset) is enough. It reuses the PPO update's
-forward (``scoring.score``: response-token logprobs, shared prompts run once), so the prompt
+forward (``scoring.score``: response-token logprobs, shared prompts and, with
+``SFTConfig.share_prefixes``, shared prompt prefixes such as a schema run once), so the prompt
 tokens are context and never targets, exactly as in the RL loss that usually follows.
 
 A demonstration goes through the agent's own prompt: ``Demonstration(prompt=writer_messages(...),
@@ -171,18 +172,21 @@ class SFTTrainer:
         cfg = self.config
         t0 = time.perf_counter()
         idx = self._next_rows()
-        # Shortest prompts first: chunks then pad to similar lengths (a stable sort keeps the
-        # rows of a shared prompt adjacent), which on schema-sized prompts saves a third of the work.
-        rows = sorted((self.rows[i] for i in idx), key=lambda tr: len(tr.prompt_ids))
+        # Prompts sorted by tokens (sharing prefixes: rows of one schema adjacent, so a chunk
+        # runs it once) or by length (chunks then pad to similar lengths; a stable sort keeps
+        # the rows of a shared prompt adjacent): on schema-sized prompts either saves work.
+        rows = sorted((self.rows[i] for i in idx), key=lambda tr: (
+            tr.prompt_ids if cfg.share_prefixes else len(tr.prompt_ids)))
         n_tokens = sum(len(tr.response_ids) for tr in rows)
         lr = cfg.lr * min(1.0, (self.step_count + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         nll_sum, correct = 0.0, 0.0
-        for chunk in chunk_rows(rows, cfg.max_tokens_per_forward):
+        for chunk in chunk_rows(rows, cfg.max_tokens_per_forward, share_prefixes=cfg.share_prefixes):
             part = [rows[i] for i in chunk]
-            fwd = score(self.policy.model, part, device=self.policy.device, grad=True)
+            fwd = score(self.policy.model, part, device=self.policy.device, grad=True,
+                        share_prefixes=cfg.share_prefixes)
             weight = len(fwd.logprobs) / n_tokens  # micro-batches sum to the minibatch token-mean
             (sft_loss(fwd.logprobs) * weight).backward()
             nll_sum += float(-fwd.logprobs.detach().sum())

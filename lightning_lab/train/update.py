@@ -7,7 +7,8 @@ clip -> step. ``ppo_update`` is the loop; the pieces it calls are named here:
 * ``micro_batches``: a minibatch is scored in forwards of at most ``max_tokens_per_forward``
   tokens; each one's loss is weighted by its share of the minibatch (tokens for the policy terms,
   rows for the value term, over all processes' rows), so the accumulated gradient is that of the
-  whole minibatch's loss.
+  whole minibatch's loss. With ``share_prefixes`` a minibatch's rows are sorted by prompt first,
+  so rows whose prompts start alike share one forward and their common prefix (``scoring``).
 * ``recompute_old_logprobs`` / ``old_policy``: PPO's old policy is either the sampler's logprobs
   or, with ``recompute_logprobs``, the trainer's own forward before the first optimizer step, the
   sampler's then only entering through truncated importance weights (``offpolicy.py``).
@@ -74,7 +75,8 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
             mb_inds = order[start:start + cfg.minibatch_size]
             mb_tokens = sum(len(rows[i].response_ids) for i in mb_inds)
             optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches(rows, own_rows(mb_inds, owned), cfg.max_tokens_per_forward):
+            for micro in micro_batches(rows, own_rows(mb_inds, owned), cfg.max_tokens_per_forward,
+                                       share_prefixes=cfg.share_prefixes):
                 micro_rows = [rows[i] for i in micro]
                 fwd = scorer.forward(micro_rows, grad=True, hidden=use_critic)
                 behaviour = _flat([tr.logprobs for tr in micro_rows], like=fwd.logprobs)  # (N,)
@@ -137,9 +139,16 @@ def owned_by_process(keys: list[Key], own: set[str] | None) -> list[bool]:
     return [own is None or traj_id in own for traj_id, _ in keys]
 
 
-def micro_batches(rows: list[Transition], indices: list[int], budget: int) -> list[list[int]]:
-    """``indices`` split into forwards of at most ``budget`` padded tokens (``chunk_rows``)."""
-    return [[indices[j] for j in chunk] for chunk in chunk_rows([rows[i] for i in indices], budget)]
+def micro_batches(rows: list[Transition], indices: list[int], budget: int, *,
+                  share_prefixes: bool = False) -> list[list[int]]:
+    """``indices`` split into forwards of at most ``budget`` padded tokens (``chunk_rows``).
+
+    With ``share_prefixes`` the rows are first sorted by prompt, so prompts that start alike
+    land in one forward (the minibatch's gradient is a sum over its rows: order is free)."""
+    if share_prefixes:
+        indices = sorted(indices, key=lambda i: rows[i].prompt_ids)
+    chunks = chunk_rows([rows[i] for i in indices], budget, share_prefixes=share_prefixes)
+    return [[indices[j] for j in chunk] for chunk in chunks]
 
 
 def minibatch_order(rows: list[Transition], rng: random.Random) -> list[int]:
@@ -261,15 +270,19 @@ class Scorer:
         """Response-token logprobs of ``rows`` under ``model`` (default: the policy)."""
         return score(model if model is not None else self.policy.model, rows,
                      device=self.policy.device, grad=grad, hidden=hidden,
-                     checkpointing=self.config.gradient_checkpointing, dtype=self.dtype)
+                     checkpointing=self.config.gradient_checkpointing, dtype=self.dtype,
+                     share_prefixes=self.config.share_prefixes)
 
     def chunks(self, rows: list[Transition]) -> list[list[int]]:
-        return chunk_rows(rows, self.config.max_tokens_per_forward)
+        return chunk_rows(rows, self.config.max_tokens_per_forward,
+                          share_prefixes=self.config.share_prefixes)
 
     def logprobs(self, rows: list[Transition], which: list[int], model: Any = None
                  ) -> dict[int, torch.Tensor]:
         """Response logprobs of the rows at ``which`` under ``model`` (default: the policy as
-        it is now), no grad, keyed by row index."""
+        it is now), no grad, keyed by row index (sorted by prompt first, as ``micro_batches``)."""
+        if self.config.share_prefixes:
+            which = sorted(which, key=lambda i: rows[i].prompt_ids)
         picked = [rows[i] for i in which]
         out: list[torch.Tensor] = []
         with torch.no_grad():
