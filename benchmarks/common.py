@@ -7,10 +7,11 @@ load hits all of them) and summarised by its median.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,3 +46,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def parse_args(cls: type, description: str) -> Any:
+    """``cls()`` with each field settable as ``--field-name`` (type from its default)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, value in vars(cls()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return cls(**vars(parser.parse_args()))
+

@@ -12,7 +12,6 @@ the Transition. Counted tokens are the useful ones (up to and including the stop
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 import lightning_lab as ll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import banner  # noqa: E402
+from common import banner, parse_args  # noqa: E402
 from rollout_throughput import QUESTIONS, hf_generate  # noqa: E402
 
 
@@ -167,8 +166,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Args()
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    main(Args(**vars(parser.parse_args())))
+    main(parse_args(Args, __doc__.splitlines()[0]))

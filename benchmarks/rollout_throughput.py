@@ -14,7 +14,6 @@ default). Methods are interleaved; medians of ``--repeats`` runs.
 
 from __future__ import annotations
 
-import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import lightning_lab as ll
 from lightning_lab.inference.engine import EngineConfig
 from lightning_lab.inference.policy import Policy
 
-from common import banner, median
+from common import banner, median, parse_args
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -171,8 +170,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Args()
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    main(Args(**vars(parser.parse_args())))
+    main(parse_args(Args, __doc__.splitlines()[0]))

@@ -18,7 +18,6 @@ average before each run is printed, since the 2 cores are shared.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import tempfile
@@ -36,7 +35,7 @@ from lightning_lab.inference.vllm_engine import VLLMEngine
 from lightning_lab.inference.vllm_server import VLLMServer, base_model_dir, lora_rank
 from lightning_lab.train.sync import AdapterSync, SyncConfig
 
-from common import banner, median
+from common import banner, median, parse_args
 from rollout_throughput import QUESTIONS
 
 
@@ -160,8 +159,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Args()
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    main(Args(**vars(parser.parse_args())))
+    main(parse_args(Args, __doc__.splitlines()[0]))
