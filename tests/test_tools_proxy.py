@@ -287,3 +287,23 @@ def test_a_grammar_failing_mid_way_is_not_a_quiet_stop(server):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "error"
     assert "grammar failed mid-way" in r.headers["x-ll-warning"]
+
+
+def test_a_grammar_failing_mid_way_is_said_on_the_responses_endpoint_too(server, monkeypatch):
+    """Non-streamed ``/v1/responses`` used to drop the warning that chat gives."""
+    from lightning_lab.inference.constraints import Constraint
+
+    advance = Constraint.advance
+    seen: dict[int, int] = {}
+
+    def give_up_on_the_second_token(self, token: int) -> bool:
+        seen[id(self)] = seen.get(id(self), 0) + 1
+        return advance(self, token) and seen[id(self)] < 2
+
+    monkeypatch.setattr(Constraint, "advance", give_up_on_the_second_token)
+    body = {"input": "Who is it?", "max_output_tokens": 16, "temperature": 1.0,
+            "text": {"format": {"type": "json_schema", "name": "person",
+                                "schema": Person.model_json_schema()}}}
+    r = httpx.post(server.base_url + "/responses", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "grammar failed mid-way" in r.headers["x-ll-warning"]

@@ -29,7 +29,7 @@ from .registry import OpenRollout, RolloutRegistry
 from .serving import Serving, agent_name, ignored_warning, off_loop, warning_headers
 from .streaming import ContentBeforeCalls, Delta, sse_error, stream_deltas, top_texts
 
-__all__ = ["chat_completion", "new_call", "Call", "tool_call_deltas", "new_id"]
+__all__ = ["chat_completion", "complete_whole", "new_call", "Call", "tool_call_deltas", "new_id"]
 
 log = logging.getLogger("lightning_lab.proxy")
 
@@ -45,14 +45,23 @@ async def chat_completion(serving: Serving, request: Request, entry: OpenRollout
         return StreamingResponse(call.events(ticket), media_type="text/event-stream",
                                  headers=warning_headers(warnings),
                                  background=BackgroundTask(ticket.release))
+    completions = await complete_whole(serving, request, call, ticket, warnings)
+    if isinstance(completions, JSONResponse):
+        return completions
+    return JSONResponse(call.response(completions), headers=warning_headers(warnings))
+
+
+async def complete_whole(serving: Serving, request: Request, call: "Call", ticket: Any,
+                         warnings: list[str]) -> list[Completion] | JSONResponse:
+    """A non-streamed answer (chat or Responses): sample, give the tokens back, and add the
+    choices whose grammar failed mid-way to ``warnings``; an error comes back as its response."""
     try:
         completions = await serving.complete(request, call)
     finally:
         ticket.release()
-    if isinstance(completions, JSONResponse):
-        return completions
-    warnings += _grammar_failures(completions)
-    return JSONResponse(call.response(completions), headers=warning_headers(warnings))
+    if not isinstance(completions, JSONResponse):
+        warnings += _grammar_failures(completions)
+    return completions
 
 
 def new_call(serving: Serving, request: Request, entry: OpenRollout | None,

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from .chat import new_call
+from .chat import complete_whole, new_call
 from .protocol import ProtocolError, ResponsesRequest, parse_chat_request, validate
 from .registry import OpenRollout
 from .serving import Serving, ignored_warning, warning_headers
@@ -223,19 +223,15 @@ async def respond(serving: Serving, request: Request, entry: OpenRollout | None)
     call = new_call(serving, request, entry, chat_request, warnings)
     call.meta["api"] = "responses"
     ticket = serving.admit([call])
-    headers = warning_headers(warnings)
     if chat_request.stream:
         return StreamingResponse(released(_events(body, call, serving.backend.name), ticket),
-                                 media_type="text/event-stream", headers=headers,
+                                 media_type="text/event-stream", headers=warning_headers(warnings),
                                  background=BackgroundTask(ticket.release))
-    try:
-        completions = await serving.complete(request, call)
-    finally:
-        ticket.release()
+    completions = await complete_whole(serving, request, call, ticket, warnings)
     if isinstance(completions, JSONResponse):
         return completions
     return JSONResponse(to_response(body, call.response(completions), serving.backend.name),
-                        headers=headers)
+                        headers=warning_headers(warnings))
 
 
 class _Sequence:
