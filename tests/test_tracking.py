@@ -211,3 +211,19 @@ def test_sweep_cli(tmp_path, capsys):
     yaml_path.write_text("method: grid\nparameters:\n  credits:\n    values: [uniform]\n")
     assert main(["sweep", str(yaml_path)]) == 2
     assert "unknown sweep parameter" in capsys.readouterr().err
+
+
+def test_an_sft_run_logs_its_sft_config_under_sft_not_ppo(tmp_path):
+    """The callback labelled every trainer's config ``ppo``, an SFT run's SFTConfig included."""
+    from lightning_lab.train.config import RunConfig
+    from lightning_lab.train.run import run
+
+    cb = tracking.WandbCallback(project="t", dir=str(tmp_path / "wandb"))
+    config = RunConfig(algorithm="sft", model="tiny", env="text_to_sql", limit=4, eval_limit=1,
+                       agent_options={"max_turns": 1, "max_new_tokens": 4},
+                       sft={"batch_size": 4, "lr": 1e-3, "epochs": 1}, out=str(tmp_path / "run"))
+    run(config, [cb], log=lambda _line: None)
+    [run_dir] = tracking.find_runs(tmp_path / "wandb")
+    logged = tracking.read_run(run_dir)["config"]
+    assert "ppo" not in logged
+    assert logged["sft"]["batch_size"] == 4 and logged["sft"]["lr"] == 1e-3

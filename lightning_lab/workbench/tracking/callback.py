@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ...train.callbacks import CallbackBase
+from ...train.config import SFTConfig
 
 __all__ = ["WandbCallback", "wandb_mode", "split_metrics", "transition_rows", "LOSS_KEYS"]
 
@@ -98,13 +99,16 @@ class WandbCallback(CallbackBase):
         return self
 
     def full_config(self, state: Any = None) -> dict[str, Any]:
-        """Everything needed to reproduce the run: model, credit, PPOConfig, environment, yours."""
+        """Everything needed to reproduce the run: model, credit, the algorithm's config, environment,
+        yours."""
         out: dict[str, Any] = {}
         trainer = self.trainer
         strategy = getattr(state, "credit", None) or getattr(trainer, "credit", None)
         if trainer is not None:
             out["model"] = getattr(trainer.policy, "name", type(trainer.policy).__name__)
-            out["ppo"] = _jsonable(dataclasses.asdict(trainer.config))
+            # SFT and rejection runs keep their hyper-parameters in RunConfig's ``sft`` section
+            section = "sft" if isinstance(trainer.config, SFTConfig) else "ppo"
+            out[section] = _jsonable(dataclasses.asdict(trainer.config))
             env = _env_name(trainer.tasks)
             if env:
                 out["env"] = env
