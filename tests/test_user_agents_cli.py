@@ -35,6 +35,14 @@ async def over_http(task, base_url):
     ll.reward(float(len(reply.choices[0].message.content)))
 
 NOT_CALLABLE = 42
+
+import threading
+RELEASE = threading.Event()
+
+def stuck_on_a(task, policy):
+    if task["task_id"] == "a":
+        RELEASE.wait(120)  # a hung tool call; the test sets it when done
+    ll.reward(float(len(policy.chat(task["q"], max_new_tokens=3))))
 '''
 
 
@@ -123,3 +131,25 @@ def test_missing_or_bad_task_files_exit_2(workdir, capsys):
     assert main(["eval", "--model", "tiny", "--agent", "my_agents_mod:chatty",
                  "--tasks", "bad.jsonl"]) == 2
     assert "bad.jsonl:2: a task must be a JSON object" in capsys.readouterr().err
+
+
+def test_a_rejection_run_times_out_a_hung_agent_with_the_runs_rollout_timeout(workdir):
+    """Rejection rounds ignored ``ppo.rollout_timeout_s`` (and ``rollout_workers``): one hung
+    rollout hung the run. Now it fails with reason timeout and the round goes on without it."""
+    from lightning_lab.train.config import RunConfig
+    from lightning_lab.train.run import run
+
+    config = RunConfig(algorithm="rejection", model="tiny", agent="my_agents_mod:stuck_on_a",
+                       tasks="tasks.jsonl", eval_limit=0, out=str(workdir / "rs"),
+                       ppo={"rollout_timeout_s": 2, "rollout_workers": 4},
+                       sft={"n": 2, "rounds": 1, "threshold": 0.5, "batch_size": 2})
+    try:
+        run(config, log=lambda _line: None)
+    finally:
+        sys.modules["my_agents_mod"].RELEASE.set()
+    sampled = [json.loads(line) for line in (workdir / "rs" / "trajectories.jsonl").read_text().splitlines()]
+    by_task = {t["task_id"]: [] for t in sampled}
+    for t in sampled:
+        by_task[t["task_id"]].append((t["status"], t["meta"].get("reason")))
+    assert by_task["a"] == [("failed", "timeout")] * 2
+    assert [status for status, _ in by_task["line3"]] == ["ok", "ok"]

@@ -177,11 +177,14 @@ class RejectionRun(_FineTuning):
     keeps_trajectories = True
 
     def __init__(self, policy: Any, agent: Any, tasks: Sequence[Any], config: SFTConfig,
-                 callbacks: Sequence[Any] = ()):
+                 callbacks: Sequence[Any] = (), rollout_workers: int = 32,
+                 rollout_timeout_s: float | None = None):
         super().__init__(policy, config, tasks, callbacks)
         rejection = RejectionConfig(n=config.n, threshold=config.threshold,
                                     temperature=config.temperature, rounds=config.rounds,
-                                    tasks_per_round=config.tasks_per_round, sft=config)
+                                    tasks_per_round=config.tasks_per_round, sft=config,
+                                    rollout_workers=rollout_workers,
+                                    rollout_timeout_s=rollout_timeout_s)
         self.rounds = RejectionRounds(policy, agent, tasks, rejection, callbacks=self.callbacks)
 
     @property

@@ -39,6 +39,10 @@ class RejectionConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     """How each round fine-tunes on what it kept."""
     rollout_workers: int = 32
+    """Agents run concurrently (``run(config)`` passes ``ppo.rollout_workers``)."""
+    rollout_timeout_s: float | None = None
+    """A rollout running longer fails with reason timeout and is not kept; None = no limit
+    (``run(config)`` passes ``ppo.rollout_timeout_s``)."""
 
 
 @dataclass
@@ -86,10 +90,11 @@ def keep_above(batch: Batch, threshold: float, *, unique: bool = True) -> Batch:
 
 def rejection_sample(agent: Callable[[Any], Any], tasks: Sequence[Any], *, n: int,
                      threshold: float, temperature: float, unique: bool = True,
-                     max_workers: int = 32) -> tuple[Batch, Batch]:
+                     max_workers: int = 32, timeout_s: float | None = None
+                     ) -> tuple[Batch, Batch]:
     """(all sampled, kept): ``n`` traced rollouts per task, filtered by ``keep_above``."""
     sampled = run_rollouts(agent, tasks, group_size=n, temperature=temperature,
-                           max_workers=max_workers)
+                           max_workers=max_workers, timeout_s=timeout_s)
     return sampled, keep_above(sampled, threshold, unique=unique)
 
 
@@ -116,7 +121,8 @@ class RejectionRounds:
         chunk = (tasks + tasks)[start:start + per_round]
         sampled, kept = rejection_sample(self.agent, chunk, n=cfg.n, threshold=cfg.threshold,
                                          temperature=cfg.temperature, unique=cfg.unique,
-                                         max_workers=cfg.rollout_workers)
+                                         max_workers=cfg.rollout_workers,
+                                         timeout_s=cfg.rollout_timeout_s)
         history: list[dict[str, float]] = []
         if len(kept):
             sft = SFTTrainer(self.policy, kept, cfg.sft, callbacks=self.callbacks,

@@ -263,7 +263,8 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
         batch, skipped = sft_data(config, env, policy, train_tasks, log)
         trainer: Any = SFTRun(policy, batch, config.sft, train_tasks, skipped, cbs)
     elif config.algorithm == "rejection":
-        trainer = RejectionRun(policy, agent, train_tasks, config.sft, cbs)
+        trainer = RejectionRun(policy, agent, train_tasks, config.sft, cbs,  # ppo's rollout limits
+                               config.ppo.rollout_workers, config.ppo.rollout_timeout_s)
     else:
         trainer = _ppo_trainer(config, policy, agent, train_tasks, strategy, cbs, parallel,
                                resumed, warm_start)
