@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -191,8 +192,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = load_policy(config)
     if args.checkpoint:
         load_policy_weights(policy, Path(args.checkpoint))
-    # a started vLLM server logs (and adapters go) next to --out, else in the current folder
-    rollouts = start_rollout_engine(config, policy, Path(args.out).parent if args.out else Path("."))
+    # a started vLLM server logs (and adapters go) next to --out, else in a temporary folder
+    folder = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="ll-eval-"))
+    rollouts = start_rollout_engine(config, policy, folder)
     agent = make_agent(env, policy, config)
     t0 = time.perf_counter()
     try:
