@@ -17,7 +17,14 @@ so no run reuses an earlier one's prompt. (One request with n=8 shares one prefi
 the cache too: that case is printed as well, as a check that the cache costs nothing there.) Both engines share one model and the same seeds, so they sample
 the same tokens; methods are interleaved and medians of ``--repeats`` runs reported.
 
-    python benchmarks/prefix_sharing.py [--model tiny|smollm2-135m] [--repeats 3] [--levers sft,sampling]
+``ppo``: completion tokens/s of whole PPO steps (8 samples of each of ``--ppo-questions``
+questions, drawn from ``--sft-databases`` x ``--sft-questions`` schema prompts; sampling with
+agent threads, then the update), with the engine's prefix cache and ``PPOConfig.share_prefixes``
+both on vs both off. Learning rate 0, so both sides sample from the same weights; steps
+interleaved, medians reported. The cache is kept across steps, as in a run (a database's
+schema prompt recurs).
+
+    python benchmarks/prefix_sharing.py [--model tiny|smollm2-135m] [--repeats 3] [--levers sft,sampling,ppo]
 """
 
 from __future__ import annotations
@@ -174,17 +181,56 @@ def sampling_lever(args) -> None:
     policy.close()
 
 
+def ppo_lever(args) -> None:
+    """Completion tokens/s of whole PPO steps on schema prompts, every prefix lever on vs off."""
+    policy = ll.models.load(args.model, lora=True)
+    engines = {on: Engine(policy.model, policy.tokenizer,
+                          replace(policy.engine.config, prefix_cache=on)) for on in (True, False)}
+    tasks = [{"task_id": f"db{db}-q{q}", "db": db,
+              "question": f"Which {TABLES[(db + q) % len(TABLES)]} rows have a budget above {q}?"}
+             for db in range(args.sft_databases) for q in range(args.sft_questions)]
+
+    def agent(task):
+        text = policy.chat(schema_messages(policy, args.prompt_tokens, task["db"], task["question"]),
+                           max_new_tokens=args.max_new_tokens)
+        ll.reward(1.0 / (1.0 + len(text.split())))  # varied rewards: the update has work to do
+
+    trainers = {on: ll.PPOTrainer(policy, agent, tasks, config=ll.PPOConfig(
+                    lr=0.0, tasks_per_step=args.ppo_questions, group_size=SAMPLES,
+                    minibatch_size=16, ppo_epochs=1, kl_coef=0.0, share_prefixes=on))
+                for on in (True, False)}
+
+    def speed(on: bool) -> float:
+        policy.engine = engines[on]  # the trainer samples through policy.chat
+        start = time.perf_counter()
+        metrics = trainers[on].step().metrics
+        return metrics["response_tokens"] / (time.perf_counter() - start)
+
+    print(f"ppo: model {args.model} | {args.ppo_questions} questions x {SAMPLES} samples a step "
+          f"from {args.sft_databases} databases | prompt ~{args.prompt_tokens} tokens | "
+          f"<= {args.max_new_tokens} new tokens | lr 0 (same weights on both sides)")
+    methods = {f"levers {'on' if on else 'off'}": (lambda on=on: speed(on)) for on in (True, False)}
+    interleaved(methods, 1)  # warm-up
+    speeds = {name: median(v) for name, v in interleaved(methods, args.repeats).items()}
+    for name, tokens_per_s in speeds.items():
+        print(f"{name:>20}: {tokens_per_s:.1f} completion tokens/s (sampling + update)")
+    print(f"ppo speed-up {speeds['levers on'] / speeds['levers off']:.2f}x")
+    for engine in engines.values():
+        engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a directory")
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--levers", default="sft,sampling", help="comma-separated: sft, sampling")
+    parser.add_argument("--levers", default="sft,sampling,ppo", help="comma-separated: sft, sampling, ppo")
     parser.add_argument("--sft-databases", type=int, default=4)
     parser.add_argument("--sft-questions", type=int, default=8)
+    parser.add_argument("--ppo-questions", type=int, default=2, help="questions per PPO step")
     args = parser.parse_args()
-    levers = {"sft": sft_lever, "sampling": sampling_lever}
+    levers = {"sft": sft_lever, "sampling": sampling_lever, "ppo": ppo_lever}
     unknown = set(args.levers.split(",")) - set(levers)
     if unknown:
         parser.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(levers)}")
