@@ -145,13 +145,13 @@ def test_after_a_sync_vllm_samples_the_trainers_new_weights(policy, engine, tmp_
     try:
         sync.sync(policy, 0)
         old = trainer_logprobs(policy, ids)
-        served_old = torch.tensor(engine.prompt_logprobs(ids))
+        served_old = torch.tensor(engine.prompt_logprobs(ids, engine.pool.urls[0]))
         generator = torch.Generator().manual_seed(0)
         set_weights(policy.model, {n: w + 0.05 * torch.randn(w.shape, generator=generator)
                                    for n, w in saved.items()})
         new = trainer_logprobs(policy, ids)
         assert sync.sync(policy, 1) == f"{tmp_path.name}-v1"
-        served_new = torch.tensor(engine.prompt_logprobs(ids))
+        served_new = torch.tensor(engine.prompt_logprobs(ids, engine.pool.urls[0]))
         with tracing.rollout(task_id="t") as traj:
             policy.chat("Hi", max_new_tokens=4)
     finally:
