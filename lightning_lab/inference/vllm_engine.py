@@ -12,8 +12,9 @@ processed_logprobs``; ``vllm_server`` starts it so, an attached server is the us
 The object also has ``pool`` (the servers, ``servers.ServerPool``), ``headers`` and ``name``,
 which is what ``train.sync.AdapterSync`` needs to load a new adapter version into every server and
 switch requests to it (``name`` is the ``model`` field of every request); each sample's
-``meta["adapter_version"]`` is the ``model`` vLLM says served it. Several servers: each request
-goes to the one with the fewest requests outstanding (``servers.py`` for what a failed one does).
+``meta["adapter_version"]`` is the ``model`` vLLM says served it, ``meta["server"]`` its URL.
+Several servers: each request goes to the one with the fewest requests outstanding
+(``servers.py`` for what a failed one does).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class VLLMEngine:
         return ", ".join(self.pool.urls)
 
     @classmethod
-    def for_policy(cls, base_url: str, policy: Any, **kwargs: Any) -> "VLLMEngine":
+    def for_policy(cls, base_url: str | Sequence[str], policy: Any,
+                   **kwargs: Any) -> "VLLMEngine":
         """An engine with the stop tokens, vocabulary and context of ``policy``'s own engine."""
         local = policy.engine
         return cls(base_url, policy.tokenizer, stop_token_ids=local.stop_token_ids,
@@ -153,7 +155,8 @@ class VLLMEngine:
         if len(logprobs) != len(ids):
             raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], meta={"adapter_version": str(response.get("model") or self.name)})
+                      choice["text"], meta={"adapter_version": str(response.get("model") or self.name),
+                                            "server": url})
 
     def prompt_logprobs(self, prompt_ids: list[int], url: str) -> list[float]:
         """``url``'s served model's logprob of each prompt token after the first (one forward)."""

@@ -256,7 +256,7 @@ class RemoteBackend:
             self.name = response.json()["data"][0]["id"]
         return self.name
 
-    async def _post(self, route: str, payload: dict[str, Any]) -> Any:
+    async def _post(self, route: str, payload: dict[str, Any]) -> tuple[str, Any]:
         """POST to the least busy live server; one that gives no answer is reported to the
         pool and the request goes to another only if the pool allows it (a 502 otherwise)."""
         import httpx
@@ -267,7 +267,7 @@ class RemoteBackend:
             try:
                 with self.pool.lease() as url:
                     try:
-                        return await self._client.post(url + route, json=payload)
+                        return url, await self._client.post(url + route, json=payload)
                     except httpx.TransportError as exc:  # no answer: a failed server
                         error = f"{type(exc).__name__}: {exc}"
                         if not self.pool.fail(url, error):
@@ -293,7 +293,7 @@ class RemoteBackend:
         for key, value in request.tool_options.items():  # the remote server parses calls itself
             if value is not None and (key != "parallel_tool_calls" or request.tools):
                 payload["guided_grammar" if key == "grammar" else key] = value
-        response = await self._post("/chat/completions", payload)
+        url, response = await self._post("/chat/completions", payload)
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -322,7 +322,8 @@ class RemoteBackend:
                                    **({"tool_calls": message["tool_calls"]}
                                       if message.get("tool_calls") else {})},
                                   # which weights sampled it: the adapter version after a sync
-                                  {"adapter_version": str(body.get("model") or payload["model"])}))
+                                  {"adapter_version": str(body.get("model") or payload["model"]),
+                                   "server": url}))
         return out
 
     def token_texts(self, ids: list[int]) -> list[str]:
