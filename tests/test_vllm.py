@@ -9,6 +9,7 @@ when vLLM cannot run on this CPU, every test here skips and says exactly why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -24,6 +25,8 @@ from lightning_lab.inference.servers import RolloutServerError
 from lightning_lab.inference.vllm_engine import VLLMEngine, check_base_model
 from lightning_lab.inference.vllm_server import VLLMServer, base_model_dir, check_python
 from lightning_lab.train.config import RunConfig
+from lightning_lab.train import run as run_module
+from lightning_lab.train.callbacks import CallbackBase
 from lightning_lab.train.run import build
 from lightning_lab.train.sync import AdapterSync, AdapterSyncError, SyncConfig
 
@@ -243,6 +246,50 @@ def test_two_servers_share_rollouts_take_every_sync_and_one_dying_fails_the_step
 
 
 @pytest.mark.vllm
+def test_a_run_whose_vllm_server_dies_checkpoints_and_resume_starts_a_new_one(
+        policy, tmp_path, monkeypatch):
+    """--vllm-python: the run's server killed during step 2's rollouts stops the run after step
+    1's checkpoint with step 2's rollouts recorded; --resume starts a new server and finishes."""
+    python = os.environ.get("LIGHTNING_LAB_VLLM_PYTHON")
+    if not python:
+        pytest.skip("starting servers needs LIGHTNING_LAB_VLLM_PYTHON")
+    started = []
+    real_launch = run_module._launch_vllm
+
+    def launch(*args):
+        started.extend(real_launch(*args))
+        return started[-1:]
+
+    monkeypatch.setattr(run_module, "_launch_vllm", launch)
+    out = tmp_path / "run"
+    config = RunConfig(model="smollm2-135m", env="wordplay", rollout_engine="vllm",
+                       vllm_python=python, vllm_start_timeout_s=1200, out=str(out),
+                       eval_limit=0, steps=2)
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=2, group_size=2,
+                                     minibatch_size=4)
+
+    class KillDuringStep2(CallbackBase):
+        def attach(self, trainer):
+            self.trainer = trainer
+
+        def on_step(self, state):
+            real_sync = self.trainer.sync.sync
+            self.trainer.sync.sync = lambda *a: (real_sync(*a), started[0].stop())[0]
+
+    with pytest.raises(RolloutServerError, match=r"http://127\.0\.0\.1:\d+/v1: "):
+        run_module.run(config, callbacks=[KillDuringStep2()], log=print)
+    first_url = started[0].url
+    failed = [json.loads(line) for line in (out / "failed_rollouts.jsonl").read_text()
+              .splitlines()]
+    assert len(failed) == 4 and all(first_url in t["meta"]["not_trained"] for t in failed)
+    summary = run_module.run(run_module.resume_config(out, {}), log=print)
+    assert len(started) == 2 and started[1].url != first_url and started[1].process is None
+    assert len(summary["history"]) == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+            .splitlines()] == [1, 2]
+
+
+@pytest.mark.vllm
 def test_a_server_of_another_base_model_is_refused(server_url):
     tiny = ll.models.load("tiny")  # same tokenizer, other weights
     engine = VLLMEngine.for_policy(server_url, tiny)
@@ -280,3 +327,17 @@ def test_vllm_engine_needs_exactly_one_of_url_and_python():
     with pytest.raises(ConfigError, match="exactly one of vllm_url"):
         RunConfig(rollout_engine="vllm", vllm_url="http://x", vllm_python="python")
     assert RunConfig(rollout_engine="vllm", vllm_url="http://x").ppo.recompute_logprobs
+
+
+def test_vllm_url_repeats_on_the_command_line_and_one_string_is_one_server(tmp_path):
+    from lightning_lab.cli import _changes, build_parser
+    from lightning_lab.train.config import load_config, override, save_config
+
+    args = build_parser().parse_args(["train", "--rollout-engine", "vllm", "--vllm-url",
+                                      "http://a:8000/v1", "--vllm-url", "http://b:8000/v1"])
+    config = override(RunConfig(), _changes(args))
+    assert config.vllm_url == ("http://a:8000/v1", "http://b:8000/v1")
+    assert load_config(save_config(config, tmp_path / "c.yaml")).vllm_url == config.vllm_url
+    assert RunConfig(rollout_engine="vllm", vllm_url="http://a").vllm_url == ("http://a",)
+    with pytest.raises(ConfigError, match="vllm_servers.*needs vllm_python"):
+        RunConfig(rollout_engine="vllm", vllm_url="http://a", vllm_servers=2)

@@ -118,5 +118,6 @@ class ServerPool:
         lines = "; ".join(f"{url}: {error}" for url, error in first.items())
         if self.allow_degraded:
             return f"no rollout server left of {len(self.urls)} ({lines})"
-        return (f"rollout server failed ({lines}); pass --vllm-allow-degraded "
-                "(RunConfig.vllm_allow_degraded) to go on with the others")
+        hint = ("; pass --vllm-allow-degraded (RunConfig.vllm_allow_degraded) to go on with "
+                "the others" if len(self.urls) > 1 else "")
+        return f"rollout server failed ({lines}){hint}"

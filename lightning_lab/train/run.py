@@ -430,7 +430,7 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
         log(f"step {trainer.step_count + 1} failed: {exc}\nsaved {path} (step "
             f"{trainer.step_count})" + (f"; its {len(batch)} rollouts are in {failed}"
                                        if batch is not None else "")
-            + "; restart the server and continue with --resume")
+            + "; restart the server (--vllm-python starts new ones) and continue with --resume")
         raise
 
 
