@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -335,3 +339,28 @@ def test_a_run_whose_server_dies_stops_after_a_checkpoint_and_resumes(base_dir, 
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
             .splitlines()] == [1, 2, 3]
     assert replacement.loaded  # the new server took the resumed run's adapter versions
+
+
+def test_torchrun_processes_share_the_servers_and_process_0_loads_each_version(
+        base_dir, standins, tmp_path):
+    out, urls = tmp_path / "run", [s.url for s in standins]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "lightning_lab.cli", "train", "--model", str(base_dir), "--lora", "on",
+         "--env", "wordplay", "--steps", "2", "--eval-limit", "0", "--tasks-per-step", "2",
+         "--group-size", "2", "--rollout-workers", "2", "--rollout-engine", "vllm",
+         "--vllm-url", urls[0], "--vllm-url", urls[1], "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["n_failed"] == 0 for m in metrics)
+    trajectories = [json.loads(line)
+                    for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    metas = [(t["group_id"], tr["meta"]) for t in trajectories for tr in t["transitions"]]
+    assert {meta["server"] for _, meta in metas} == {url + "/v1" for url in urls}
+    assert {(g[:3], m["adapter_version"][-3:]) for g, m in metas} == {("s0/", "-v0"),
+                                                                      ("s1/", "-v1")}
+    for server in standins:  # each version loaded once (a second load of a name is refused)
+        assert len(server.loaded) == 1 and server.loaded[0].endswith("-v1")

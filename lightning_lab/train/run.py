@@ -195,15 +195,18 @@ def _stop(servers: list[Any]) -> None:
 
 
 def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int = 0,
-                         log: Callable[[str], None] = print) -> RolloutEngine | None:
+                         log: Callable[[str], None] = print,
+                         parallel: Any = None) -> RolloutEngine | None:
     """``rollout_engine: vllm``: start or attach to the servers, refuse any serving another base
     model, make them the policy's engine, and load the policy's adapter as version ``step`` (so
-    even the first evaluation samples the trainer's weights). None for the local engine."""
+    even the first evaluation samples the trainer's weights). None for the local engine.
+    Under data parallelism (``parallel``) process 0 names and loads the versions."""
     if config.rollout_engine != "vllm":
         return None
     from ..inference.adapters import has_adapter
     from ..inference.vllm_engine import VLLMEngine, check_base_model
-    from .sync import AdapterSync, SyncConfig
+    from .distributed import DataParallel
+    from .sync import AdapterSync, SyncConfig, sync_everywhere
 
     if not has_adapter(policy.model):
         raise ConfigError("--rollout-engine vllm syncs a LoRA adapter into the server; "
@@ -220,9 +223,10 @@ def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int
         adapters = Path(config.adapter_dir) if config.adapter_dir else folder / "adapters"
         adapters.mkdir(parents=True, exist_ok=True)
         # a name of its own per run: a server outlives runs, and may serve several at once
-        sync = AdapterSync(engine, SyncConfig(export_dir=str(adapters),
-                                              prefix=f"ll-{uuid.uuid4().hex[:8]}"))
-        sync.sync(policy, step)
+        parallel = parallel or DataParallel()
+        prefix = parallel.broadcast(f"ll-{uuid.uuid4().hex[:8]}")
+        sync = AdapterSync(engine, SyncConfig(export_dir=str(adapters), prefix=prefix))
+        sync_everywhere(sync, policy, step, parallel)
     except BaseException:
         _stop(servers)
         raise
@@ -283,9 +287,11 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
     else:
         trainer = _ppo_trainer(config, policy, agent, train_tasks, strategy, cbs, parallel,
                                resumed, warm_start)
-    if config.rollout_engine == "vllm" and parallel.world_size > 1:
-        raise ConfigError("--rollout-engine vllm runs in one process (no torchrun) for now")
-    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log)
+    if config.vllm_python and parallel.world_size > 1:
+        raise ConfigError("--vllm-python starts servers from one process; under torchrun start "
+                          "them yourself and pass each with --vllm-url")
+    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log,
+                                    parallel)
     if rollouts is not None:
         trainer.sync = rollouts.sync
     for cb in cbs:

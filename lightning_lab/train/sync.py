@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AdapterSync", "AdapterSyncError", "SyncConfig"]
+__all__ = ["AdapterSync", "AdapterSyncError", "SyncConfig", "sync_everywhere"]
 
 
 class AdapterSyncError(RuntimeError):
@@ -166,6 +166,22 @@ class AdapterSync:
             return False
         current = f"rollouts stay on {self.version}" if self.version else "no version is live yet"
         raise AdapterSyncError(f"{what} {problem}; {current}, the next step retries")
+
+
+def sync_everywhere(sync: AdapterSync, policy: Any, step: int, parallel: Any) -> None:
+    """``sync.sync`` under data parallelism (``DataParallel``): process 0 loads the version into
+    the servers, every process learns the outcome, so all fail or all switch together."""
+    error = None
+    if parallel.is_main:
+        try:
+            sync.sync(policy, step)
+        except AdapterSyncError as exc:
+            error = str(exc)
+    error, version = parallel.broadcast((error, sync.version))
+    if error is not None:
+        raise AdapterSyncError(error)
+    if not parallel.is_main:
+        sync.adopt(version, step)
 
 
 def _message(response: Any) -> str:

@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
-from .sync import AdapterSyncError
+from .sync import AdapterSyncError, sync_everywhere
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
@@ -253,10 +253,19 @@ class PPOTrainer:
 
     def _check_servers(self, batch: Batch) -> None:
         """Fail the step if a rollout server failed while ``batch`` was sampled, unless the run
-        may go on with the others (``inference/servers.py``)."""
+        may go on with the others (``inference/servers.py``); under data parallelism every
+        process fails if any saw such a failure."""
         pool = getattr(getattr(self.sync, "backend", None), "pool", None)
-        if pool is not None:
+        if pool is None:
+            return
+        error = None
+        try:
             pool.check(batch)
+        except RolloutServerError as exc:
+            error = str(exc)
+        errors = [e for e in self.parallel.gather(error) if e is not None]
+        if errors:
+            raise RolloutServerError("; ".join(dict.fromkeys(errors)), batch)
 
     def _sampler_version(self) -> int:
         """The trainer step whose weights rollouts started now are sampled by: the last synced
@@ -294,19 +303,7 @@ class PPOTrainer:
 
     def _sync_adapter(self) -> None:
         """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
-        from .sync import AdapterSyncError
-
-        error = None
-        if self.parallel.is_main:
-            try:
-                self.sync.sync(self.policy, self.step_count)
-            except AdapterSyncError as exc:
-                error = str(exc)
-        error, version = self.parallel.broadcast((error, self.sync.version))
-        if error is not None:
-            raise AdapterSyncError(error)
-        if not self.parallel.is_main:
-            self.sync.adopt(version, self.step_count)
+        sync_everywhere(self.sync, self.policy, self.step_count, self.parallel)
 
     def _stamp_versions(self, batch: Batch) -> dict[str, float]:
         """Record the adapter version each transition was sampled with (the server's word when
