@@ -154,9 +154,9 @@ class VLLMEngine:
         logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
         if len(logprobs) != len(ids):
             raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
+        version = str(response.get("model") or self.name)
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], meta={"adapter_version": str(response.get("model") or self.name),
-                                            "server": url})
+                      choice["text"], meta={"adapter_version": version, "server": url})
 
     def prompt_logprobs(self, prompt_ids: list[int], url: str) -> list[float]:
         """``url``'s served model's logprob of each prompt token after the first (one forward)."""
