@@ -23,8 +23,8 @@ from .train.config import (ConfigError, FieldError, PPOConfig, RunConfig, SFTCon
 __all__ = ["main", "build_parser"]
 
 MODEL_FIELDS = ("model", "lora", "device", "seed")
-ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "adapter_dir",
-                  "vllm_start_timeout_s")
+ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "vllm_servers",
+                  "vllm_allow_degraded", "adapter_dir", "vllm_start_timeout_s")
 ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",
               "tasks", "max_tokens_cap")
 SFT_RUN_FIELDS = MODEL_FIELDS + ("decode_dtype", "decode_threads", "threads", "env", "data",
@@ -33,6 +33,8 @@ SFT_RUN_FIELDS = MODEL_FIELDS + ("decode_dtype", "decode_threads", "threads", "e
                                  "keep_checkpoints", "wandb", "out")
 """The RunConfig fields ``lightning-lab sft`` takes (the rest are PPO's)."""
 _OPTION_FLAGS = {"agent_options": "--agent-option", "task_options": "--task-option"}
+_REPEATABLE = {"vllm_url"}
+"""Tuple fields given once per item (`--vllm-url A --vllm-url B`)."""
 # ppo: its fields become flags of their own; sft, algorithm: `lightning-lab sft`'s flags (or a
 # --config naming them), so a flag like --lr means one field; seed: added once, after
 _SKIP = {"ppo", "sft", "algorithm", "seed"}
@@ -55,6 +57,10 @@ def _add_field(p: argparse.ArgumentParser, cls: type, name: str, dest: str, supp
         p.add_argument(flag, dest=dest, action=action, default=default, help=doc)
         return
     kind = typing.get_origin(base) or base
+    if name in _REPEATABLE:
+        p.add_argument(flag, dest=dest, action="append", default=default, metavar="URL",
+                       help=doc)
+        return
     choices = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
     p.add_argument(flag, dest=dest, default=default, help=doc, choices=choices,
                    type=str if kind in (tuple, dict) else kind,
@@ -219,11 +225,12 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     from .records import TraceFormatError
     from .train.checkpoint import CheckpointError
     from .train.export import ExportError
+    from .inference.servers import RolloutServerError
     from .train.sync import AdapterSyncError
 
     # FileNotFoundError: a --data / --checkpoint / --config path that is not there
-    return (ConfigError, CheckpointError, ExportError, AdapterSyncError, TraceFormatError,
-            FileNotFoundError)
+    return (ConfigError, CheckpointError, ExportError, AdapterSyncError, RolloutServerError,
+            TraceFormatError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

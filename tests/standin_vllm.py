@@ -4,12 +4,15 @@ It shares no code with lightning-lab (no engine, no loader, no protocol module):
 loaded with ``peft.PeftModel.from_pretrained`` / ``load_adapter`` exactly as a third party would,
 so a test that passes against it shows our export format is what peft reads, and our client speaks
 vLLM's endpoints: ``/v1/models``, ``/v1/chat/completions`` (with ``logprobs`` and vLLM's
-``return_token_ids``: ``prompt_token_ids`` and per-choice ``token_ids``), ``/v1/load_lora_adapter``
-and ``/v1/unload_lora_adapter`` (400 for a name loaded twice or an unknown name, as vLLM does).
+``return_token_ids``: ``prompt_token_ids`` and per-choice ``token_ids``), ``/v1/completions`` with
+a token-id prompt (``logprobs.token_logprobs``, ``prompt_logprobs``: what ``VLLMEngine`` sends),
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (400 for a name loaded twice or an
+unknown name, as vLLM does).
 Knobs make it misbehave on purpose: refuse loads, or stall them past a client's timeout.
 """
 
 
+import contextlib
 import socket
 import threading
 import time
@@ -93,6 +96,41 @@ class StandIn:
         return {"id": "cmpl-standin", "object": "chat.completion", "model": name,
                 "prompt_token_ids": prompt, "choices": choices}
 
+    def complete_ids(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/v1/completions`` with a token-id prompt, as vLLM answers it with
+        ``return_token_ids`` (and ``prompt_logprobs`` when asked)."""
+        name = body.get("model") or self.base_name
+        prompt = [int(t) for t in body["prompt"]]
+        temperature = float(body.get("temperature") if body.get("temperature") is not None else 1.0)
+        eos = list(body.get("stop_token_ids") or [self.tokenizer.eos_token_id])
+        with self.lock:
+            if name != self.base_name and name not in self.loaded:
+                raise KeyError(f"The model `{name}` does not exist.")
+            self.served.append(name)
+            ids, logprobs = self._sample(name, prompt, temperature,
+                                         int(body.get("max_tokens") or 16), eos)
+            choice = {"index": 0, "text": self.tokenizer.decode(ids), "token_ids": ids,
+                      "prompt_token_ids": prompt, "logprobs": {"token_logprobs": logprobs},
+                      "finish_reason": "stop" if ids and ids[-1] in eos else "length"}
+            if body.get("prompt_logprobs") is not None:
+                scored = self._prompt_logprobs(name, prompt)
+                choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": lp}}
+                                                      for t, lp in zip(prompt[1:], scored)]
+        return {"id": "cmpl-standin", "object": "text_completion", "model": name,
+                "choices": [choice]}
+
+    def _prompt_logprobs(self, name: str, prompt: list[int]) -> list[float]:
+        from peft import PeftModel
+
+        peft = isinstance(self.model, PeftModel)
+        if peft and name != self.base_name:
+            self.model.set_adapter(name)
+        with (self.model.disable_adapter() if peft and name == self.base_name
+              else contextlib.nullcontext()), torch.no_grad():
+            logits = self.model(torch.tensor([prompt])).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0] \
+            .tolist()
+
     def _sample(self, name: str, prompt: list[int], temperature: float, max_tokens: int,
                 eos: list[int]) -> tuple[list[int], list[float]]:
         from peft import PeftModel
@@ -140,6 +178,13 @@ class StandIn:
         async def chat(request: Request):
             try:
                 return self.complete(await request.json())
+            except KeyError as exc:
+                return error(str(exc.args[0]), 404)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            try:
+                return self.complete_ids(await request.json())
             except KeyError as exc:
                 return error(str(exc.args[0]), 404)
 

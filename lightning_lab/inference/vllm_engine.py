@@ -9,19 +9,23 @@ conditioned on and produced, never a re-tokenisation of text. The logprobs are t
 distribution's (``log_softmax(logits / T)``) only when the server runs with ``--logprobs-mode
 processed_logprobs``; ``vllm_server`` starts it so, an attached server is the user's to start so.
 
-The object also has ``base_url``, ``headers`` and ``name``, which is what ``train.sync.AdapterSync``
-needs to load a new adapter version and switch requests to it (``name`` is the ``model`` field of
-every request); each sample's ``meta["adapter_version"]`` is the ``model`` vLLM says served it.
+The object also has ``pool`` (the servers, ``servers.ServerPool``), ``headers`` and ``name``,
+which is what ``train.sync.AdapterSync`` needs to load a new adapter version into every server and
+switch requests to it (``name`` is the ``model`` field of every request); each sample's
+``meta["adapter_version"]`` is the ``model`` vLLM says served it, ``meta["server"]`` its URL.
+Several servers: each request goes to the one with the fewest requests outstanding
+(``servers.py`` for what a failed one does).
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Sequence
 
 from lightning_lab.errors import ConfigError
 from lightning_lab.inference.engine import Request, Sample
+from lightning_lab.inference.servers import ServerPool, server_urls
 
 __all__ = ["VLLMEngine", "VLLMError", "check_base_model"]
 
@@ -31,41 +35,52 @@ class VLLMError(RuntimeError):
 
 
 class VLLMEngine:
-    """HTTP client for one vLLM server, standing in for ``Engine`` behind a ``Policy``."""
+    """HTTP client for vLLM servers (one or several), standing in for ``Engine`` behind a
+    ``Policy``."""
 
-    def __init__(self, base_url: str, tokenizer: Any, *, stop_token_ids: set[int],
-                 vocab_size: int, max_positions: int, model: str | None = None,
-                 api_key: str | None = None, timeout_s: float = 600.0, max_concurrency: int = 64):
+    def __init__(self, base_url: str | Sequence[str], tokenizer: Any, *,
+                 stop_token_ids: set[int], vocab_size: int, max_positions: int,
+                 model: str | None = None, api_key: str | None = None, timeout_s: float = 600.0,
+                 max_concurrency: int = 64, allow_degraded: bool = False):
         import httpx
 
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
-            self.base_url += "/v1"
+        self.pool = ServerPool(server_urls(base_url, "/v1"), allow_degraded)
         self.tokenizer = tokenizer
         self.stop_token_ids, self.vocab_size = set(stop_token_ids), vocab_size
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.lock = threading.RLock()
         """Held by ``Policy.reference``; the server's weights never change under it, so no
         request needs to wait for it."""
-        self._client = httpx.Client(base_url=self.base_url, headers=self.headers,
-                                    timeout=timeout_s,
+        self._client = httpx.Client(headers=self.headers, timeout=timeout_s,
                                     limits=httpx.Limits(max_connections=max_concurrency))
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ll-vllm")
-        base = self.served_models()[0]
-        self.name = model or base["id"]
+        bases = {url: self.served_models(url)[0] for url in self.pool.urls}
+        names = {base["id"] for base in bases.values()}
+        if model is None and len(names) > 1:
+            raise ConfigError("the vLLM servers serve differently named models: " + ", ".join(
+                f"{url}: {base['id']!r}" for url, base in bases.items()))
+        self.name = model or names.pop()
         """The ``model`` every request names: the base model, then the newest adapter version."""
-        self.max_positions = min(max_positions, int(base.get("max_model_len") or max_positions))
+        self.max_positions = min([max_positions] + [int(b["max_model_len"])
+                                                    for b in bases.values()
+                                                    if b.get("max_model_len")])
+
+    @property
+    def base_url(self) -> str:
+        """The servers' URLs, for messages."""
+        return ", ".join(self.pool.urls)
 
     @classmethod
-    def for_policy(cls, base_url: str, policy: Any, **kwargs: Any) -> "VLLMEngine":
+    def for_policy(cls, base_url: str | Sequence[str], policy: Any,
+                   **kwargs: Any) -> "VLLMEngine":
         """An engine with the stop tokens, vocabulary and context of ``policy``'s own engine."""
         local = policy.engine
         return cls(base_url, policy.tokenizer, stop_token_ids=local.stop_token_ids,
                    vocab_size=local.vocab_size, max_positions=local.max_positions, **kwargs)
 
-    def served_models(self) -> list[dict[str, Any]]:
-        """``GET /v1/models``: the base model first, then loaded adapters (vLLM's order)."""
-        return self._call("GET", "/models", None)["data"]
+    def served_models(self, url: str) -> list[dict[str, Any]]:
+        """``GET /v1/models`` of ``url``: the base model first, then loaded adapters."""
+        return self._call("GET", "/models", None, url)["data"]
 
     def submit(self, request: Request) -> Future:
         """Sample ``request.n`` completions; the future resolves to ``Sample``s or the error."""
@@ -130,46 +145,67 @@ class VLLMEngine:
                 "skip_special_tokens": False}
         if seed is not None:
             body["seed"] = seed
-        response = self._call("POST", "/completions", body)
+        url, response = self._send("/completions", body)
         choice = response["choices"][0]
         if choice.get("prompt_token_ids") != body["prompt"]:  # e.g. a BOS vLLM put in front
-            raise VLLMError(f"{self.base_url} conditioned on other prompt ids than sent: "
+            raise VLLMError(f"{url} conditioned on other prompt ids than sent: "
                             f"{choice.get('prompt_token_ids')!r:.200} for {body['prompt']!r:.200}")
         ids = list(choice["token_ids"])
         logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
         if len(logprobs) != len(ids):
-            raise VLLMError(f"{self.base_url}: {len(ids)} token ids but {len(logprobs)} logprobs")
+            raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
+        version = str(response.get("model") or self.name)
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], meta={"adapter_version": str(response.get("model") or self.name)})
+                      choice["text"], meta={"adapter_version": version, "server": url})
 
-    def prompt_logprobs(self, prompt_ids: list[int]) -> list[float]:
-        """The served model's logprob of each prompt token after the first (one forward)."""
+    def prompt_logprobs(self, prompt_ids: list[int], url: str) -> list[float]:
+        """``url``'s served model's logprob of each prompt token after the first (one forward)."""
         body = {"model": self.name, "prompt": list(prompt_ids), "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0, "return_token_ids": True}
-        entries = self._call("POST", "/completions", body)["choices"][0]["prompt_logprobs"]
+        entries = self._call("POST", "/completions", body, url)["choices"][0]["prompt_logprobs"]
         return [float(entry[str(t)]["logprob"]) for entry, t in zip(entries[1:], prompt_ids[1:])]
 
-    def _call(self, method: str, route: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def _send(self, route: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """POST to the least busy live server; one that gives no answer is reported to the
+        pool, and the request goes to another only if the pool allows it."""
+        while True:
+            with self.pool.lease() as url:
+                try:
+                    return url, self._call("POST", route, body, url)
+                except _Unanswered as exc:
+                    if not self.pool.fail(url, exc.error):
+                        raise VLLMError(f"vLLM server {url} failed: {exc.error}") from exc.__cause__
+
+    def _call(self, method: str, route: str, body: dict[str, Any] | None,
+              url: str) -> dict[str, Any]:
         import httpx
 
         try:
-            response = self._client.request(method, route, json=body)
-        except httpx.HTTPError as exc:
-            raise VLLMError(f"vLLM server {self.base_url} unreachable: "
-                            f"{type(exc).__name__}: {exc}") from exc
+            response = self._client.request(method, url + route, json=body)
+        except httpx.TransportError as exc:
+            raise _Unanswered(url, f"{type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:
-            raise VLLMError(f"vLLM server {self.base_url}{route} refused with HTTP "
+            raise VLLMError(f"vLLM server {url}{route} refused with HTTP "
                             f"{response.status_code}: {response.text[:500]}")
         return response.json()
 
 
+class _Unanswered(VLLMError):
+    """No HTTP answer from a server (refused, reset, timed out): a failed server."""
+
+    def __init__(self, url: str, error: str):
+        super().__init__(f"vLLM server {url} unreachable: {error}")
+        self.error = error
+
+
 def check_base_model(engine: VLLMEngine, policy: Any, tolerance: float = 0.25) -> float:
-    """Refuse a server that serves another base model than the trainer's.
+    """Refuse servers that serve another base model than the trainer's (each one is checked).
 
     The fingerprint is behavioural: the served model's logprobs of a fixed chat prompt against the
     trainer's adapter-off model. bf16 serving differs from the fp32 trainer by ~1e-2 nats per
     token; another model (or another checkpoint of the same one) by a nat or more. Returns the
-    mean absolute difference; raises ``ConfigError`` (a usage error) above ``tolerance``.
+    largest server's mean absolute difference; raises ``ConfigError`` (a usage error) naming the
+    server above ``tolerance``.
     """
     import torch
 
@@ -178,15 +214,17 @@ def check_base_model(engine: VLLMEngine, policy: Any, tolerance: float = 0.25) -
     text = policy.tokenizer.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True)
     ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
-    served = torch.tensor(engine.prompt_logprobs(ids))
     with policy.reference() as model, torch.no_grad():
         logits = model(torch.tensor([ids], device=policy.device)).logits[0, :-1].float()
     own = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:], device=policy.device)
                                                [:, None])[:, 0].cpu()
-    gap = float((served - own).abs().mean())
-    if gap > tolerance:
-        raise ConfigError(f"vLLM server {engine.base_url} serves {engine.name!r}, which is not the "
-                        f"trainer's base model {policy.name!r}: its logprobs of a fixed prompt "
-                        f"differ by {gap:.2f} nats/token on average (same model: < {tolerance}); "
-                        "start the server on the trainer's model")
-    return gap
+    gaps = []
+    for url in engine.pool.urls:
+        gap = float((torch.tensor(engine.prompt_logprobs(ids, url)) - own).abs().mean())
+        if gap > tolerance:
+            raise ConfigError(f"vLLM server {url} serves {engine.name!r}, which is not the "
+                              f"trainer's base model {policy.name!r}: its logprobs of a fixed "
+                              f"prompt differ by {gap:.2f} nats/token on average (same model: "
+                              f"< {tolerance}); start the server on the trainer's model")
+        gaps.append(gap)
+    return max(gaps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from .protocol import ChatRequest, ProtocolError
 
@@ -223,17 +223,22 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """An OpenAI-compatible server that returns token ids (vLLM's ``return_token_ids``) + logprobs.
+    """OpenAI-compatible servers that return token ids (vLLM's ``return_token_ids``) + logprobs.
 
     ``prepare`` cannot tokenise (the remote server owns the tokenizer), so prompt ids come back
     with the response; ``context_limit`` is only used for the error message of a local check.
+    Several URLs: each request goes to the server with the fewest outstanding
+    (``inference/servers.py``; ``allow_degraded`` decides what a server that stops answering does).
     """
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 600.0, max_connections: int = 256):
+    def __init__(self, base_url: str | Sequence[str], model: str | None = None,
+                 api_key: str | None = None, timeout_s: float = 600.0, max_connections: int = 256,
+                 allow_degraded: bool = False):
         import httpx
 
-        self.base_url = base_url.rstrip("/")
+        from ..inference.servers import ServerPool, server_urls
+
+        self.pool = ServerPool(server_urls(base_url), allow_degraded)
         self.name = model or ""
         self.context_limit = 1 << 30
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -241,16 +246,35 @@ class RemoteBackend:
         """Sent with every request (the management calls of ``AdapterSync`` reuse them)."""
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=timeout_s, limits=limits)
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits)
         self._tokens: dict[int, str] = {}
 
     async def model_name(self) -> str:
         if not self.name:
-            response = await self._client.get("/models")
+            response = await self._client.get(self.pool.live[0] + "/models")
             response.raise_for_status()
             self.name = response.json()["data"][0]["id"]
         return self.name
+
+    async def _post(self, route: str, payload: dict[str, Any]) -> tuple[str, Any]:
+        """POST to the least busy live server; one that gives no answer is reported to the
+        pool and the request goes to another only if the pool allows it (a 502 otherwise)."""
+        import httpx
+
+        from ..inference.servers import RolloutServerError
+
+        while True:
+            try:
+                with self.pool.lease() as url:
+                    try:
+                        return url, await self._client.post(url + route, json=payload)
+                    except httpx.TransportError as exc:  # no answer: a failed server
+                        error = f"{type(exc).__name__}: {exc}"
+                        if not self.pool.fail(url, error):
+                            raise ProtocolError(f"remote backend {url} unreachable: {error}",
+                                                status=502, type="backend_error") from exc
+            except RolloutServerError as exc:  # none left
+                raise ProtocolError(str(exc), status=502, type="backend_error") from exc
 
     def prepare(self, request: ChatRequest) -> Prepared:
         return Prepared(messages=request.messages)
@@ -269,13 +293,7 @@ class RemoteBackend:
         for key, value in request.tool_options.items():  # the remote server parses calls itself
             if value is not None and (key != "parallel_tool_calls" or request.tools):
                 payload["guided_grammar" if key == "grammar" else key] = value
-        import httpx
-
-        try:
-            response = await self._client.post("/chat/completions", json=payload)
-        except httpx.HTTPError as exc:  # unreachable or timed out: a gateway error, not ours
-            raise ProtocolError(f"remote backend unreachable: {type(exc).__name__}: {exc}",
-                                status=502, type="backend_error") from exc
+        url, response = await self._post("/chat/completions", payload)
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -304,25 +322,29 @@ class RemoteBackend:
                                    **({"tool_calls": message["tool_calls"]}
                                       if message.get("tool_calls") else {})},
                                   # which weights sampled it: the adapter version after a sync
-                                  {"adapter_version": str(body.get("model") or payload["model"])}))
+                                  {"adapter_version": str(body.get("model") or payload["model"]),
+                                   "server": url}))
         return out
 
     def token_texts(self, ids: list[int]) -> list[str]:
         return [self._tokens.get(i, "") for i in ids]
 
     async def load_adapter(self, name: str, path: str) -> None:
-        response = await self._client.post("/load_lora_adapter",
-                                           json={"lora_name": name, "lora_path": str(path)})
-        response.raise_for_status()
+        """Load into every live server, then name it in requests."""
+        for url in self.pool.live:
+            response = await self._client.post(url + "/load_lora_adapter",
+                                               json={"lora_name": name, "lora_path": str(path)})
+            response.raise_for_status()
         self.name = name
 
     def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """Blocking form for the training loop (works inside Jupyter's running event loop too)."""
         import httpx
 
-        response = httpx.post(f"{self.base_url}/load_lora_adapter", headers=self._client.headers,
-                              json={"lora_name": name, "lora_path": str(path)}, timeout=600)
-        response.raise_for_status()
+        for url in self.pool.live:
+            response = httpx.post(f"{url}/load_lora_adapter", headers=self._client.headers,
+                                  json={"lora_name": name, "lora_path": str(path)}, timeout=600)
+            response.raise_for_status()
         self.name = name
 
     async def aclose(self) -> None:

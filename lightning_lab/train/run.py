@@ -36,6 +36,8 @@ __all__ = ["RunSetup", "RolloutEngine", "build", "run", "resume_config", "load_e
            "load_policy", "make_agent", "credit_strategy", "start_rollout_engine"]
 
 CONFIG_FILE = "config.yaml"
+FAILED_ROLLOUTS = "failed_rollouts.jsonl"
+"""Rollouts of steps that failed before their update (a rollout server died): kept, not trained."""
 
 
 @dataclass
@@ -175,36 +177,44 @@ def load_policy(config: RunConfig) -> Any:
 
 @dataclass
 class RolloutEngine:
-    """A vLLM server behind the policy's sampling entry points, with the adapter sync into it."""
+    """vLLM servers behind the policy's sampling entry points, with the adapter sync into them."""
 
     engine: Any
     sync: Any
-    server: Any = None
-    """The ``VLLMServer`` this run started (None when attached to the user's)."""
+    servers: list[Any] = dataclasses.field(default_factory=list)
+    """The ``VLLMServer``s this run started (none when attached to the user's)."""
 
     def close(self) -> None:
         self.engine.close()
-        if self.server is not None:
-            self.server.stop()
+        _stop(self.servers)
+
+
+def _stop(servers: list[Any]) -> None:
+    for server in servers:
+        server.stop()
 
 
 def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int = 0,
-                         log: Callable[[str], None] = print) -> RolloutEngine | None:
-    """``rollout_engine: vllm``: start or attach to the server, refuse one serving another base
-    model, make it the policy's engine, and load the policy's adapter as version ``step`` (so
-    even the first evaluation samples the trainer's weights). None for the local engine."""
+                         log: Callable[[str], None] = print,
+                         parallel: Any = None) -> RolloutEngine | None:
+    """``rollout_engine: vllm``: start or attach to the servers, refuse any serving another base
+    model, make them the policy's engine, and load the policy's adapter as version ``step`` (so
+    even the first evaluation samples the trainer's weights). None for the local engine.
+    Under data parallelism (``parallel``) process 0 names and loads the versions."""
     if config.rollout_engine != "vllm":
         return None
     from ..inference.adapters import has_adapter
     from ..inference.vllm_engine import VLLMEngine, check_base_model
-    from .sync import AdapterSync, SyncConfig
+    from .distributed import DataParallel
+    from .sync import AdapterSync, SyncConfig, sync_everywhere
 
     if not has_adapter(policy.model):
         raise ConfigError("--rollout-engine vllm syncs a LoRA adapter into the server; "
                           "--lora off has none")
-    server = _launch_vllm(config, policy, folder, log) if config.vllm_python else None
+    servers = _launch_vllm(config, policy, folder, log) if config.vllm_python else []
     try:
-        engine = VLLMEngine.for_policy(server.url if server else config.vllm_url, policy)
+        engine = VLLMEngine.for_policy([s.url for s in servers] or config.vllm_url, policy,
+                                       allow_degraded=config.vllm_allow_degraded)
         gap = check_base_model(engine, policy)
         log(f"vLLM at {engine.base_url} serves the trainer's base model "
             f"(logprob gap {gap:.3f} nats/token)")
@@ -213,25 +223,35 @@ def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int
         adapters = Path(config.adapter_dir) if config.adapter_dir else folder / "adapters"
         adapters.mkdir(parents=True, exist_ok=True)
         # a name of its own per run: a server outlives runs, and may serve several at once
-        sync = AdapterSync(engine, SyncConfig(export_dir=str(adapters),
-                                              prefix=f"ll-{uuid.uuid4().hex[:8]}"))
-        sync.sync(policy, step)
+        parallel = parallel or DataParallel()
+        prefix = parallel.broadcast(f"ll-{uuid.uuid4().hex[:8]}")
+        sync = AdapterSync(engine, SyncConfig(export_dir=str(adapters), prefix=prefix))
+        sync_everywhere(sync, policy, step, parallel)
     except BaseException:
-        if server is not None:
-            server.stop()
+        _stop(servers)
         raise
-    return RolloutEngine(engine, sync, server)
+    return RolloutEngine(engine, sync, servers)
 
 
-def _launch_vllm(config: RunConfig, policy: Any, folder: Path, log: Callable[[str], None]) -> Any:
-    """Start ``config.vllm_python``'s vLLM on the policy's base model; logs to <folder>/vllm.log."""
+def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
+                 log: Callable[[str], None]) -> list[Any]:
+    """Start ``config.vllm_servers`` of ``config.vllm_python``'s vLLM on the policy's base model,
+    one after the other (each loads the model); logs to <folder>/vllm.log, vllm-1.log, ..."""
     from ..inference.vllm_server import VLLMServer, base_model_dir, check_python, lora_rank
 
     check_python(config.vllm_python)
-    server = VLLMServer(config.vllm_python, base_model_dir(policy), folder / "vllm.log",
-                        max_lora_rank=lora_rank(policy))
-    log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
-    return server.start(config.vllm_start_timeout_s)
+    started: list[Any] = []
+    try:
+        for i in range(config.vllm_servers):
+            server = VLLMServer(config.vllm_python, base_model_dir(policy),
+                                folder / ("vllm.log" if i == 0 else f"vllm-{i}.log"),
+                                max_lora_rank=lora_rank(policy))
+            log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
+            started.append(server.start(config.vllm_start_timeout_s))
+    except BaseException:
+        _stop(started)
+        raise
+    return started
 
 
 def credit_strategy(config: RunConfig) -> credit_lib.CreditStrategy:
@@ -268,9 +288,11 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
     else:
         trainer = _ppo_trainer(config, policy, agent, train_tasks, strategy, cbs, parallel,
                                resumed, warm_start)
-    if config.rollout_engine == "vllm" and parallel.world_size > 1:
-        raise ConfigError("--rollout-engine vllm runs in one process (no torchrun) for now")
-    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log)
+    if config.vllm_python and parallel.world_size > 1:
+        raise ConfigError("--vllm-python starts servers from one process; under torchrun start "
+                          "them yourself and pass each with --vllm-url")
+    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log,
+                                    parallel)
     if rollouts is not None:
         trainer.sync = rollouts.sync
     for cb in cbs:
@@ -381,13 +403,19 @@ def _evaluate(setup: RunSetup, log: Callable[[str], None]) -> dict[str, float]:
 
 def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
                         log: Callable[[str], None]) -> Any:
-    """``trainer.step()``; on Ctrl-C, checkpoint the last finished step, then re-raise.
+    """``trainer.step()``; on Ctrl-C or a failed rollout server, checkpoint the last finished
+    step, then re-raise.
 
     Ctrl-C mostly lands during rollouts, before the update: the trainer then puts itself back
     at its last finished step (``PPOTrainer.step``), so the checkpoint resumes exactly. Once the
     optimizer has stepped (``trainer.mid_update``), the weights belong to no step and nothing is
-    saved (the last periodic checkpoint stands).
+    saved (the last periodic checkpoint stands). A server failure (``RolloutServerError``,
+    ``AdapterSyncError``) comes before the update: the step's rollouts, failed ones with their
+    error, are appended to ``failed_rollouts.jsonl`` (their tasks are sampled again on resume).
     """
+    from ..inference.servers import RolloutServerError
+    from .sync import AdapterSyncError
+
     try:
         return trainer.step()
     except KeyboardInterrupt:
@@ -397,6 +425,19 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
             raise
         path = trainer.save(ckpt_dir, keep_last=keep)
         log(f"interrupted: saved {path} (step {trainer.step_count}); continue with --resume")
+        raise
+    except (RolloutServerError, AdapterSyncError) as exc:
+        failed = ckpt_dir.parent / FAILED_ROLLOUTS
+        batch = getattr(exc, "batch", None)
+        if batch is not None:
+            for traj in batch.trajectories:
+                traj.meta["not_trained"] = str(exc)[:500]
+            batch.save_jsonl(failed, append=True)
+        path = trainer.save(ckpt_dir, keep_last=keep)
+        log(f"step {trainer.step_count + 1} failed: {exc}\nsaved {path} (step "
+            f"{trainer.step_count})" + (f"; its {len(batch)} rollouts are in {failed}"
+                                       if batch is not None else "")
+            + "; restart the server (--vllm-python starts new ones) and continue with --resume")
         raise
 
 

@@ -8,9 +8,12 @@ name, ``<prefix>-v<step>``, so a request names exactly the weights it wants and 
 record which version sampled it; older versions are unloaded after the new one is live.
 
 Consistency: a sync runs at the start of a trainer step, before any rollout. It either completes
-(adapter written, loaded, the backend switched to the new name) or raises ``AdapterSyncError``
-naming the server and the version, with the previous version still current and the trainer's step
-not started; the next ``step()`` retries the same version from scratch.
+(adapter written, loaded into every server of the backend's pool, the backend switched to the new
+name) or raises ``AdapterSyncError`` naming the server and the version, with the servers that had
+loaded it unloaded again, the previous version still current and the trainer's step not started;
+the next ``step()`` retries the same version from scratch. The one exception is a server that
+gives no answer while the pool allows going on without it (``allow_degraded``): it is dropped
+(``ServerPool.fail``) and the version goes live on the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AdapterSync", "AdapterSyncError", "SyncConfig"]
+__all__ = ["AdapterSync", "AdapterSyncError", "SyncConfig", "sync_everywhere"]
 
 
 class AdapterSyncError(RuntimeError):
@@ -52,8 +55,9 @@ class SyncConfig:
 class AdapterSync:
     """Exports the policy's adapter and loads it into the server behind ``backend``.
 
-    ``backend`` is the ``RemoteBackend`` the rollouts use (its ``name`` is switched to the newest
-    version, so every later request samples from it); it supplies the server URL and API key.
+    ``backend`` is the ``RemoteBackend`` or ``VLLMEngine`` the rollouts use (its ``name`` is
+    switched to the newest version, so every later request samples from it); it supplies the
+    servers (``backend.pool``) and the API key.
     """
 
     def __init__(self, backend: Any, config: SyncConfig):
@@ -66,8 +70,9 @@ class AdapterSync:
         self._attempted: set[str] = set()
 
     @property
-    def server(self) -> str:
-        return self.backend.base_url
+    def servers(self) -> list[str]:
+        """Where versions are loaded: every server requests may go to."""
+        return self.backend.pool.live
 
     def due(self, step: int) -> bool:
         return self.synced_step is None or step - self.synced_step >= self.config.every
@@ -85,11 +90,24 @@ class AdapterSync:
             save_adapter(policy, path, step=step)
         except OSError as exc:
             raise AdapterSyncError(f"could not write adapter version {name} to {path} for "
-                                   f"{self.server}: {exc}") from exc
-        if name in self._attempted:  # a failed or timed-out try may have loaded it server-side
-            self._post("/unload_lora_adapter", {"lora_name": name}, name, quiet=True, warn=False)
+                                   f"{', '.join(self.servers)}: {exc}") from exc
+        retry, loaded = name in self._attempted, []
         self._attempted.add(name)
-        self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, name)
+        try:
+            for server in self.servers:
+                if retry:  # a failed or timed-out try may have loaded it there
+                    self._post(server, "/unload_lora_adapter", {"lora_name": name}, name,
+                               quiet=True, warn=False)
+                if self._post(server, "/load_lora_adapter",
+                              {"lora_name": name, "lora_path": str(path)}, name):
+                    loaded.append(server)
+        except AdapterSyncError:
+            for server in loaded:  # all or nothing: no server keeps a version not live
+                self._post(server, "/unload_lora_adapter", {"lora_name": name}, name, quiet=True)
+            raise
+        if not loaded:
+            raise AdapterSyncError(f"adapter version {name}: no server left to load it into "
+                                   f"({self.backend.pool.report()})")
         self._attempted.discard(name)
         self._loaded.append(name)
         self.backend.name = name  # from here on, rollouts sample from the new version
@@ -109,7 +127,8 @@ class AdapterSync:
 
         while len(self._loaded) > self.config.keep_loaded:
             old = self._loaded.pop(0)
-            self._post("/unload_lora_adapter", {"lora_name": old}, old, quiet=True)
+            for server in self.servers:
+                self._post(server, "/unload_lora_adapter", {"lora_name": old}, old, quiet=True)
         pattern = re.compile(rf"{re.escape(self.config.prefix)}-v(\d+)")
         versions = [(int(m.group(1)), p) for p in Path(self.config.export_dir).iterdir()
                     if p.is_dir() and (m := pattern.fullmatch(p.name))]
@@ -118,31 +137,51 @@ class AdapterSync:
             if old_dir.name not in self._loaded:
                 shutil.rmtree(old_dir, ignore_errors=True)
 
-    def _post(self, route: str, body: dict[str, Any], version: str, quiet: bool = False,
-              warn: bool = True) -> None:
-        """POST a management call; a failure raises ``AdapterSyncError`` unless ``quiet`` (then
-        it warns, or with ``warn=False`` passes silently: a clean-up that found nothing)."""
+    def _post(self, server: str, route: str, body: dict[str, Any], version: str,
+              quiet: bool = False, warn: bool = True) -> bool:
+        """POST a management call to ``server``; True if it succeeded. A failure raises
+        ``AdapterSyncError`` unless ``quiet`` (then it warns, or with ``warn=False`` passes
+        silently: a clean-up that found nothing), or the server gave no answer and the pool
+        dropped it (``allow_degraded``: False)."""
         import httpx
 
-        url = f"{self.server}{route}"
-        what = f"{route.strip('/')} of adapter version {version} at {self.server}"
+        what = f"{route.strip('/')} of adapter version {version} at {server}"
         try:
-            response = httpx.post(url, json=body, headers=dict(self.backend.headers),
+            response = httpx.post(server + route, json=body, headers=dict(self.backend.headers),
                                   timeout=self.config.timeout_s)
-            if response.status_code >= 400:
-                problem = f"refused with HTTP {response.status_code}: {_message(response)}"
-            else:
-                return
+            if response.status_code < 400:
+                return True
+            problem, answered = (f"refused with HTTP {response.status_code}: "
+                                 f"{_message(response)}"), True
         except httpx.TimeoutException:
-            problem = f"timed out after {self.config.timeout_s:g} s"
+            problem, answered = f"timed out after {self.config.timeout_s:g} s", False
         except httpx.HTTPError as exc:
-            problem = f"server unreachable ({type(exc).__name__}: {exc})"
+            problem, answered = f"server unreachable ({type(exc).__name__}: {exc})", False
         if quiet:
             if warn:
                 warnings.warn(f"{what} {problem}", stacklevel=3)
-            return
+            return False
+        pool = self.backend.pool
+        if not answered and pool.allow_degraded and pool.fail(server, f"{what} {problem}"):
+            return False
         current = f"rollouts stay on {self.version}" if self.version else "no version is live yet"
         raise AdapterSyncError(f"{what} {problem}; {current}, the next step retries")
+
+
+def sync_everywhere(sync: AdapterSync, policy: Any, step: int, parallel: Any) -> None:
+    """``sync.sync`` under data parallelism (``DataParallel``): process 0 loads the version into
+    the servers, every process learns the outcome, so all fail or all switch together."""
+    error = None
+    if parallel.is_main:
+        try:
+            sync.sync(policy, step)
+        except AdapterSyncError as exc:
+            error = str(exc)
+    error, version = parallel.broadcast((error, sync.version))
+    if error is not None:
+        raise AdapterSyncError(error)
+    if not parallel.is_main:
+        sync.adopt(version, step)
 
 
 def _message(response: Any) -> str:

@@ -24,11 +24,12 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
-from .sync import AdapterSyncError
+from .sync import AdapterSyncError, sync_everywhere
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
 from ..inference.adapters import has_adapter
+from ..inference.servers import RolloutServerError
 from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
 
@@ -140,13 +141,14 @@ class PPOTrainer:
         RNGs and task queue the step advanced: the trainer is then exactly at its last finished
         step, and a checkpoint saved now resumes as if the step had never begun. After that
         step, ``mid_update`` says the weights belong to no step. The same holds for an
-        ``AdapterSyncError``, and for rollouts prefetched for this step or the next
+        ``AdapterSyncError``, a ``RolloutServerError`` (a server failed during the rollouts; it
+        carries them), and for rollouts prefetched for this step or the next
         (``max_staleness``): they are dropped and their tasks drawn again.
         """
         before = self._sampling_state()
         try:
             return self._step()
-        except (KeyboardInterrupt, AdapterSyncError):
+        except (KeyboardInterrupt, AdapterSyncError, RolloutServerError):
             if not self.mid_update:
                 self._prefetch = None  # a daemon thread: left to finish, its rollouts unused
                 self._load_sampling_state(before)
@@ -168,6 +170,7 @@ class PPOTrainer:
             batch, own = collect_rollouts(self.agent, self._draw_tasks(), self.config,
                                           self.parallel, self.step_count)
             rollout_s = time.perf_counter() - t_sampling
+        self._check_servers(batch)
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
         if self.config.max_staleness > 0:
@@ -248,6 +251,22 @@ class PPOTrainer:
         if self.sync is not None and self.sync.due(self.step_count):
             self._sync_adapter()
 
+    def _check_servers(self, batch: Batch) -> None:
+        """Fail the step if a rollout server failed while ``batch`` was sampled, unless the run
+        may go on with the others (``inference/servers.py``); under data parallelism every
+        process fails if any saw such a failure."""
+        pool = getattr(getattr(self.sync, "backend", None), "pool", None)
+        if pool is None:
+            return
+        error = None
+        try:
+            pool.check(batch)
+        except RolloutServerError as exc:
+            error = str(exc)
+        errors = [e for e in self.parallel.gather(error) if e is not None]
+        if errors:
+            raise RolloutServerError("; ".join(dict.fromkeys(errors)), batch)
+
     def _sampler_version(self) -> int:
         """The trainer step whose weights rollouts started now are sampled by: the last synced
         adapter's with a server, else the policy's own (as of now)."""
@@ -284,19 +303,7 @@ class PPOTrainer:
 
     def _sync_adapter(self) -> None:
         """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
-        from .sync import AdapterSyncError
-
-        error = None
-        if self.parallel.is_main:
-            try:
-                self.sync.sync(self.policy, self.step_count)
-            except AdapterSyncError as exc:
-                error = str(exc)
-        error, version = self.parallel.broadcast((error, self.sync.version))
-        if error is not None:
-            raise AdapterSyncError(error)
-        if not self.parallel.is_main:
-            self.sync.adopt(version, self.step_count)
+        sync_everywhere(self.sync, self.policy, self.step_count, self.parallel)
 
     def _stamp_versions(self, batch: Batch) -> dict[str, float]:
         """Record the adapter version each transition was sampled with (the server's word when

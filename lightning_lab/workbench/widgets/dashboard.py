@@ -214,6 +214,14 @@ class TrajectoryInspector(_View):
                              else "<i>no trajectory matches the filters</i>")
 
 
+def _staleness(metrics: dict[str, float]) -> str:
+    """The step's lag, when its rollouts were sampled by older weights (``max_staleness``)."""
+    if not metrics.get("staleness_max"):
+        return ""
+    return (f" · staleness mean {metrics['staleness_mean']:.2f} max "
+            f"{metrics['staleness_max']:.0f}")
+
+
 class Dashboard(_View, CallbackBase):
     """Step / Run N / Pause a ``PPOTrainer``, live curves, credit panel and trajectory inspector.
 
@@ -300,7 +308,8 @@ class Dashboard(_View, CallbackBase):
                 states.append(state)
                 m = state.metrics
                 self._set_status(f"step {state.step} done in {time.perf_counter() - t0:.1f}s · "
-                                 f"reward {m['reward_mean']:.3f} · kl {m['kl']:.4f}")
+                                 f"reward {m['reward_mean']:.3f} · kl {m['kl']:.4f}"
+                                 + _staleness(m))
                 if self.available:
                     self.progress.value = i + 1
         except Exception as exc:  # noqa: BLE001 - in a thread nobody would see it otherwise

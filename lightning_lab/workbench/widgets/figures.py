@@ -20,6 +20,7 @@ CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("clip fraction", ("clip_frac",)),
     ("losses", ("policy_loss", "value_loss")),
     ("tokens / s", ("tokens_per_s",)),
+    ("staleness (steps)", ("staleness_mean", "staleness_max")),
 )
 """Panel title -> metric keys, in dashboard order."""
 

@@ -34,14 +34,19 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def transitions_frame(batch: Batch):
-    """``Batch.to_pandas`` plus the short question column the widgets and notebooks show."""
+    """``Batch.to_pandas`` plus the short question column the widgets and notebooks show, and
+    each transition's ``lag``: trainer steps between the weights that sampled it and those its
+    update started from (``meta["lag"]``; 1 with ``max_staleness`` 1 after the first step)."""
     frame = batch.to_pandas()
     frame["question"] = frame["prompt"].fillna("").map(last_user_message)
+    frame["lag"] = [lag for traj in batch.trajectories  # to_pandas: one row per empty trajectory
+                    for lag in ([tr.meta.get("lag") for tr in traj.transitions] or [None])]
     return frame
 
 
 def advantage_table(old: Batch, new: Batch):
-    """One row per transition: reward, old/new return and advantage, and the change.
+    """One row per transition: reward, old/new return and advantage, the change, and the
+    transition's lag (``meta["lag"]``, None when the trainer recorded none).
 
     ``old`` and ``new`` are the same rollouts under two strategies (``state.recompute`` keeps
     trajectory ids and order), so rows pair up by position.
@@ -54,7 +59,7 @@ def advantage_table(old: Batch, new: Batch):
         rows.append({"traj_id": traj.traj_id, "task_id": traj.task_id, "step": a.step,
                      "agent": a.agent, "reward": a.reward, "old_return": a.ret,
                      "old_advantage": a.advantage, "new_return": b.ret,
-                     "new_advantage": b.advantage, "delta": delta})
+                     "new_advantage": b.advantage, "delta": delta, "lag": a.meta.get("lag")})
     return pd.DataFrame(rows)
 
 
@@ -99,6 +104,7 @@ def trajectory_html(traj: Trajectory, max_chars: int = 4000) -> str:
             f"<b>#{tr.step} {esc(tr.agent or '(no role)')}</b> · reward {tr.reward:.3f} · "
             f"return {_fmt(tr.ret)} · advantage {_fmt(tr.advantage)} · "
             f"tokens {len(tr.prompt_ids)}→{len(tr.response_ids)} ({esc(tr.finish_reason)})"
+            + (f" · lag {tr.meta['lag']}" if "lag" in tr.meta else "") +
             f"<details><summary>prompt</summary><pre style='white-space:pre-wrap'>"
             f"{esc(tr.prompt[-max_chars:])}</pre></details>"
             f"<pre style='white-space:pre-wrap;background:#f6f6f6'>{esc(tr.response[:max_chars])}</pre>"
