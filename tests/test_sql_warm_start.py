@@ -53,7 +53,7 @@ def test_demonstration_prompt_is_the_agents_own_call(tiny):
     assert not skipped and len(sft_batch) == 3
     for traj, demo_traj, task in zip(batch, sft_batch, tasks):
         called, demo = traj.transitions[0], demo_traj.transitions[0]
-        assert demo.prompt_ids == called.prompt_ids and demo.agent == called.agent == "writer"
+        assert demo.prompt_ids == called.prompt_ids and demo.role == called.role == "writer"
         assert demo.prompt.endswith("SELECT")
         assert ("SELECT" + demo.response).rstrip(";") == " ".join(task.gold_sql.split())
         assert demo.response.endswith(";") and demo.logprobs == []

@@ -150,7 +150,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         with pytest.raises(AdapterSyncError, match=f"load_lora_adapter of adapter version "
                                                    f"ll-policy-v1 at .*{expected}.*stay on ll-policy-v0"):
             trainer.step()
-        assert trainer.step_count == 1 and len(trainer.history) == 1
+        assert trainer.iteration == 1 and len(trainer.history) == 1
         assert trainer.sync.version == "ll-policy-v0" and backend.name == "ll-policy-v0"
         assert all(torch.equal(p, before[n]) for n, p in trainer.policy.model.named_parameters()
                    if p.requires_grad)
@@ -168,7 +168,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         state = trainer.step()  # retries v1 (unloading a half-finished earlier attempt first)
     finally:
         front.stop()
-    assert trainer.step_count == 2
+    assert trainer.iteration == 2
     assert {tr.meta["adapter_version"] for tr in rows_of(state)} == {"ll-policy-v1"}
     assert standin.loaded == ["ll-policy-v1"]
 
