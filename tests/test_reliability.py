@@ -1,5 +1,5 @@
 """Issue 11: each defect reproduced, then shown fixed. Proxy defects are in
-``test_reliability_proxy.py``; this file covers checkpoints (2, 3, 4, 12), rewards (6),
+``proxy/test_reliability_proxy.py``; this file covers checkpoints (2, 3, 4, 12), rewards (6),
 agent faults (7), the SQL sandbox (10) and malformed files (11).
 """
 

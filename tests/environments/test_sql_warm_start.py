@@ -11,7 +11,7 @@ import lightning_lab as ll
 from environments.text_to_sql import demonstrations, load_tasks, make_agent, split_by_database
 from lightning_lab.train.sft import demonstrations_to_batch
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 needs_spider = pytest.mark.skipif(not (SPIDER / "dev.json").exists(),
                                   reason=f"Spider slice not found at {SPIDER}")
 

@@ -23,7 +23,7 @@ from environments.text_to_sql.domains import BUILDERS
 from environments.text_to_sql.hardness import LEVELS, spider_hardness
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 needs_spider = pytest.mark.skipif(not (SPIDER / "dev.json").is_file(),
                                   reason=f"Spider slice not found at {SPIDER}")
 

@@ -30,7 +30,7 @@ from environments.rag import retrieval
 from environments.rag.retrieval import corpus_index, index_for
 from environments.rag.tasks import Paragraph, attach_corpus
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hotpotqa"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hotpotqa"
 HOTPOT = SHARED / "dev_distractor_60.json"
 needs_hotpot = pytest.mark.skipif(not HOTPOT.exists(),
                                   reason=f"HotpotQA slice not found at {HOTPOT}")

@@ -18,7 +18,7 @@ from lightning_lab.traces.otel import (export_otlp_http, load_otlp_json, request
 from lightning_lab.train.offline import OfflineBatchError, check_offline_batch, offline_ppo_step
 from lightning_lab.train.sft import SFTConfig, SFTTrainer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "agentlightning_spans.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "agentlightning_spans.json"
 TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(4)]
 
 

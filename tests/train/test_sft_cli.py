@@ -12,7 +12,7 @@ import lightning_lab as ll
 from lightning_lab.cli import main
 from lightning_lab.train.checkpoint import load_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "agentlightning_spans.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "agentlightning_spans.json"
 
 
 def test_sft_from_demonstrations_then_train_from_its_weights(tmp_path, capsys):

@@ -235,7 +235,7 @@ def test_unsupported_parameters_are_ignored_with_a_warning(server):
     assert r.status_code == 200
     warning = r.headers["x-ll-warning"]
     assert "presence_penalty" in warning
-    # implemented since: tool calling (tests/test_tools_proxy.py), top_logprobs (issue 23)
+    # implemented since: tool calling (tests/proxy/test_tools_proxy.py), top_logprobs (issue 23)
     assert "tools" not in warning and "top_logprobs" not in warning
 
 
