@@ -102,7 +102,7 @@ def tracing_microbenchmark(n: int) -> float:
             entry.trajectory.transitions.clear()
         registry.record(entry, prompt_ids=list(prompt), prompt_text="p", response_ids=list(response),
                         logprobs=list(logprobs), text="r", temperature=1.0, finish_reason="stop",
-                        agent="writer", meta={"request_id": "x", "choice": 0, "via": "http"})
+                        role="writer", meta={"request_id": "x", "choice": 0, "via": "http"})
     return registry.stats.mean_ms
 
 

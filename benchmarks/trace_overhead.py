@@ -2,7 +2,7 @@
 
 The stand-in "model call" returns a prebuilt ``Generation`` (the policy's own type, so attribute
 reads cost what they cost in a real call), so what is timed is exactly what an agent pays per LLM
-call on top of the model: the contextvar lookups of ``ll.step``, building the
+call on top of the model: the contextvar lookups of ``ll.role``, building the
 Transition and appending it, plus the ``ll.reward`` that usually follows. Compared in the same run
 against the bare loop (the floor), a plain dict append per call (the least any in-process
 recorder can do) and serialising each transition to JSON (the least an out-of-process tracer
@@ -33,7 +33,7 @@ def traced() -> None:
     for i in range(N_ROLLOUTS):
         with ll.rollout(task_id=str(i)):
             for k in range(CALLS):
-                with ll.step("writer" if k % 2 else "checker"):
+                with ll.role("writer" if k % 2 else "checker"):
                     record_generation(GEN)
                 ll.reward(0.5)
 
@@ -49,7 +49,7 @@ def dict_append() -> None:
         events: list[dict] = []
         for k in range(CALLS):
             events.append({"prompt_ids": GEN.prompt_ids, "response_ids": GEN.response_ids,
-                           "logprobs": GEN.logprobs, "agent": "writer", "reward": 0.5})
+                           "logprobs": GEN.logprobs, "role": "writer", "reward": 0.5})
 
 
 def json_event() -> None:
@@ -78,7 +78,7 @@ if __name__ == "__main__":
     floor = median(runs["bare"])
     cost, plain, event = (median(runs[k]) - floor for k in ("traced", "dict", "json"))
     print(f"medians of {args.repeats} interleaved repeats, loop floor ({floor:.2f} us) subtracted:")
-    print(f"  ll tracing (step + record + reward, rollout amortised) {cost:7.2f} us/transition")
+    print(f"  ll tracing (role + record + reward, rollout amortised) {cost:7.2f} us/transition")
     print(f"  plain dict append per call                             {plain:7.2f} us/call "
           f"(tracing costs {cost / max(plain, 1e-9):.2f}x)")
     print(f"  json-encoding one event                                {event:7.2f} us/call "

@@ -12,7 +12,7 @@ from typing import Any
 from . import credit, envs, tracing
 from .paths import cache_dir
 from .records import Batch, TraceFormatError, Trajectory, Transition
-from .tracing import RolloutCancelled, TracingError, current, reward, rollout, step, traced
+from .tracing import RolloutCancelled, TracingError, current, reward, role, rollout, step, traced
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,7 @@ _LAZY = {
 
 __all__ = ["cache_dir", "Batch", "Trajectory", "Transition", "TraceFormatError", "TracingError",
            "RolloutCancelled", "credit",
-           "envs", "current", "reward", "rollout", "step", "traced", *_LAZY]
+           "envs", "current", "reward", "role", "rollout", "step", "traced", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .train.config import (ConfigError, FieldError, PPOConfig, RunConfig, SFTConfig, field_docs,
-                           parse_options)
+from .train.config import (FIELD_RENAMES, ConfigError, FieldError, PPOConfig, RunConfig,
+                           SFTConfig, field_docs, parse_options)
 
 __all__ = ["main", "build_parser"]
 
@@ -49,22 +49,27 @@ def _add_field(p: argparse.ArgumentParser, cls: type, name: str, dest: str, supp
         p.add_argument(_OPTION_FLAGS[name], dest=dest, action="append", metavar="KEY=VALUE",
                        default=argparse.SUPPRESS if suppress else [], help=doc + " (repeatable)")
         return
-    flag = "--" + name.replace("_", "-")
+    flags = ["--" + n.replace("_", "-") for n in (name, *_old_names(name))]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     if base is bool:
         action = "store_true" if getattr(cls(), name) is False else argparse.BooleanOptionalAction
-        p.add_argument(flag, dest=dest, action=action, default=default, help=doc)
+        p.add_argument(*flags, dest=dest, action=action, default=default, help=doc)
         return
     kind = typing.get_origin(base) or base
     if name in _REPEATABLE:
-        p.add_argument(flag, dest=dest, action="append", default=default, metavar="URL",
+        p.add_argument(*flags, dest=dest, action="append", default=default, metavar="URL",
                        help=doc)
         return
     choices = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
-    p.add_argument(flag, dest=dest, default=default, help=doc, choices=choices,
+    p.add_argument(*flags, dest=dest, default=default, help=doc, choices=choices,
                    type=str if kind in (tuple, dict) else kind,
                    metavar="A,B" if kind is tuple else name.upper())
+
+
+def _old_names(name: str) -> list[str]:
+    """Earlier names of a config field, kept as flag aliases (``--trainable-agents``)."""
+    return [old for old, new in FIELD_RENAMES.items() if new == name]
 
 
 def add_run_fields(p: argparse.ArgumentParser, names: Sequence[str], suppress: bool = False) -> None:

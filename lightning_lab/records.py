@@ -60,9 +60,9 @@ class Transition:
     """Log-probabilities of ``response_ids`` under the policy that sampled them (PPO's "old" policy)."""
     prompt: str = ""
     response: str = ""
-    agent: str = ""
-    """Agent/role name set by ``ll.step``; ``tracing.DEFAULT_ROLE`` ("main") for calls outside any step."""
-    step: int = 0
+    role: str = ""
+    """Who made the call, named by ``ll.role``; ``tracing.DEFAULT_ROLE`` ("main") outside any role."""
+    turn: int = 0
     """Index of this transition inside its trajectory."""
     reward: float = 0.0
     """Immediate reward attached with ``ll.reward``."""
@@ -84,12 +84,37 @@ class Transition:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Transition":
+    def from_dict(cls, data: dict[str, Any], what: str = "Transition") -> "Transition":
+        """Read a stored transition; the names of earlier versions (``agent``, ``step``) are
+        accepted (see ``upgrade_names``), ``what`` names the record in errors."""
+        data = upgrade_names(data, what)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown Transition fields: {sorted(unknown)}")
+            raise ValueError(f"{what}: unknown Transition fields: {sorted(unknown)}")
         return cls(**data)
+
+
+RENAMED_FIELDS = {"agent": "role", "step": "turn"}
+"""Transition fields renamed since traces were first stored: old name -> new name."""
+
+
+def upgrade_names(data: dict[str, Any], what: str = "Transition") -> dict[str, Any]:
+    """``data`` with the old field names of ``RENAMED_FIELDS`` under their new names (a copy
+    when anything is renamed). Traces written before the rename keep loading; a record holding
+    both names with different values is ambiguous and raises naming ``what``."""
+    if not any(old in data for old in RENAMED_FIELDS):
+        return data
+    data = dict(data)
+    for old, new in RENAMED_FIELDS.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if new in data and data[new] != value:
+            raise ValueError(f"{what}: holds both {old!r} ({value!r}) and its new name {new!r} "
+                             f"({data[new]!r}); keep one")
+        data.setdefault(new, value)
+    return data
 
 
 @dataclass(slots=True)
@@ -107,8 +132,8 @@ class Trajectory:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for i, tr in enumerate(self.transitions):  # step is the position; keep them consistent
-            tr.step = i
+        for i, tr in enumerate(self.transitions):  # turn is the position; keep them consistent
+            tr.turn = i
 
     @property
     def total_reward(self) -> float:
@@ -127,7 +152,9 @@ class Trajectory:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Trajectory":
         data = dict(data)
-        transitions = [Transition.from_dict(t) for t in data.pop("transitions", [])]
+        transitions = [Transition.from_dict(t, f"trajectory {data.get('traj_id', '')!r} "
+                                               f"transitions[{i}]")
+                       for i, t in enumerate(data.pop("transitions", []))]
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -174,16 +201,16 @@ class Batch:
             base = {"traj_id": traj.traj_id, "task_id": traj.task_id, "group_id": traj.group_id,
                     "status": traj.status, "error": traj.error}
             if not traj.transitions:
-                rows.append({**base, "step": None, "agent": None, "reward": 0.0})
+                rows.append({**base, "turn": None, "role": None, "reward": 0.0})
             for tr in traj.transitions:
                 rows.append({
-                    **base, "step": tr.step, "agent": tr.agent, "reward": tr.reward,
+                    **base, "turn": tr.turn, "role": tr.role, "reward": tr.reward,
                     "return": tr.ret, "advantage": tr.advantage, "value": tr.value,
                     "prompt_tokens": len(tr.prompt_ids), "response_tokens": len(tr.response_ids),
                     "prompt": tr.prompt, "response": tr.response,
                     "finish_reason": tr.finish_reason,
                 })
-        columns = ["traj_id", "task_id", "group_id", "status", "error", "step", "agent", "reward",
+        columns = ["traj_id", "task_id", "group_id", "status", "error", "turn", "role", "reward",
                    "return", "advantage", "value", "prompt_tokens", "response_tokens", "prompt",
                    "response", "finish_reason"]
         return pd.DataFrame(rows, columns=columns)
@@ -282,8 +309,8 @@ def _parse_line(raw: Any) -> tuple[Trajectory | None, str | None]:
 
 _TRAJECTORY_TYPES = {"task_id": str, "status": str, "error": str, "group_id": str, "traj_id": str,
                      "meta": dict, "transitions": list}
-_TRANSITION_TYPES = {"prompt": str, "response": str, "agent": str, "finish_reason": str,
-                     "meta": dict, "step": int, "prompt_ids": list, "response_ids": list,
+_TRANSITION_TYPES = {"prompt": str, "response": str, "role": str, "finish_reason": str,
+                     "meta": dict, "turn": int, "prompt_ids": list, "response_ids": list,
                      "logprobs": list}
 _OPTIONAL_FLOATS = ("ret", "advantage", "value")
 
@@ -302,10 +329,12 @@ def _from_data(data: Any) -> Trajectory:
     _check_types(data, _TRAJECTORY_TYPES, "trajectory")
     if data.get("status", "ok") not in ("ok", "failed"):
         raise ValueError(f"trajectory.status must be 'ok' or 'failed', got {data['status']!r}")
-    for i, tr in enumerate(data.get("transitions", [])):
+    transitions = data.get("transitions", [])
+    for i, tr in enumerate(transitions):
         what = f"transitions[{i}]"
         if not isinstance(tr, dict):
             raise TypeError(f"{what} must be an object, got {type(tr).__name__}")
+        tr = transitions[i] = upgrade_names(tr, what)
         _check_types(tr, _TRANSITION_TYPES, what)
         for name in ("prompt_ids", "response_ids"):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in tr.get(name, [])):

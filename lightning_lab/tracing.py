@@ -1,4 +1,4 @@
-"""Tracing: which trajectory and which agent role an LLM call belongs to.
+"""Tracing: which trajectory and which role an LLM call belongs to.
 
 State lives in ``contextvars`` so that agents running in threads (one per rollout, as the trainer
 runs them) or in asyncio tasks never see each other's rollout. The policy calls
@@ -23,15 +23,15 @@ from typing import Any, Callable
 
 from .records import MAX_ABS_REWARD, Trajectory, Transition, new_traj_id, reward_problem
 
-__all__ = ["rollout", "step", "reward", "current", "active_trajectory", "traced", "record_generation",
-           "current_temperature", "sampling_temperature", "DEFAULT_TEMPERATURE", "current_control",
-           "call_seed", "derive_seed",
+__all__ = ["rollout", "role", "step", "reward", "current", "active_trajectory", "traced",
+           "record_generation", "current_temperature", "sampling_temperature",
+           "DEFAULT_TEMPERATURE", "current_control", "call_seed", "derive_seed",
            "RolloutControl", "RolloutCancelled", "TracingError"]
 
 
 DEFAULT_ROLE = "main"
-"""Role of a call made outside any ``ll.step`` (and of HTTP calls naming none): never empty, so
-``trainable_agents`` and per-role tables can always select it."""
+"""Role of a call made outside any ``ll.role`` (and of HTTP calls naming none): never empty, so
+``trainable_roles`` and per-role tables can always select it."""
 
 
 DEFAULT_TEMPERATURE = 1.0
@@ -103,7 +103,7 @@ _Open = tuple[Trajectory, "float | None", "RolloutControl | None"]
 _open: ContextVar[_Open | None] = ContextVar("ll_rollout", default=None)
 """(trajectory, default temperature, control) of the open rollout: one variable, so a traced call
 pays one lookup for all three."""
-_agent: ContextVar[str] = ContextVar("ll_agent", default="")
+_role: ContextVar[str] = ContextVar("ll_role", default="")
 
 
 class rollout:
@@ -145,7 +145,7 @@ class rollout:
         self._state = (traj, temperature, control)
 
     def __enter__(self) -> Trajectory:
-        self._tokens = (_open.set(self._state), _agent.set(""))
+        self._tokens = (_open.set(self._state), _role.set(""))
         return self.trajectory
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
@@ -158,8 +158,8 @@ class rollout:
             if control is None or not control.cancelled:
                 _finalize(traj)
         finally:
-            open_token, agent_token = self._tokens
-            _agent.reset(agent_token)
+            open_token, role_token = self._tokens
+            _role.reset(role_token)
             _open.reset(open_token)
         return exc_type is not None and self._catch and not _is_interruption(
             exc if exc is not None else exc_type())
@@ -175,23 +175,37 @@ def _is_interruption(exc: BaseException) -> bool:
     return isinstance(exc, (GeneratorExit, asyncio.CancelledError))
 
 
-class step:
-    """Name the agent/role that the LLM calls inside this block belong to.
+class role:
+    """Name the role (who makes the call: "writer", "critic") of the LLM calls inside this block;
+    it becomes their ``Transition.role``.
 
     A class rather than ``@contextmanager``: it runs around every LLM call, and a generator-based
     context manager costs several times more per use.
     """
 
-    __slots__ = ("agent", "_token")
+    __slots__ = ("name", "_token")
 
-    def __init__(self, agent: str):
-        self.agent = str(agent)
+    def __init__(self, name: str):
+        self.name = str(name)
 
     def __enter__(self) -> None:
-        self._token = _agent.set(self.agent)
+        self._token = _role.set(self.name)
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        _agent.reset(self._token)
+        _role.reset(self._token)
+
+
+class step(role):
+    """Deprecated name of ``role`` (``step`` now only means a trainer's ``step()``)."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str):
+        import warnings
+
+        warnings.warn("ll.step(name) is deprecated: use ll.role(name)", DeprecationWarning,
+                      stacklevel=2)
+        super().__init__(name)
 
 
 _NO_ROLLOUT = "no rollout is open: wrap the agent call in `with ll.rollout(task_id=...)`"
@@ -319,10 +333,10 @@ def _finalize(traj: Trajectory) -> None:
 
 
 def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
-                      agent: str | None = None) -> Transition | None:
+                      role: str | None = None) -> Transition | None:
     """Append a policy output to the open trajectory (no-op outside a rollout).
 
-    ``trajectory``/``agent`` override the context's (the HTTP proxy knows them from the URL and
+    ``trajectory``/``role`` override the context's (the HTTP proxy knows them from the URL and
     headers, not from contextvars). The transition takes ownership of the generation's token
     lists (no copies): each generation is fresh from the engine and recorded once.
     """
@@ -337,10 +351,10 @@ def record_generation(gen: Any, *, trajectory: Trajectory | None = None,
         traj = trajectory
     transitions = traj.transitions
     # Positional, in Transition's field order (prompt_ids, response_ids, logprobs, prompt,
-    # response, agent, step, reward, temperature, finish_reason, meta): keyword arguments make
+    # response, role, turn, reward, temperature, finish_reason, meta): keyword arguments make
     # this call, the bulk of the per-transition tracing cost, about twice as slow.
     tr = Transition(gen.prompt_ids, gen.response_ids, gen.logprobs, gen.prompt_text, gen.text,
-                    (_agent.get() if agent is None else agent) or DEFAULT_ROLE, len(transitions),
+                    (_role.get() if role is None else role) or DEFAULT_ROLE, len(transitions),
                     0.0, float(gen.temperature), gen.finish_reason,
                     dict(gen.meta) if getattr(gen, "meta", None) else {})
     if not transitions and "pending_reward" in traj.meta:

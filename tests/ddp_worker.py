@@ -19,7 +19,7 @@ from lightning_lab.train.distributed import DataParallel
 def make_agent(policy):
     def agent(task):
         for role in ("writer", "checker"):
-            with ll.step(role):
+            with ll.role(role):
                 policy.chat(task["q"], max_new_tokens=5)
             ll.reward(task["k"] * (1.0 if role == "writer" else 0.5))
 

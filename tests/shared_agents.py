@@ -12,7 +12,7 @@ def parity_agent(policy, roles=("a", "b"), max_new_tokens=6):
 
     def agent(task):
         for role in roles:
-            with ll.step(role):
+            with ll.role(role):
                 policy.chat(task["q"], max_new_tokens=max_new_tokens)
             tr = ll.current().transitions[-1]
             ll.reward(sum(t % 3 == 0 for t in tr.response_ids) / len(tr.response_ids))

@@ -1,6 +1,6 @@
 """The package's folders form layers: each imports only layers below it, lazily or not.
 
-``tests/test_run.py`` looks for module cycles among module-level imports; a lazy import inside a
+``tests/train/test_run.py`` looks for module cycles among module-level imports; a lazy import inside a
 function hides a loop from it (``train -> rollouts -> proxy -> train`` once did). This test reads
 every import, function-level ones included, maps each module to its folder (a top-level module
 such as ``records.py`` is its own folder) and checks the folder sits below the importer.

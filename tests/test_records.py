@@ -9,7 +9,7 @@ import lightning_lab as ll
 def _traj(task_id: str, rewards: list[float], status: str = "ok") -> ll.Trajectory:
     return ll.Trajectory(task_id=task_id, status=status, transitions=[
         ll.Transition(prompt_ids=[1, 2], response_ids=[3, 4, 5], logprobs=[-0.1, -0.2, -0.3],
-                      reward=r, agent=f"a{i}") for i, r in enumerate(rewards)])
+                      reward=r, role=f"a{i}") for i, r in enumerate(rewards)])
 
 
 def test_to_pandas_one_row_per_transition_with_counts():
@@ -17,11 +17,11 @@ def test_to_pandas_one_row_per_transition_with_counts():
     ll.credit.get("uniform", baseline=None).assign(batch)
     df = batch.to_pandas()
     assert len(df) == 3
-    assert list(df["step"]) == [0, 1, 0]
+    assert list(df["turn"]) == [0, 1, 0]
     assert list(df["return"]) == [1.0, 1.0, 0.5]
     assert list(df["advantage"]) == [1.0, 1.0, 0.5]
     assert set(df["prompt_tokens"]) == {2} and set(df["response_tokens"]) == {3}
-    assert {"traj_id", "task_id", "agent", "reward"} <= set(df.columns)
+    assert {"traj_id", "task_id", "role", "reward"} <= set(df.columns)
 
 
 def test_jsonl_roundtrip_and_append(tmp_path):
@@ -54,6 +54,52 @@ def test_parquet_roundtrip(tmp_path):
     batch.save_parquet(tmp_path / "b.parquet")
     back = ll.Batch.load_parquet(tmp_path / "b.parquet")
     assert [t.to_dict() for t in back] == [t.to_dict() for t in batch]
+
+
+def _old_format(traj: ll.Trajectory) -> dict:
+    """``traj`` as a version before the role/turn rename stored it: ``agent`` and ``step``."""
+    data = traj.to_dict()
+    for tr in data["transitions"]:
+        tr["agent"], tr["step"] = tr.pop("role"), tr.pop("turn")
+    return data
+
+
+def test_old_jsonl_names_agent_and_step_load_as_role_and_turn(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(_old_format(_traj("t1", [0.0, 1.0]))) + "\n")
+    (traj,) = ll.Batch.load_jsonl(path, strict=True)
+    assert [(tr.role, tr.turn) for tr in traj.transitions] == [("a0", 0), ("a1", 1)]
+    ll.Batch([traj]).save_jsonl(path)  # written back under the new names only
+    stored = json.loads(path.read_text())["transitions"][1]
+    assert (stored["role"], stored["turn"]) == ("a1", 1) and not {"agent", "step"} & set(stored)
+
+
+def test_old_parquet_names_agent_and_step_load_as_role_and_turn(tmp_path):
+    import pandas as pd
+
+    old = [_old_format(_traj("t1", [0.25, 0.75])), _old_format(_traj("t2", [1.0]))]
+    pd.DataFrame({"trajectory": [json.dumps(d) for d in old], "task_id": ["t1", "t2"],
+                  "total_reward": [1.0, 1.0], "status": ["ok", "ok"]}).to_parquet(
+        tmp_path / "old.parquet", index=False)
+    back = ll.Batch.load_parquet(tmp_path / "old.parquet", strict=True)
+    assert [[(tr.role, tr.turn) for tr in t.transitions] for t in back] == [
+        [("a0", 0), ("a1", 1)], [("a0", 0)]]
+
+
+def test_a_record_with_old_and_new_names_disagreeing_is_refused_by_name(tmp_path):
+    data = _traj("t1", [1.0, 0.0]).to_dict()
+    data["transitions"][1]["agent"] = "a1"  # the same value under both names: accepted
+    data["transitions"][1]["step"] = 1
+    assert ll.Trajectory.from_dict(data).transitions[1].role == "a1"
+    data["transitions"][1]["agent"] = "writer"
+    with pytest.raises(ValueError, match=r"transitions\[1\]: holds both 'agent' \('writer'\) "
+                                         r"and its new name 'role' \('a1'\)"):
+        ll.Trajectory.from_dict(data)
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps(data) + "\n")
+    with pytest.raises(ll.TraceFormatError, match=f"{path}:1: ValueError: transitions\\[1\\]: "
+                                                  "holds both 'agent'"):
+        ll.Batch.load_jsonl(path, strict=True)
 
 
 def test_usable_excludes_failed_and_empty():

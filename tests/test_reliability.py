@@ -1,5 +1,5 @@
 """Issue 11: each defect reproduced, then shown fixed. Proxy defects are in
-``test_reliability_proxy.py``; this file covers checkpoints (2, 3, 4, 12), rewards (6),
+``proxy/test_reliability_proxy.py``; this file covers checkpoints (2, 3, 4, 12), rewards (6),
 agent faults (7), the SQL sandbox (10) and malformed files (11).
 """
 
@@ -61,15 +61,15 @@ class _Killer:
 def _scenario(kind: str, trainer, directory: Path) -> tuple[int, int]:
     """Prepare ``directory``; return (step resumable before the save, step it saves)."""
     if kind == "first":  # defect 3: nothing complete exists yet
-        trainer.step_count = 1
+        trainer.iteration = 1
         return 0, 1
-    trainer.step_count = 1
+    trainer.iteration = 1
     trainer.save(directory)
-    trainer.step_count = 2
+    trainer.iteration = 2
     trainer.save(directory)
     if kind == "resave":  # defect 2: a finished run saved again at the same step
         return 2, 2
-    trainer.step_count = 3  # "prune": a new step with keep_last=1 deletes two old ones
+    trainer.iteration = 3  # "prune": a new step with keep_last=1 deletes two old ones
     return 2, 3
 
 
@@ -96,19 +96,19 @@ def test_a_kill_at_every_step_of_a_save_leaves_a_resumable_run(kind, tmp_path, m
             assert kind == "first" and before == 0
         else:
             loaded = ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS)
-            assert loaded.step_count in (before, saving), (kind, at)
-        trainer.step_count = saving
+            assert loaded.iteration in (before, saving), (kind, at)
+        trainer.iteration = saving
         trainer.save(directory, keep_last=1)  # the next run saves again: everything heals
         leftovers = sorted(p.name for p in directory.iterdir())
         assert leftovers == ["LATEST", f"step-{saving:06d}"], (kind, at, leftovers)
-        assert ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS).step_count == saving
+        assert ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS).iteration == saving
 
 
 def test_orphans_are_cleaned_and_a_lost_latest_falls_back(tmp_path, tiny):
     trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=_config())
     directory = tmp_path / "ckpt"
     for step in (1, 2):
-        trainer.step_count = step
+        trainer.iteration = step
         trainer.save(directory)
     for i in range(10):  # defect 4: what 15 kills during saves left behind
         (directory / f".step-00000{i % 3}.tmp-{i}").mkdir()
@@ -118,7 +118,7 @@ def test_orphans_are_cleaned_and_a_lost_latest_falls_back(tmp_path, tiny):
     (directory / "LATEST").write_text("step-000099")  # dangling
     with pytest.warns(UserWarning, match="not a complete checkpoint"):
         loaded = ll.PPOTrainer.load(directory, tiny, parity_agent(tiny), TASKS)
-    assert loaded.step_count == 2
+    assert loaded.iteration == 2
     assert len([p for p in directory.iterdir() if p.name.startswith(".step-")]) == 11  # a reader
     loaded.save(directory)  # the writer cleans up
     assert sorted(p.name for p in directory.iterdir()) == ["LATEST", "step-000001", "step-000002"]
@@ -217,7 +217,7 @@ def test_same_seed_same_run_and_resume_with_the_default_rollout_workers(tmp_path
 
     policy = _one_row_per_batch(ll.models.load("tiny", seed=0))
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
-    assert resumed.step_count == 2 and resumed.history == first.history[:2]
+    assert resumed.iteration == 2 and resumed.history == first.history[:2]
     assert torch.equal(_weights(policy), saved)  # the checkpoint itself is exact
     state = resumed.step()
     assert [t.task_id for t in state.batch] == [t.task_id for t in first_next.batch]
@@ -321,7 +321,7 @@ def test_ctrl_c_leaves_the_trainer_at_its_last_step_until_the_weights_move(tiny,
     trainer.optimizer.register_step_post_hook(ctrl_c)  # Ctrl-C right after the first step
     with pytest.raises(KeyboardInterrupt):
         trainer.step()
-    assert trainer.mid_update and trainer.step_count == 1
+    assert trainer.mid_update and trainer.iteration == 1
 
 
 def _wordplay_train_tasks() -> list:

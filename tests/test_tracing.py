@@ -18,18 +18,29 @@ def _call(text: str = "hi", n_tokens: int = 2) -> None:
 
 def test_rollout_step_reward_attribution():
     with ll.rollout(task_id="t1") as traj:
-        with ll.step("writer"):
+        with ll.role("writer"):
             _call("a")
         ll.reward(0.5)
-        with ll.step("checker"):
+        with ll.role("checker"):
             _call("b")
             _call("c")
         ll.reward(1.0, final=True)
         _call("d")  # a call after the final reward: the final reward still lands on the last one
-    assert [t.agent for t in traj.transitions] == ["writer", "checker", "checker", "main"]  # default role
+    assert [t.role for t in traj.transitions] == ["writer", "checker", "checker", "main"]  # default role
     assert [t.reward for t in traj.transitions] == [0.5, 0.0, 0.0, 1.0]
-    assert [t.step for t in traj.transitions] == [0, 1, 2, 3]
+    assert [t.turn for t in traj.transitions] == [0, 1, 2, 3]
     assert traj.status == "ok"
+
+
+def test_step_is_a_deprecated_alias_of_role():
+    with ll.rollout(task_id="t1") as traj:
+        with pytest.warns(DeprecationWarning, match=r"use ll.role\(name\)"):
+            alias = ll.step("writer")
+        with alias:
+            _call("a")
+        _call("b")
+    assert isinstance(alias, ll.role)
+    assert [t.role for t in traj.transitions] == ["writer", ll.tracing.DEFAULT_ROLE]
 
 
 def test_calls_outside_rollout_are_not_recorded_and_reward_outside_raises():
@@ -81,7 +92,7 @@ def test_threads_do_not_mix_rollouts():
     def agent(i: int) -> None:
         with ll.rollout(task_id=f"t{i}") as traj:
             for k in range(50):
-                with ll.step(f"role{i}"):
+                with ll.role(f"role{i}"):
                     _call(f"{i}-{k}")
         results[i] = traj
 
@@ -92,7 +103,7 @@ def test_threads_do_not_mix_rollouts():
         t.join()
     for i, traj in results.items():
         assert len(traj.transitions) == 50
-        assert {t.agent for t in traj.transitions} == {f"role{i}"}
+        assert {t.role for t in traj.transitions} == {f"role{i}"}
         assert [t.response for t in traj.transitions] == [f"{i}-{k}" for k in range(50)]
 
 
@@ -100,7 +111,7 @@ def test_asyncio_tasks_do_not_mix_rollouts():
     async def agent(i: int) -> ll.Trajectory:
         with ll.rollout(task_id=f"t{i}") as traj:
             for k in range(5):
-                with ll.step(f"r{i}"):
+                with ll.role(f"r{i}"):
                     await asyncio.sleep(0)
                     _call(f"{i}-{k}")
         return traj
@@ -110,13 +121,13 @@ def test_asyncio_tasks_do_not_mix_rollouts():
 
     for i, traj in enumerate(asyncio.run(main())):
         assert [t.response for t in traj.transitions] == [f"{i}-{k}" for k in range(5)]
-        assert {t.agent for t in traj.transitions} == {f"r{i}"}
+        assert {t.role for t in traj.transitions} == {f"r{i}"}
 
 
 def test_decorator_form_returns_result_and_trajectory():
     @ll.traced
     def agent(task):
-        with ll.step("solo"):
+        with ll.role("solo"):
             _call()
         ll.reward(2.0)
         return "done"
@@ -133,16 +144,16 @@ def test_recorded_transition_carries_every_generation_field():
                           finish_reason="length")
     with ll.rollout(task_id="t") as traj:
         ll.reward(0.25)  # before any call: pending, lands on the first transition
-        with ll.step("writer"):
+        with ll.role("writer"):
             record_generation(gen)
             record_generation(gen)
     first, second = traj.transitions
     expected = dict(prompt_ids=[1, 2, 3], response_ids=[4, 5], logprobs=[-0.1, -0.2],
-                    prompt="the prompt", response="the text", agent="writer", temperature=0.7,
+                    prompt="the prompt", response="the text", role="writer", temperature=0.7,
                     finish_reason="length", meta={}, ret=None, advantage=None, value=None)
-    for tr, step, reward in ((first, 0, 0.25), (second, 1, 0.0)):
+    for tr, turn, reward in ((first, 0, 0.25), (second, 1, 0.0)):
         assert {k: getattr(tr, k) for k in expected} == expected
-        assert (tr.step, tr.reward) == (step, reward)
+        assert (tr.turn, tr.reward) == (turn, reward)
 
 
 def test_greedy_generation_records_temperature_zero():

@@ -1,7 +1,7 @@
 """The retrieval agent: query -> retrieve -> (reformulate -> retrieve)* -> answer.
 
-Each LLM call sits in its own `ll.step(...)`, so the trainer sees three roles ("query",
-"reformulate", "answer") and credit can be assigned per step. Prompts are short and concrete
+Each LLM call sits in its own `ll.role(...)`, so the trainer sees three roles ("query",
+"reformulate", "answer") and credit can be assigned per turn. Prompts are short and concrete
 because the target model is a 135M instruct model: one instruction, the evidence, a cue for a
 short output, and the answer turn prefilled with "Answer:" so it starts answering at once.
 (Checked on SmolLM2-135M, greedy, generated dev: listing candidate names in the reformulate
@@ -184,7 +184,7 @@ def make_agent(policy: Any, config: RagConfig | None = None,
                 ll.reward(cfg.shaping * (new_recall - recall))  # on the step that found them
             recall = new_recall
 
-        with ll.step("query"):
+        with ll.role("query"):
             raw = policy.chat(query_prompt(task.question), max_new_tokens=cfg.query_tokens,
                               stop=["\n"])
         query = clean_query(raw)
@@ -194,7 +194,7 @@ def make_agent(policy: Any, config: RagConfig | None = None,
 
         for _ in range(cfg.max_hops - 1):
             shown = list(found.values())[: cfg.max_passages]
-            with ll.step("reformulate"):
+            with ll.role("reformulate"):
                 raw = policy.chat(reformulate_prompt(task.question, shown, cfg.passage_chars),
                                   max_new_tokens=cfg.query_tokens, stop=["\n"])
             query = clean_query(raw)
@@ -203,7 +203,7 @@ def make_agent(policy: Any, config: RagConfig | None = None,
             search(query)
 
         shown = list(found.values())[: cfg.max_passages]
-        with ll.step("answer"):
+        with ll.role("answer"):
             raw = policy.chat(answer_prompt(task.question, shown, cfg.passage_chars),
                               max_new_tokens=cfg.max_new_tokens, stop=["\n"],
                               prefill=cfg.answer_prefill)

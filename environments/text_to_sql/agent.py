@@ -1,6 +1,6 @@
 """The text-to-SQL agent: writer -> execute -> checker -> rewriter, for a few rounds.
 
-Three roles share one policy, each call under its own `ll.step(...)` so the trainer can
+Three roles share one policy, each call under its own `ll.role(...)` so the trainer can
 attribute (and optionally restrict) credit per role. The episode's reward is execution accuracy
 of the final query, put on the last transition; shaping terms are added only if enabled.
 """
@@ -74,7 +74,7 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
     """Run one episode inside the current `ll.rollout`; returns the meta it recorded."""
     schema = (task.schema if cfg.schema_style == "ddl" and not cfg.sample_rows
               else schema_prompt(task.db_path, cfg.schema_style, cfg.sample_rows))
-    with ll.step("writer"):
+    with ll.role("writer"):
         raw = _sql_call(policy, writer_messages(schema, task.question), cfg, task)
     sql = extract_sql(raw)
     result = run_sql(task.db_path, sql) if sql else None
@@ -83,7 +83,7 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
     for _ in range(cfg.max_turns - 1):
         failed = result is None or not result.ok
         if cfg.use_checker and (not failed or cfg.check_errors):
-            with ll.step("checker"):
+            with ll.role("checker"):
                 reply = policy.chat(checker_messages(task.question, sql or "(none)",
                                                      result or ExecResult(error="no SQL")),
                                     max_new_tokens=cfg.checker_tokens,
@@ -94,7 +94,7 @@ def run_agent(policy: Any, task: SQLTask, cfg: SQLAgentConfig) -> dict[str, Any]
                 break
         elif not failed:
             break  # no checker: a query that runs is kept
-        with ll.step("rewriter"):
+        with ll.role("rewriter"):
             raw = _sql_call(policy, rewriter_messages(schema, task.question, sql, result), cfg,
                            task)
         rewrites += 1

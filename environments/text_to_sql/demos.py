@@ -54,5 +54,5 @@ def demonstrations(tasks: Sequence[SQLTask], config: SQLAgentConfig | None = Non
                   else schema_prompt(task.db_path, cfg.schema_style, cfg.sample_rows))
         out.append(Demonstration(prompt=writer_messages(schema, task.question),
                                  prefill=cfg.prefill, target=gold[len(cfg.prefill):] + stop,
-                                 agent="writer", task_id=task.task_id))
+                                 role="writer", task_id=task.task_id))
     return out

@@ -55,7 +55,7 @@ def run_tool_agent(policy: Any, task: SQLTask, cfg: Any) -> dict[str, Any]:
     sql, calls, answer = None, 0, None
     for turn in range(cfg.max_turns + 1):  # max_turns queries, then the answer
         last = turn == cfg.max_turns
-        with ll.step("sql_agent"):
+        with ll.role("sql_agent"):
             message = policy.chat(messages, tools=[RUN_SQL], tool_choice="none" if last else "auto",
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         messages.append(message)

@@ -63,13 +63,13 @@ def make_agent(policy: Any, **options: Any) -> Callable[[WordTask], None]:
 
     def agent(task: WordTask) -> None:
         ask = [{"role": "user", "content": f"Name a {task.category}. Answer with one word."}]
-        with ll.step("namer"):
+        with ll.role("namer"):
             named = policy.chat(ask, max_new_tokens=cfg.max_new_tokens)
         word = single_word(named)
         ll.reward(1.0 if word else 0.0)
         history = ask + [{"role": "assistant", "content": named},
                          {"role": "user", "content": "Now write that word in capital letters only."}]
-        with ll.step("shouter"):
+        with ll.role("shouter"):
             shouted = policy.chat(history, max_new_tokens=cfg.max_new_tokens)
         ok = word is not None and shouted.strip().rstrip(".!") == word.upper()
         ll.reward(1.0 if ok else 0.0)

@@ -23,7 +23,7 @@ __all__ = ["LangGraphRoles"]
 
 
 class LangGraphRoles(BaseCallbackHandler):
-    """Set ``transition.agent`` to the LangGraph node (or chain ``run_name``) that made the call."""
+    """Set ``transition.role`` to the LangGraph node (or chain ``run_name``) that made the call."""
 
     raise_error = False  # a labelling problem must never break the user's graph
 
@@ -33,7 +33,7 @@ class LangGraphRoles(BaseCallbackHandler):
             raise tracing.TracingError("LangGraphRoles() needs an open rollout (create it inside "
                                        "the agent function) or an explicit trajectory")
         self.override = override
-        """Also replace roles the call already had (from ``X-LL-Agent``/``metadata``)."""
+        """Also replace roles the call already had (from ``X-LL-Role``/``metadata``)."""
         self._nodes: dict[UUID, str] = {}
         self._lock = threading.Lock()
         self.unmatched = 0
@@ -56,8 +56,8 @@ class LangGraphRoles(BaseCallbackHandler):
         for tr in self.trajectory.transitions:
             if tr.meta.get("request_id") == completion_id:
                 found = True
-                if self.override or tr.agent in ("", tracing.DEFAULT_ROLE):
-                    tr.agent = node
+                if self.override or tr.role in ("", tracing.DEFAULT_ROLE):
+                    tr.role = node
         self.unmatched += not found
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:

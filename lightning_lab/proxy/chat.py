@@ -26,7 +26,7 @@ from .backends import Backend, Completion, Prepared
 from .limits import Ticket, decode_json
 from .protocol import ChatRequest, ProtocolError, parse_chat_request
 from .registry import OpenRollout, RolloutRegistry
-from .serving import Serving, agent_name, ignored_warning, off_loop, warning_headers
+from .serving import Serving, ignored_warning, off_loop, role_name, warning_headers
 from .streaming import ContentBeforeCalls, Delta, sse_error, stream_deltas, top_texts
 
 __all__ = ["chat_completion", "complete_whole", "new_call", "Call", "tool_call_deltas", "new_id"]
@@ -76,7 +76,7 @@ def new_call(serving: Serving, request: Request, entry: OpenRollout | None,
     return Call(serving.backend, serving.registry, entry, chat_request, prepared,
                 serving.temperature(chat_request.temperature, entry),
                 serving.max_tokens(chat_request.max_tokens, entry, warnings),
-                agent_name(request, chat_request.metadata, chat_request.user), new_id(),
+                role_name(request, chat_request.metadata, chat_request.user), new_id(),
                 request.scope.get("ll_attempt"))
 
 
@@ -165,10 +165,10 @@ class Call:
 
     def __init__(self, backend: Backend, registry: RolloutRegistry, entry: OpenRollout | None,
                  request: ChatRequest, prepared: Prepared, temperature: float, max_tokens: int,
-                 agent: str, request_id: str, attempt: str | None = None):
+                 role: str, request_id: str, attempt: str | None = None):
         self.backend, self.registry, self.entry = backend, registry, entry
         self.request, self.prepared = request, prepared
-        self.temperature, self.max_tokens, self.agent, self.id = temperature, max_tokens, agent, request_id
+        self.temperature, self.max_tokens, self.role, self.id = temperature, max_tokens, role, request_id
         self.meta = {"request_id": self.id, "via": "http"}
         if attempt:
             self.meta["attempt_id"] = attempt
@@ -189,7 +189,7 @@ class Call:
                 self.entry, prompt_ids=list(self.prepared.prompt_ids),
                 prompt_text=self.prepared.prompt_text, response_ids=c.response_ids,
                 logprobs=c.logprobs, text=c.text, temperature=self.temperature,
-                finish_reason=c.finish_reason, agent=self.agent,
+                finish_reason=c.finish_reason, role=self.role,
                 meta={**c.meta, **self.meta, "choice": i})
 
     def streams(self) -> bool:
@@ -238,7 +238,7 @@ class Call:
             self.registry.record(
                 self.entry, prompt_ids=self.prepared.prompt_ids, prompt_text=self.prepared.prompt_text,
                 response_ids=[], logprobs=[], text="", temperature=self.temperature,
-                finish_reason="abort", agent=self.agent,
+                finish_reason="abort", role=self.role,
                 meta={**self.meta, "truncated": True})
 
     def _logprobs(self, ids: list[int], logprobs: list[float],

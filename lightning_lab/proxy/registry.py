@@ -4,7 +4,7 @@ HTTP handlers run on the server's event loop, not in the agent's thread, so trac
 cannot tell them the rollout; the URL does. Appending reuses ``tracing.record_generation`` with the
 trajectory and role passed explicitly, so an HTTP call becomes exactly the
 Transition an in-process ``policy.chat`` would have made. Concurrent calls of one rollout are
-serialised by a per-trajectory lock, so step indices stay dense and in arrival order.
+serialised by a per-trajectory lock, so turn indices stay dense and in arrival order.
 """
 
 from __future__ import annotations
@@ -80,14 +80,14 @@ class RolloutRegistry:
 
     def record(self, entry: OpenRollout, *, prompt_ids: list[int], prompt_text: str,
                response_ids: list[int], logprobs: list[float], text: str, temperature: float,
-               finish_reason: str, agent: str, meta: dict[str, Any]) -> Transition | None:
+               finish_reason: str, role: str, meta: dict[str, Any]) -> Transition | None:
         """Append one choice as a Transition; returns it (None if the rollout closed meanwhile)."""
         start = time.perf_counter()
         gen = Generation(text=text, prompt_ids=prompt_ids, response_ids=response_ids,
                          logprobs=logprobs, finish_reason=finish_reason, prompt_text=prompt_text,
                          temperature=temperature)
         with entry.lock:
-            tr = tracing.record_generation(gen, trajectory=entry.trajectory, agent=agent)
+            tr = tracing.record_generation(gen, trajectory=entry.trajectory, role=role)
             if tr is not None:
                 tr.meta.update(meta)
         elapsed = time.perf_counter() - start

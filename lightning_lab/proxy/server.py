@@ -2,7 +2,7 @@
 
 An unchanged OpenAI-SDK agent only needs a base URL. ``server.rollout()`` hands it one whose
 calls land in a trajectory; inside an already-open ``ll.rollout`` (as the trainer runs agents) it
-joins that trajectory instead of opening a new one, so in-process ``ll.reward``/``ll.step`` calls
+joins that trajectory instead of opening a new one, so in-process ``ll.reward``/``ll.role`` calls
 and HTTP calls share one record.
 """
 

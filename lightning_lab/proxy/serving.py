@@ -26,7 +26,7 @@ from .limits import Ticket, TokenBudget, decode_json, read_body
 from .protocol import ProtocolError, error_body
 from .registry import OpenRollout, RolloutRegistry
 
-__all__ = ["Serving", "off_loop", "agent_name", "warning_headers", "ignored_warning"]
+__all__ = ["Serving", "off_loop", "role_name", "warning_headers", "ignored_warning"]
 
 log = logging.getLogger("lightning_lab.proxy")
 
@@ -115,9 +115,12 @@ class Serving:
             self.inflight -= 1
 
 
-def agent_name(request: Any, metadata: dict[str, Any], user: str) -> str:
-    """The role of a call: ``X-LL-Agent`` header, else ``metadata.agent``, else ``user``."""
-    return request.headers.get("x-ll-agent") or metadata.get("agent") or user
+def role_name(request: Any, metadata: dict[str, Any], user: str) -> str:
+    """The role of a call: ``X-LL-Role`` header, else ``metadata.role``, else ``user``
+    (``X-LL-Agent`` / ``metadata.agent``, the names before "role", are still read)."""
+    headers = request.headers
+    return (headers.get("x-ll-role") or headers.get("x-ll-agent") or metadata.get("role")
+            or metadata.get("agent") or user)
 
 
 def warning_headers(warnings: list[str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ as a JSON object: ``rollout_id``, ``attempt_id``, ``sequence_id``, ``trace_id``,
   AgentOps' ``agentops.task.output`` = ``{"type": "reward", "value": x}``. Each reward goes to
   the latest LLM call that ended before the reward span started (Agent Lightning's
   "first occurrence" match seen from the reward's side).
-* **Agent names**: ``agent.name`` (OpenAI Agents SDK) or ``gen_ai.agent.name`` on the call or
+* **Roles**: ``agent.name`` (OpenAI Agents SDK) or ``gen_ai.agent.name`` on the call or
   an ancestor span.
 
 One ``Trajectory`` per ``(rollout_id, attempt_id)``. When token ids are missing, the prompt is
@@ -188,7 +188,7 @@ def _transition(span: dict[str, Any], by_id: dict[str, dict[str, Any]], tokenize
     if temperature is None:  # none sent: OpenAI's default; 0 stays 0 (greedy)
         temperature = 1.0
     return Transition(prompt_ids=prompt_ids, response_ids=response_ids, logprobs=logprobs,
-                      prompt=prompt_text, response=response_text, agent=_agent(span, by_id),
+                      prompt=prompt_text, response=response_text, role=_role(span, by_id),
                       temperature=float(temperature),
                       finish_reason=_finish(completion), meta=meta)
 
@@ -234,7 +234,7 @@ def _finish(completion: list[dict[str, Any]]) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _agent(span: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
+def _role(span: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
     seen = set()
     node: dict[str, Any] | None = span
     while node is not None and node["span_id"] not in seen:

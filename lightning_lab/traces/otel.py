@@ -15,8 +15,8 @@ Layout (one trace per trajectory):
   ``gen_ai.agent.name``, ``gen_ai.input.messages`` / ``gen_ai.output.messages``), token ids
   under Agent Lightning's keys (``prompt_token_ids`` / ``response_token_ids``, so its adapters
   read them too), and what the GenAI conventions have no key for under ``lightning_lab.*``
-  (behaviour logprobs, exact prompt/response text, step reward and credit, meta as JSON). A
-  non-zero step reward is also a ``gen_ai.reward`` event on its span.
+  (behaviour logprobs, exact prompt/response text, turn index, reward and credit, meta as JSON). A
+  non-zero per-call reward is also a ``gen_ai.reward`` event on its span.
 
 OTLP-JSON follows the OTLP/JSON spec (hex trace/span ids, lowerCamelCase keys), one
 ``ExportTraceServiceRequest`` per file, written with the SDK's own protobuf encoder.
@@ -31,7 +31,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..records import Batch, Trajectory, Transition
+from ..records import Batch, Trajectory, Transition, upgrade_names
 from ._checks import finish_load, rewards_problem
 
 __all__ = ["batch_to_spans", "spans_to_batch", "save_otlp_json", "load_otlp_json",
@@ -124,7 +124,7 @@ def _transition_attributes(tr: Transition, model: str) -> dict[str, Any]:
         "gen_ai.response.finish_reasons": [tr.finish_reason],
         "gen_ai.usage.input_tokens": len(tr.prompt_ids),
         "gen_ai.usage.output_tokens": len(tr.response_ids),
-        "gen_ai.agent.name": tr.agent,
+        "gen_ai.agent.name": tr.role,
         "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [
             {"type": "text", "content": tr.prompt}]}]),
         "gen_ai.output.messages": json.dumps([{"role": "assistant", "finish_reason": tr.finish_reason,
@@ -134,7 +134,7 @@ def _transition_attributes(tr: Transition, model: str) -> dict[str, Any]:
         _LL + "logprobs": [float(x) for x in tr.logprobs],
         _LL + "prompt": tr.prompt,
         _LL + "response": tr.response,
-        _LL + "step": tr.step,
+        _LL + "turn": tr.turn,
         _LL + "reward": float(tr.reward),
         _LL + "meta": json.dumps(tr.meta, allow_nan=False),
     }
@@ -259,7 +259,7 @@ def spans_to_batch(spans: Sequence[Any], *, source: str = "spans") -> Batch:
     """Trajectories from OTLP span dicts (as in OTLP/JSON), grouped by trace id.
 
     A trace without a lightning-lab root span, or with contradictory parts (a transition whose
-    step is out of order, logprobs that do not match the response tokens, a reward attribute
+    turn is out of order, logprobs that do not match the response tokens, a reward attribute
     that disagrees with its event, rewards out of range), is skipped with the reason, and so is
     a span that is not an object or has no usable trace id (``source: spans[i]``); the others
     are kept.
@@ -298,6 +298,13 @@ def _span_problem(span: Any) -> str | None:
     return None
 
 
+def _turn(span: dict[str, Any]) -> int:
+    """The span's ``lightning_lab.turn`` (``lightning_lab.step`` in files from before the rename)."""
+    attrs = _attrs(span)
+    names = {new: attrs[_LL + new] for new in ("turn", "step") if _LL + new in attrs}
+    return int(upgrade_names(names, f"span {span.get('spanId', '')!r}")["turn"])
+
+
 def _trajectory(spans: list[dict[str, Any]]) -> Trajectory:
     roots = [s for s in spans if _attrs(s).get("gen_ai.operation.name") == "invoke_agent"
              and _LL + "traj_id" in _attrs(s)]
@@ -307,7 +314,7 @@ def _trajectory(spans: list[dict[str, Any]]) -> Trajectory:
     root_id = _hex_id(root.get("spanId", ""))
     ra = _attrs(root)
     calls = [s for s in spans if s is not root and _hex_id(s.get("parentSpanId", "")) == root_id]
-    calls.sort(key=lambda s: int(_attrs(s)[_LL + "step"]))
+    calls.sort(key=lambda s: _turn(s))
     transitions = []
     for i, span in enumerate(calls):
         a = _attrs(span)
@@ -315,27 +322,27 @@ def _trajectory(spans: list[dict[str, Any]]) -> Trajectory:
                         response_ids=[int(x) for x in a["response_token_ids"]],
                         logprobs=[float(x) for x in a.get(_LL + "logprobs", [])],
                         prompt=a[_LL + "prompt"], response=a[_LL + "response"],
-                        agent=a.get("gen_ai.agent.name", ""), step=int(a[_LL + "step"]),
+                        role=a.get("gen_ai.agent.name", ""), turn=_turn(span),
                         reward=float(a[_LL + "reward"]),
                         temperature=float(a["gen_ai.request.temperature"]),
                         finish_reason=list(a["gen_ai.response.finish_reasons"])[0],
                         meta=json.loads(a[_LL + "meta"]),
                         ret=_opt(a, "ret"), advantage=_opt(a, "advantage"), value=_opt(a, "value"))
-        if tr.step != i:
-            raise ValueError(f"transition steps are not 0..{len(calls) - 1} (found {tr.step} at {i})")
+        if tr.turn != i:
+            raise ValueError(f"transition turns are not 0..{len(calls) - 1} (found {tr.turn} at {i})")
         if tr.logprobs and len(tr.logprobs) != len(tr.response_ids):
-            raise ValueError(f"step {i}: {len(tr.logprobs)} logprobs for "
+            raise ValueError(f"turn {i}: {len(tr.logprobs)} logprobs for "
                              f"{len(tr.response_ids)} response tokens")
         events = [float(_attrs(e)["value"]) for e in span.get("events", [])
                   if e.get("name") == "gen_ai.reward"]
         if events and not math.isclose(sum(events), tr.reward, rel_tol=1e-9, abs_tol=1e-12):
-            raise ValueError(f"step {i}: reward attribute {tr.reward} contradicts its events {events}")
+            raise ValueError(f"turn {i}: reward attribute {tr.reward} contradicts its events {events}")
         transitions.append(tr)
     traj = Trajectory(transitions=transitions, meta=json.loads(ra[_LL + "meta"]),
                       **{name: str(ra[_LL + name]) for name in _TRAJ_FIELDS})
     total = float(ra.get(_LL + "total_reward", traj.total_reward))
     if not math.isclose(total, traj.total_reward, rel_tol=1e-9, abs_tol=1e-9):
-        raise ValueError(f"total reward {total} contradicts the steps' rewards ({traj.total_reward})")
+        raise ValueError(f"total reward {total} contradicts the turns' rewards ({traj.total_reward})")
     problem = rewards_problem(traj)
     if problem:
         raise ValueError(problem)

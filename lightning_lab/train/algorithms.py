@@ -36,10 +36,10 @@ class Algorithm(Protocol):
     """Its steps sample trajectories the run appends to ``trajectories.jsonl``."""
 
     @property
-    def step_count(self) -> int: ...
+    def iteration(self) -> int: ...
 
     def step(self) -> Any:
-        """One step; the result has ``step``, ``metrics`` and ``batch`` (``StepState``)."""
+        """One iteration; the result has ``iteration``, ``metrics`` and ``batch`` (``StepState``)."""
 
     def planned_steps(self, config: RunConfig) -> int:
         """Steps a run of ``config`` takes (before its wall-clock budget)."""
@@ -75,7 +75,7 @@ class PPORun(PPOTrainer):
 
     def line(self, state: Any) -> str:
         m = state.metrics
-        return (f"step {state.step:3d}  reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}  "
+        return (f"step {state.iteration:3d}  reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}  "
                 f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  loss {m['policy_loss']:+.4f}  "
                 f"tok/s {m['tokens_per_s']:.0f}  failed {int(m['n_failed'])}")
 
@@ -103,14 +103,14 @@ class _FineTuning(ABC):
         from .checkpoint import save_checkpoint
 
         state = sft_state_dict(self.policy, config=dataclasses.asdict(self.config),
-                               step=self.step_count, optimizer=self._optimizer(),
+                               step=self.iteration, optimizer=self._optimizer(),
                                history=self._sft_history())
-        return save_checkpoint(state, Path(directory), self.step_count,
+        return save_checkpoint(state, Path(directory), self.iteration,
                                model=getattr(self.policy, "name", ""), keep_last=keep_last)
 
     @property
     @abstractmethod
-    def step_count(self) -> int: ...
+    def iteration(self) -> int: ...
 
     @abstractmethod
     def _optimizer(self) -> Any:
@@ -135,8 +135,8 @@ class SFTRun(_FineTuning):
         self.skipped.update(self.sft.skipped)
 
     @property
-    def step_count(self) -> int:
-        return self.sft.step_count
+    def iteration(self) -> int:
+        return self.sft.iteration
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -157,7 +157,7 @@ class SFTRun(_FineTuning):
 
     def line(self, state: SFTStepState) -> str:
         m = state.metrics
-        return f"step {state.step:4d}  loss {m['loss']:.4f}  token_acc {m['token_acc']:.3f}"
+        return f"step {state.iteration:4d}  loss {m['loss']:.4f}  token_acc {m['token_acc']:.3f}"
 
     def summary(self) -> dict[str, Any]:
         return {"rows": len(self.sft.rows), "skipped": dict(self.skipped),
@@ -188,7 +188,7 @@ class RejectionRun(_FineTuning):
         self.rounds = RejectionRounds(policy, agent, tasks, rejection, callbacks=self.callbacks)
 
     @property
-    def step_count(self) -> int:
+    def iteration(self) -> int:
         return len(self.rounds.results)
 
     @property

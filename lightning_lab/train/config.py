@@ -111,8 +111,8 @@ class PPOConfig:
     """Learning rate of the critic head (used by the ``value`` credit strategy)."""
     value_coef: float = bounded(0.5, ge=0)
     """Weight of the critic's regression loss."""
-    trainable_agents: tuple[str, ...] | None = None
-    """Only transitions of these agent/role names enter the loss; None = all."""
+    trainable_roles: tuple[str, ...] | None = None
+    """Only transitions of these roles (``ll.role`` names) enter the loss; None = all."""
     skip_zero_advantage: bool = True
     """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
     recompute_logprobs: bool = False
@@ -146,7 +146,7 @@ class PPOConfig:
     """Seeds the task order, the minibatch order and torch's sampling RNG."""
 
     def __post_init__(self) -> None:
-        self.trainable_agents = _names(self.trainable_agents)
+        self.trainable_roles = _names(self.trainable_roles)
         check_ranges(self)
 
 
@@ -187,8 +187,8 @@ class SFTConfig:
     max_context: int | None = bounded(None, ge=1)
     """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
     model's ``max_position_embeddings``."""
-    agents: tuple[str, ...] | None = None
-    """Train only on transitions of these roles; None = all."""
+    roles: tuple[str, ...] | None = None
+    """Train only on transitions of these roles (``ll.role`` names); None = all."""
     n: int = bounded(8, ge=1)
     """Rejection sampling: samples per task per round."""
     threshold: float = bounded(0.5)
@@ -203,7 +203,7 @@ class SFTConfig:
     """Seeds the row order (a run copies its seed here)."""
 
     def __post_init__(self) -> None:
-        self.agents = _names(self.agents)
+        self.roles = _names(self.roles)
         check_ranges(self)
 
 
@@ -451,7 +451,7 @@ def override(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
     top = dataclasses.asdict(config)
     algorithm = values.get("algorithm", config.algorithm)
     run_hints = _hints(RunConfig)
-    for key, value in _dotted(values).items():
+    for key, value in upgrade_field_names(_dotted(values)).items():
         section, name = _place(key, run_hints, algorithm)
         if section is None:
             top[name] = _coerce(name, value, run_hints[name])
@@ -472,6 +472,28 @@ def _renamed(values: Mapping[str, Any]) -> Mapping[str, Any]:
     warnings.warn(f"config field 'mode' is deprecated; write 'algorithm: {values['mode']}' "
                   "instead", FutureWarning, stacklevel=3)
     return {("algorithm" if k == "mode" else k): v for k, v in values.items()}
+
+
+FIELD_RENAMES = {"trainable_agents": "trainable_roles", "agents": "roles"}
+"""Config fields renamed when "role" became the one word for who made a call: old -> new."""
+
+
+def upgrade_field_names(values: Mapping[str, Any], what: str = "config") -> dict[str, Any]:
+    """``values`` with the old names of ``FIELD_RENAMES`` (alone or as a dotted key's last part)
+    under their new names, each with a DeprecationWarning, so older YAML files, sweeps and
+    checkpoints still load; an old and a new name together are refused."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, name = key.rpartition(".")
+        if name in FIELD_RENAMES:
+            new = f"{head}{dot}{FIELD_RENAMES[name]}"
+            if new in values:
+                raise ConfigError(f"{what}: {key!r} is the old name of {new!r}; give only {new!r}")
+            warnings.warn(f"{what}: field {key!r} is deprecated; write {new!r}",
+                          DeprecationWarning, stacklevel=3)
+            key = new
+        out[key] = value
+    return out
 
 
 def _dotted(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -579,7 +601,7 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dataclasses.asdict(config)
-    for section, names in (("ppo", "trainable_agents"), ("sft", "agents")):
+    for section, names in (("ppo", "trainable_roles"), ("sft", "roles")):
         del data[section]["seed"]  # follows the run's seed
         if data[section][names] is not None:
             data[section][names] = list(data[section][names])

@@ -20,7 +20,7 @@ class OfflineBatchError(ValueError):
     """A stored batch lacks what offline PPO needs; the message names the field and record."""
 
 
-def check_offline_batch(batch: Batch, *, agents: tuple[str, ...] | None = None) -> None:
+def check_offline_batch(batch: Batch, *, roles: tuple[str, ...] | None = None) -> None:
     """Raise ``OfflineBatchError`` unless every trainable transition has one behaviour logprob
     per response token (field ``Transition.logprobs``)."""
     if not len(batch):
@@ -29,7 +29,7 @@ def check_offline_batch(batch: Batch, *, agents: tuple[str, ...] | None = None) 
         if not traj.usable:
             continue
         for tr in traj.transitions:
-            if not tr.trainable or (agents is not None and tr.agent not in agents):
+            if not tr.trainable or (roles is not None and tr.role not in roles):
                 continue
             if len(tr.logprobs) != len(tr.response_ids):
                 what = "missing" if not tr.logprobs else (
@@ -38,7 +38,7 @@ def check_offline_batch(batch: Batch, *, agents: tuple[str, ...] | None = None) 
                 raise OfflineBatchError(
                     f"offline PPO needs behaviour logprobs: field 'logprobs' is {what} in "
                     f"trajectory {i} (traj_id {traj.traj_id!r}, task {traj.task_id!r}), transition "
-                    f"{tr.step} (agent {tr.agent!r}, from {source}); record them when sampling, or "
+                    f"{tr.turn} (role {tr.role!r}, from {source}); record them when sampling, or "
                     "train on this batch with SFT, which does not need them")
 
 
@@ -48,5 +48,5 @@ def offline_ppo_step(trainer: Any, batch: Batch) -> Any:
     Advantages are recomputed by the trainer's credit strategy from the stored rewards (stored
     ``ret``/``advantage`` values are overwritten), exactly as the online step does.
     """
-    check_offline_batch(batch, agents=trainer.config.trainable_agents)
+    check_offline_batch(batch, roles=trainer.config.trainable_roles)
     return trainer.learn(batch)

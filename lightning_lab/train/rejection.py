@@ -55,8 +55,8 @@ class RoundResult:
     sft_history: list[dict[str, float]]
 
     @property
-    def step(self) -> int:
-        """The round's number: a run's step (``run(config)`` with ``algorithm: rejection``)."""
+    def iteration(self) -> int:
+        """The round's number: a run's iteration (``run(config)`` with ``algorithm: rejection``)."""
         return self.round
 
     @property

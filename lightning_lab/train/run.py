@@ -83,7 +83,7 @@ class RunSetup:
                                   timeout_s=self.config.ppo.rollout_timeout_s)
         batch.save_jsonl(self.out / f"eval_{tag}.jsonl")
         for cb in self.callbacks:
-            cb.on_eval(metrics, self.trainer.step_count)
+            cb.on_eval(metrics, self.trainer.iteration)
         return metrics
 
 
@@ -291,7 +291,7 @@ def build(config: RunConfig, callbacks: Sequence[Any] = (),
     if config.vllm_python and parallel.world_size > 1:
         raise ConfigError("--vllm-python starts servers from one process; under torchrun start "
                           "them yourself and pass each with --vllm-url")
-    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.step_count, log,
+    rollouts = start_rollout_engine(config, policy, Path(config.out), trainer.iteration, log,
                                     parallel)
     if rollouts is not None:
         trainer.sync = rollouts.sync
@@ -336,14 +336,14 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     save_config(config, out / CONFIG_FILE)
     ckpt_dir = out / "checkpoints"
     if setup.resumed:
-        log(f"resumed from {ckpt_dir} at step {trainer.step_count}")
+        log(f"resumed from {ckpt_dir} at step {trainer.iteration}")
     elif config.resume:
         log(f"no complete checkpoint in {ckpt_dir}: starting at step 0")
     if config.resume:  # re-run steps must not be logged twice
         clean_orphans(ckpt_dir)
-        dropped = roll_back_logs(out, trainer.step_count)
+        dropped = roll_back_logs(out, trainer.iteration)
         if any(dropped.values()):
-            log("rolled back to step {}: dropped {}".format(trainer.step_count, ", ".join(
+            log("rolled back to step {}: dropped {}".format(trainer.iteration, ", ".join(
                 f"{n} line(s) of {f}" for f, n in dropped.items() if n)))
     try:
         summary = _train(setup, log)
@@ -366,7 +366,7 @@ def _train(setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
     started = time.monotonic()
     deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
     with open(out / "metrics.jsonl", "a") as metrics_log:
-        while setup.parallel.broadcast(trainer.step_count < planned
+        while setup.parallel.broadcast(trainer.iteration < planned
                                        and time.monotonic() < deadline):
             t0 = time.perf_counter()
             if governor is not None:
@@ -377,12 +377,13 @@ def _train(setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
             if trainer.keeps_trajectories:
                 state.batch.save_jsonl(out / "trajectories.jsonl", append=True)
             log(f"{trainer.line(state)}  {time.perf_counter() - t0:.1f}s")
-            if config.save_every and state.step % config.save_every == 0:
+            if config.save_every and state.iteration % config.save_every == 0:
                 trainer.save(ckpt_dir, keep_last=keep)
-            if config.eval_every and state.step % config.eval_every == 0 and state.step < planned:
+            if (config.eval_every and state.iteration % config.eval_every == 0
+                    and state.iteration < planned):
                 _evaluate(setup, log)
     train_minutes = (time.monotonic() - started) / 60
-    log(f"trained {trainer.step_count} steps in {train_minutes:.1f} min")
+    log(f"trained {trainer.iteration} steps in {train_minutes:.1f} min")
     checkpoint = trainer.save(ckpt_dir, keep_last=keep)
     after = _evaluate(setup, log)
     summary = {"before": before, "after": after, "train_minutes": train_minutes,
@@ -394,7 +395,7 @@ def _train(setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _evaluate(setup: RunSetup, log: Callable[[str], None]) -> dict[str, float]:
-    tag = f"step{setup.trainer.step_count:04d}"
+    tag = f"step{setup.trainer.iteration:04d}"
     metrics = setup.evaluate(tag)
     if metrics:
         log(f"[eval {tag}] " + _fmt(metrics))
@@ -420,11 +421,11 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
         return trainer.step()
     except KeyboardInterrupt:
         if trainer.mid_update:
-            log(f"interrupted during the update of step {trainer.step_count + 1}: not saved; "
+            log(f"interrupted during the update of step {trainer.iteration + 1}: not saved; "
                 f"resume continues from the last checkpoint")
             raise
         path = trainer.save(ckpt_dir, keep_last=keep)
-        log(f"interrupted: saved {path} (step {trainer.step_count}); continue with --resume")
+        log(f"interrupted: saved {path} (step {trainer.iteration}); continue with --resume")
         raise
     except (RolloutServerError, AdapterSyncError) as exc:
         failed = ckpt_dir.parent / FAILED_ROLLOUTS
@@ -434,8 +435,8 @@ def _interruptible_step(trainer: Any, ckpt_dir: Path, keep: int | None,
                 traj.meta["not_trained"] = str(exc)[:500]
             batch.save_jsonl(failed, append=True)
         path = trainer.save(ckpt_dir, keep_last=keep)
-        log(f"step {trainer.step_count + 1} failed: {exc}\nsaved {path} (step "
-            f"{trainer.step_count})" + (f"; its {len(batch)} rollouts are in {failed}"
+        log(f"step {trainer.iteration + 1} failed: {exc}\nsaved {path} (step "
+            f"{trainer.iteration})" + (f"; its {len(batch)} rollouts are in {failed}"
                                        if batch is not None else "")
             + "; restart the server (--vllm-python starts new ones) and continue with --resume")
         raise

@@ -44,8 +44,8 @@ class Demonstration:
     """What the model should generate after ``prefill``; include the stop string the agent uses."""
     prefill: str = ""
     """Start of the assistant turn (part of the prompt, never a target)."""
-    agent: str = ""
-    """Role name the transition gets (``ll.step``'s name in the agent)."""
+    role: str = ""
+    """Role the transition gets (the ``ll.role`` name of the agent's call)."""
     task_id: str = ""
     end_of_turn: bool = False
     """Append the tokenizer's end-of-turn token: the call ended by the model stopping, not by a
@@ -77,7 +77,7 @@ def demonstrations_to_batch(tokenizer: Any, demos: Iterable[Demonstration], *,
             skipped["over_context"] += 1
             continue
         tr = Transition(prompt_ids=prompt_ids, response_ids=response_ids, prompt=prompt_text,
-                        response=demo.target, agent=demo.agent, temperature=1.0,
+                        response=demo.target, role=demo.role, temperature=1.0,
                         meta={"source": "demonstration"})
         batch.trajectories.append(Trajectory(task_id=demo.task_id or str(i), transitions=[tr],
                                              meta={"source": "demonstration"}))
@@ -92,7 +92,7 @@ def _end_of_turn_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id
 
 
-def sft_rows(batch: Batch, *, agents: Sequence[str] | None = None,
+def sft_rows(batch: Batch, *, roles: Sequence[str] | None = None,
              max_context: int | None = None) -> tuple[list[Transition], Counter]:
     """The transitions SFT trains on: finished trajectories' calls with a response, optionally of
     some roles only; over-long ones are skipped and counted (``over_context``)."""
@@ -103,8 +103,8 @@ def sft_rows(batch: Batch, *, agents: Sequence[str] | None = None,
             skipped["failed_trajectory"] += 1
         elif not tr.response_ids:
             skipped["empty_target"] += 1
-        elif agents is not None and tr.agent not in agents:
-            skipped["other_agent"] += 1
+        elif roles is not None and tr.role not in roles:
+            skipped["other_role"] += 1
         elif max_context is not None and len(tr.prompt_ids) + len(tr.response_ids) > max_context:
             skipped["over_context"] += 1
         else:
@@ -125,7 +125,7 @@ class SFTStepState:
     """One optimizer step of SFT; carries ``metrics`` and ``batch`` like ``StepState`` so the
     W&B callback and the dashboard's curves take it as they are."""
 
-    step: int
+    iteration: int
     batch: Batch
     metrics: dict[str, float]
     skipped: Counter = field(default_factory=Counter)
@@ -149,7 +149,7 @@ class SFTTrainer:
         self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         model = policy.model
         max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None)
-        self.rows, self.skipped = sft_rows(batch, agents=self.config.agents, max_context=max_context)
+        self.rows, self.skipped = sft_rows(batch, roles=self.config.roles, max_context=max_context)
         self.batch = batch
         if not self.rows:
             raise ValueError(f"no transitions to train on ({dict(self.skipped) or 'empty batch'})")
@@ -161,7 +161,7 @@ class SFTTrainer:
             params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self._rng = random.Random(self.config.seed)
         self._queue: list[int] = []
-        self.step_count = 0
+        self.iteration = 0
         self.history: list[dict[str, float]] = []
 
     @property
@@ -178,7 +178,7 @@ class SFTTrainer:
         rows = sorted((self.rows[i] for i in idx), key=lambda tr: (
             tr.prompt_ids if cfg.share_prefixes else len(tr.prompt_ids)))
         n_tokens = sum(len(tr.response_ids) for tr in rows)
-        lr = cfg.lr * min(1.0, (self.step_count + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = cfg.lr * min(1.0, (self.iteration + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,16 +193,16 @@ class SFTTrainer:
             correct += float((fwd.logprobs.detach() > -0.6931).sum())  # p > 1/2: the argmax
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
-        self.step_count += 1
-        metrics = {"step": float(self.step_count), "loss": nll_sum / n_tokens,
+        self.iteration += 1
+        metrics = {"step": float(self.iteration), "loss": nll_sum / n_tokens,
                    "token_acc": correct / n_tokens, "grad_norm": float(grad_norm), "lr": lr,
                    "n_rows": float(len(rows)), "response_tokens": float(n_tokens),
-                   "update_s": time.perf_counter() - t0, "epoch": self.step_count / self.steps_per_epoch,
+                   "update_s": time.perf_counter() - t0, "epoch": self.iteration / self.steps_per_epoch,
                    # the dashboard's and W&B's reward curve: mean target-token probability
                    "reward_mean": float(torch.tensor(-nll_sum / n_tokens).exp())}
         self.history.append(metrics)
         sub = Batch([Trajectory(task_id="sft", transitions=list(rows))])
-        state = SFTStepState(step=self.step_count, batch=sub, metrics=metrics, skipped=self.skipped)
+        state = SFTStepState(iteration=self.iteration, batch=sub, metrics=metrics, skipped=self.skipped)
         self.callbacks.on_step(state)
         return state
 
@@ -230,7 +230,7 @@ class SFTTrainer:
         import dataclasses
 
         return sft_state_dict(self.policy, config=dataclasses.asdict(self.config),
-                              step=self.step_count, optimizer=self.optimizer, history=self.history)
+                              step=self.iteration, optimizer=self.optimizer, history=self.history)
 
     def _next_rows(self) -> list[int]:
         """Shuffled passes; rows sharing a prompt stay adjacent so their prompt runs once."""

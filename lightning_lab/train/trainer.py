@@ -21,7 +21,7 @@ from .. import credit as credit_lib
 from .callbacks import Callback, CallbackList
 from .collect import Prefetcher, TaskOrder, collect_rollouts
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import PPOConfig
+from .config import PPOConfig, upgrade_field_names
 from .critic import ValueHead
 from .distributed import DataParallel
 from .sync import AdapterSyncError, sync_everywhere
@@ -38,14 +38,15 @@ __all__ = ["PPOConfig", "PPOTrainer", "StepState"]
 
 @dataclass
 class StepState:
-    """Everything about one training step; widgets and trackers read it directly."""
+    """Everything about one training iteration (``trainer.step()``); widgets and trackers read
+    it directly."""
 
-    step: int
+    iteration: int
     batch: Batch
     metrics: dict[str, float]
     credit: credit_lib.CreditStrategy
     ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    """Per-token ratio pi/pi_behaviour after the last epoch, keyed by (traj_id, step)."""
+    """Per-token ratio pi/pi_behaviour after the last epoch, keyed by (traj_id, turn)."""
     trainer: "PPOTrainer | None" = field(default=None, repr=False)
     """The trainer that made this step: its critic fills values for ``recompute("value")`` while
     this is still its latest step (after that the critic and the policy have moved on)."""
@@ -62,11 +63,12 @@ class StepState:
         if strategy.needs_values and any(tr.value is None for _, tr in batch.transitions()):
             if self.trainer is None:
                 raise ValueError("this batch has no critic values and no trainer to compute them")
-            if self.trainer.step_count != self.step:
+            if self.trainer.iteration != self.iteration:
                 raise ValueError(
-                    f"step {self.step}'s batch has no critic values, and the critic has moved on "
-                    f"(the trainer is at step {self.trainer.step_count}); recompute a value strategy "
-                    "on the latest StepState, or train with it so values are recorded")
+                    f"iteration {self.iteration}'s batch has no critic values, and the critic has "
+                    f"moved on (the trainer is at iteration {self.trainer.iteration}); recompute "
+                    "a value strategy on the latest StepState, or train with it so values are "
+                    "recorded")
             self.trainer.critic_values(batch)
         strategy.assign(batch)
         return dataclasses.replace(self, batch=batch, credit=strategy)
@@ -105,7 +107,7 @@ class PPOTrainer:
         self.reference_weights = reference_weights
         """Trainable weights of the KL reference, e.g. the warm start's adapter (``train
         --init-from``), as TRL's reference is the SFT model; None = the adapter-off base model."""
-        self.step_count = 0
+        self.iteration = 0
         self.mid_update = False
         """True from the update's first optimizer step until its step finishes: the weights then
         belong to no step, so there is nothing consistent to checkpoint."""
@@ -168,7 +170,7 @@ class PPOTrainer:
             sync_s = t_sampling - t0  # kept out of rollout_s: tokens_per_s is the sampler's alone
             version = self._sampler_version()
             batch, own = collect_rollouts(self.agent, self._draw_tasks(), self.config,
-                                          self.parallel, self.step_count)
+                                          self.parallel, self.iteration)
             rollout_s = time.perf_counter() - t_sampling
         self._check_servers(batch)
         if batch.n_failed == len(batch):
@@ -205,10 +207,10 @@ class PPOTrainer:
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
                        tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9),
                        prefix_hit_rate=prefix_hit_rate(self.policy))
-        self.step_count += 1
+        self.iteration += 1
         self.mid_update = False
-        metrics["step"] = self.step_count
-        state = StepState(step=self.step_count, batch=batch, metrics=metrics, credit=self.credit,
+        metrics["step"] = self.iteration
+        state = StepState(iteration=self.iteration, batch=batch, metrics=metrics, credit=self.credit,
                           ratios=ratios, trainer=self)
         self.history.append(metrics)
         self._callbacks.on_step(state)
@@ -239,8 +241,8 @@ class PPOTrainer:
         prefetch.wait()
         self._set_task_state(prefetch.rewind)
         if self.sync is None:
-            self.policy.engine.snapshot_weights(self.step_count)
-        elif self.sync.synced_step != self.step_count:
+            self.policy.engine.snapshot_weights(self.iteration)
+        elif self.sync.synced_step != self.iteration:
             self._sync_adapter()
 
     # ------------------------------------------------------------------ pieces
@@ -248,7 +250,7 @@ class PPOTrainer:
         return [self.tasks[i] for i in self.task_order.next(self.config.tasks_per_step)]
 
     def _sync_if_due(self) -> None:
-        if self.sync is not None and self.sync.due(self.step_count):
+        if self.sync is not None and self.sync.due(self.iteration):
             self._sync_adapter()
 
     def _check_servers(self, batch: Batch) -> None:
@@ -270,7 +272,7 @@ class PPOTrainer:
     def _sampler_version(self) -> int:
         """The trainer step whose weights rollouts started now are sampled by: the last synced
         adapter's with a server, else the policy's own (as of now)."""
-        return self.step_count if self.sync is None else int(self.sync.synced_step)
+        return self.iteration if self.sync is None else int(self.sync.synced_step)
 
     def _start_prefetch(self) -> None:
         """Start sampling the next step's rollouts from the weights as they are before this
@@ -278,10 +280,10 @@ class PPOTrainer:
         from its own snapshot of them (``Engine.snapshot_weights``)."""
         self._sync_if_due()
         if self.sync is None:
-            self.policy.engine.snapshot_weights(self.step_count)
+            self.policy.engine.snapshot_weights(self.iteration)
         rewind = self._task_state()
         self._prefetch = Prefetcher(self.agent, self._draw_tasks(), self.config, self.parallel,
-                                    self.step_count + 1, version=self._sampler_version(),
+                                    self.iteration + 1, version=self._sampler_version(),
                                     rewind=rewind)
 
     def _check_async(self) -> None:
@@ -303,7 +305,7 @@ class PPOTrainer:
 
     def _sync_adapter(self) -> None:
         """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
-        sync_everywhere(self.sync, self.policy, self.step_count, self.parallel)
+        sync_everywhere(self.sync, self.policy, self.iteration, self.parallel)
 
     def _stamp_versions(self, batch: Batch) -> dict[str, float]:
         """Record the adapter version each transition was sampled with (the server's word when
@@ -321,7 +323,7 @@ class PPOTrainer:
         lags = []
         for _, tr in batch.transitions():
             tr.meta.setdefault("adapter_version", version)
-            tr.meta["lag"] = self.step_count - version
+            tr.meta["lag"] = self.iteration - version
             lags.append(tr.meta["lag"])
         return {"staleness_mean": sum(lags) / len(lags) if lags else 0.0,
                 "staleness_max": float(max(lags, default=0))}
@@ -355,7 +357,7 @@ class PPOTrainer:
         is trained in full); RNG states cover task order, minibatch order and torch's sampling.
         """
         return {
-            "step": self.step_count,
+            "step": self.iteration,
             "config": dataclasses.asdict(self.config),
             "credit": {"name": self.credit.name, "params": self.credit.params()},
             "params": {n: p.detach().cpu() for n, p in trainable_parameters(self.policy.model).items()},
@@ -404,7 +406,7 @@ class PPOTrainer:
         for group, lr in zip(self.optimizer.param_groups, (self.config.lr, self.config.value_lr)):
             group["lr"] = lr
         self._load_sampling_state(state)
-        self.step_count = int(state["step"])
+        self.iteration = int(state["step"])
         self.history = [dict(h) for h in state["history"]]
 
     def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
@@ -412,7 +414,7 @@ class PPOTrainer:
         # the portable copy of the weights, written into the checkpoint: a PEFT adapter folder
         extra = ((lambda tmp: self.save_adapter(tmp / "adapter")) if has_adapter(self.policy.model)
                  else None)
-        return save_checkpoint(self.state_dict(), Path(directory), self.step_count,
+        return save_checkpoint(self.state_dict(), Path(directory), self.iteration,
                                model=getattr(self.policy, "name", ""), keep_last=keep_last,
                                extra=extra)
 
@@ -421,7 +423,7 @@ class PPOTrainer:
         and vLLM load it); see ``export.py``."""
         from .export import save_adapter
 
-        return save_adapter(self.policy, directory, step=self.step_count)
+        return save_adapter(self.policy, directory, step=self.iteration)
 
     @classmethod
     def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],
@@ -434,7 +436,7 @@ class PPOTrainer:
         path, state = load_checkpoint(Path(directory))
         try:
             if config is None:
-                config = PPOConfig(**state["config"])
+                config = PPOConfig(**upgrade_field_names(state["config"], f"checkpoint {path}"))
             if credit is None:
                 credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
         except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks

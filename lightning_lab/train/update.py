@@ -33,7 +33,7 @@ from .scoring import Scores, chunk_rows, score, sharing_groups
 __all__ = ["Learner", "Scorer", "loss_rows", "make_optimizer", "ppo_update"]
 
 Key = tuple[str, int]
-"""A loss row's (traj_id, step)."""
+"""A loss row's (traj_id, turn)."""
 
 
 class Learner(Protocol):
@@ -202,17 +202,17 @@ def old_policy(old: OldLogprobs | None, indices: list[int], fwd: Scores, behavio
 
 
 def loss_rows(batch: Batch, config: PPOConfig) -> tuple[list[Key], list[Transition]]:
-    """The transitions that enter the loss, with their (traj_id, step) keys."""
-    allowed = config.trainable_agents
+    """The transitions that enter the loss, with their (traj_id, turn) keys."""
+    allowed = config.trainable_roles
     keys, rows = [], []
     for traj, tr in batch.transitions():
         if not traj.usable or not tr.trainable or tr.advantage is None:
             continue
-        if allowed is not None and tr.agent not in allowed:
+        if allowed is not None and tr.role not in allowed:
             continue
         if config.skip_zero_advantage and tr.advantage == 0.0:
             continue
-        keys.append((traj.traj_id, tr.step))
+        keys.append((traj.traj_id, tr.turn))
         rows.append(tr)
     return keys, rows
 

@@ -125,11 +125,11 @@ class WandbCallback(CallbackBase):
         if not self._ensure_run(state):
             return
         try:
-            self.run.log(split_metrics(state.metrics), step=int(state.step))
-            if self.table_every and state.step % self.table_every == 0:
+            self.run.log(split_metrics(state.metrics), step=int(state.iteration))
+            if self.table_every and state.iteration % self.table_every == 0:
                 self.log_table(state)
             if (self.log_checkpoints and self.trainer is not None and self.checkpoint_every
-                    and state.step % self.checkpoint_every == 0):
+                    and state.iteration % self.checkpoint_every == 0):
                 self.log_checkpoint()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._disable(exc)
@@ -145,15 +145,15 @@ class WandbCallback(CallbackBase):
         import wandb
 
         columns, rows = transition_rows(state.batch, self.table_rows)
-        table = wandb.Table(columns=["step", *columns], data=[[state.step, *r] for r in rows])
-        self.run.log({"samples/transitions": table}, step=int(state.step))
+        table = wandb.Table(columns=["step", *columns], data=[[state.iteration, *r] for r in rows])
+        self.run.log({"samples/transitions": table}, step=int(state.iteration))
 
     def log_eval(self, metrics: dict[str, float], prefix: str = "eval") -> None:
         """Log evaluation metrics and keep ``best/<name>`` (the max so far) in the run summary."""
         if not self._ensure_run(None):
             return
         try:
-            step = getattr(self.trainer, "step_count", None)
+            step = getattr(self.trainer, "iteration", None)
             data = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
             self.run.log(data, **({"step": int(step)} if step is not None else {}))
             for k, v in metrics.items():
@@ -170,9 +170,9 @@ class WandbCallback(CallbackBase):
         with tempfile.TemporaryDirectory(prefix="ll-ckpt-") as tmp:
             path = self.trainer.save(tmp)
             art = wandb.Artifact(f"{self.run.id}-checkpoint", type="model",
-                                 metadata={"step": self.trainer.step_count})
+                                 metadata={"step": self.trainer.iteration})
             art.add_dir(str(path))
-            self.run.log_artifact(art, aliases=["latest", f"step-{self.trainer.step_count}"])
+            self.run.log_artifact(art, aliases=["latest", f"step-{self.trainer.iteration}"])
             if hasattr(art, "wait") and (self.run.settings.mode or "") != "offline":
                 art.wait()
 
@@ -243,7 +243,7 @@ def transition_rows(batch: Any, limit: int = 32, text_chars: int = 2000
         pairs = [pairs[int(i * stride)] for i in range(limit)]
     columns = ["traj_id", "task_id", "question", "role", "response", "reward", "return",
                "advantage", "tokens", "status"]
-    rows = [[traj.traj_id, traj.task_id, last_user_message(tr.prompt)[:text_chars], tr.agent,
+    rows = [[traj.traj_id, traj.task_id, last_user_message(tr.prompt)[:text_chars], tr.role,
              tr.response[:text_chars], tr.reward, tr.ret, tr.advantage, len(tr.response_ids),
              traj.status] for traj, tr in pairs]
     return columns, rows

@@ -144,8 +144,8 @@ def train_run(params: dict[str, Any], callback: WandbCallback) -> dict[str, floa
 
 def _jsonable_config(config: RunConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
-    agents = data["ppo"]["trainable_agents"]
-    data["ppo"]["trainable_agents"] = list(agents) if agents is not None else None
+    roles = data["ppo"]["trainable_roles"]
+    data["ppo"]["trainable_roles"] = list(roles) if roles is not None else None
     return data
 
 

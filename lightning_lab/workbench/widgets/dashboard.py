@@ -302,12 +302,12 @@ class Dashboard(_View, CallbackBase):
                 if self._pause.is_set():
                     self._set_status(f"paused after {i} of {n} steps")
                     break
-                self._set_status(f"step {self.trainer.step_count + 1} running ({i + 1}/{n})…")
+                self._set_status(f"step {self.trainer.iteration + 1} running ({i + 1}/{n})…")
                 t0 = time.perf_counter()
                 state = self.trainer.step()  # on_step below refreshes the views
                 states.append(state)
                 m = state.metrics
-                self._set_status(f"step {state.step} done in {time.perf_counter() - t0:.1f}s · "
+                self._set_status(f"step {state.iteration} done in {time.perf_counter() - t0:.1f}s · "
                                  f"reward {m['reward_mean']:.3f} · kl {m['kl']:.4f}"
                                  + _staleness(m))
                 if self.available:

@@ -53,7 +53,7 @@ def curves_figure(history: Sequence[dict[str, float]], width: float = 12.0):
 
 
 def advantage_matrix(batch: Batch, field: str = "advantage") -> tuple[Any, list[str]]:
-    """(n_trajectories, max_steps) array of a transition field; NaN where a step does not exist."""
+    """(n_trajectories, max_turns) array of a transition field; NaN where a turn does not exist."""
     import numpy as np
 
     width = max((len(t.transitions) for t in batch.trajectories), default=0)
@@ -62,14 +62,14 @@ def advantage_matrix(batch: Batch, field: str = "advantage") -> tuple[Any, list[
         for tr in traj.transitions:
             value = getattr(tr, field)
             if value is not None:
-                out[i, tr.step] = value
+                out[i, tr.turn] = value
     labels = [f"{t.task_id}·{t.traj_id[:4]}" for t in batch.trajectories]
     return out, labels
 
 
 def advantage_heatmaps(old: Batch, new: Batch, old_title: str = "old", new_title: str = "new",
                        height: float | None = None):
-    """Old vs new per-step advantages side by side (trajectory x step), one shared colour scale
+    """Old vs new per-turn advantages side by side (trajectory x turn), one shared colour scale
     centred at zero, so a change of strategy reads as a change of colour."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -87,7 +87,7 @@ def advantage_heatmaps(old: Batch, new: Batch, old_title: str = "old", new_title
         image = ax.imshow(mat, aspect="auto", cmap="RdBu", vmin=-vmax, vmax=vmax,
                           interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step (transition)", fontsize=8)
+        ax.set_xlabel("turn", fontsize=8)
         ax.set_xticks(range(mat.shape[1]))
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("trajectory", fontsize=8)

@@ -56,8 +56,8 @@ def advantage_table(old: Batch, new: Batch):
     rows = []
     for (traj, a), (_, b) in zip(old.transitions(), new.transitions()):
         delta = (None if a.advantage is None or b.advantage is None else b.advantage - a.advantage)
-        rows.append({"traj_id": traj.traj_id, "task_id": traj.task_id, "step": a.step,
-                     "agent": a.agent, "reward": a.reward, "old_return": a.ret,
+        rows.append({"traj_id": traj.traj_id, "task_id": traj.task_id, "turn": a.turn,
+                     "role": a.role, "reward": a.reward, "old_return": a.ret,
                      "old_advantage": a.advantage, "new_return": b.ret,
                      "new_advantage": b.advantage, "delta": delta, "lag": a.meta.get("lag")})
     return pd.DataFrame(rows)
@@ -101,7 +101,7 @@ def trajectory_html(traj: Trajectory, max_chars: int = 4000) -> str:
     for tr in traj.transitions:
         parts.append(
             "<div style='border:1px solid #ddd;border-radius:4px;margin:4px 0;padding:4px'>"
-            f"<b>#{tr.step} {esc(tr.agent or '(no role)')}</b> · reward {tr.reward:.3f} · "
+            f"<b>#{tr.turn} {esc(tr.role or '(no role)')}</b> · reward {tr.reward:.3f} · "
             f"return {_fmt(tr.ret)} · advantage {_fmt(tr.advantage)} · "
             f"tokens {len(tr.prompt_ids)}→{len(tr.response_ids)} ({esc(tr.finish_reason)})"
             + (f" · lag {tr.meta['lag']}" if "lag" in tr.meta else "") +

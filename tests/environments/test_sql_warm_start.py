@@ -11,7 +11,7 @@ import lightning_lab as ll
 from environments.text_to_sql import demonstrations, load_tasks, make_agent, split_by_database
 from lightning_lab.train.sft import demonstrations_to_batch
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 needs_spider = pytest.mark.skipif(not (SPIDER / "dev.json").exists(),
                                   reason=f"Spider slice not found at {SPIDER}")
 
@@ -53,7 +53,7 @@ def test_demonstration_prompt_is_the_agents_own_call(tiny):
     assert not skipped and len(sft_batch) == 3
     for traj, demo_traj, task in zip(batch, sft_batch, tasks):
         called, demo = traj.transitions[0], demo_traj.transitions[0]
-        assert demo.prompt_ids == called.prompt_ids and demo.agent == called.agent == "writer"
+        assert demo.prompt_ids == called.prompt_ids and demo.role == called.role == "writer"
         assert demo.prompt.endswith("SELECT")
         assert ("SELECT" + demo.response).rstrip(";") == " ".join(task.gold_sql.split())
         assert demo.response.endswith(";") and demo.logprobs == []

@@ -23,7 +23,7 @@ from environments.text_to_sql.domains import BUILDERS
 from environments.text_to_sql.hardness import LEVELS, spider_hardness
 from environments.text_to_sql.reward import RewardConfig, gold_orders_rows, results_match
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 needs_spider = pytest.mark.skipif(not (SPIDER / "dev.json").is_file(),
                                   reason=f"Spider slice not found at {SPIDER}")
 
@@ -519,7 +519,7 @@ def test_agent_correct_first_try(train):
     task = next(t for t in train if t.gold_sql.startswith("SELECT count(*) FROM students"))
     policy = ScriptedPolicy({"writer": [" count(*) FROM students"], "checker": ["Yes"]})
     traj = _run(policy, task)
-    assert [tr.agent for tr in traj.transitions] == ["writer", "checker"]
+    assert [tr.role for tr in traj.transitions] == ["writer", "checker"]
     assert traj.transitions[-1].reward == 1.0 and traj.meta["exec_acc"] == 1.0
     assert traj.meta["pred_sql"] == "SELECT count(*) FROM students"
     assert traj.meta["gold_sql"] == task.gold_sql and traj.meta["db_id"] == "school"
@@ -533,12 +533,12 @@ def test_agent_rewrites_after_no_and_after_error(train):
                              "rewriter": [" count(*) FROM students"]})
     traj = _run(policy, task, max_turns=3)
     # the rewrite is checked again; "yes" ends the episode before a second rewrite
-    assert [tr.agent for tr in traj.transitions] == ["writer", "checker", "rewriter", "checker"]
+    assert [tr.role for tr in traj.transitions] == ["writer", "checker", "rewriter", "checker"]
     assert traj.meta["exec_acc"] == 1.0 and traj.meta["rewrites"] == 1
     assert traj.meta["verdicts"] == [False, True]
     policy = ScriptedPolicy({"writer": [" nope FROM students"], "rewriter": [" count(*) FROM students"]})
     traj = _run(policy, task, max_turns=2)
-    assert [tr.agent for tr in traj.transitions] == ["writer", "rewriter"]  # errors skip the checker
+    assert [tr.role for tr in traj.transitions] == ["writer", "rewriter"]  # errors skip the checker
     assert traj.meta["exec_acc"] == 1.0 and traj.meta["verdicts"] == []
 
 
@@ -576,7 +576,7 @@ def test_agent_on_tiny_model_attributes_roles(tiny_policy, dev):
                        check_errors=True)
     with ll.rollout(task_id=dev[0].task_id, temperature=1.0) as traj:
         agent(dev[0])
-    roles = [tr.agent for tr in traj.transitions]
+    roles = [tr.role for tr in traj.transitions]
     assert roles[0] == "writer" and "checker" in roles
     assert set(roles) <= {"writer", "checker", "rewriter"}
     assert all(tr.response_ids and len(tr.logprobs) == len(tr.response_ids) for tr in traj.transitions)
@@ -594,9 +594,9 @@ def test_short_training_run_on_tiny_model(train):
                           skip_zero_advantage=False)
     trainer = ll.PPOTrainer(policy, agent, train[:8], config=config)
     states = [trainer.step() for _ in range(2)]
-    assert len(states) == 2 and trainer.step_count == 2
+    assert len(states) == 2 and trainer.iteration == 2
     for state in states:
         assert len(state.batch) == 4 and state.batch.n_failed == 0
         assert state.metrics["n_loss_transitions"] >= 4
         assert all(t.meta.get("gold_sql") and "exec_acc" in t.meta for t in state.batch)
-        assert {tr.agent for _, tr in state.batch.transitions()} <= {"writer", "checker", "rewriter"}
+        assert {tr.role for _, tr in state.batch.transitions()} <= {"writer", "checker", "rewriter"}

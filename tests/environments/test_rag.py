@@ -30,7 +30,7 @@ from environments.rag import retrieval
 from environments.rag.retrieval import corpus_index, index_for
 from environments.rag.tasks import Paragraph, attach_corpus
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hotpotqa"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hotpotqa"
 HOTPOT = SHARED / "dev_distractor_60.json"
 needs_hotpot = pytest.mark.skipif(not HOTPOT.exists(),
                                   reason=f"HotpotQA slice not found at {HOTPOT}")
@@ -326,7 +326,7 @@ def test_oracle_agent_gets_full_reward_and_roles(dev):
     with ll.rollout(task_id=bridge.task_id) as traj:
         pred = make_agent(policy, shaping=0.5)(bridge)
     assert pred == bridge.answer
-    assert [tr.agent for tr in traj.transitions] == ["query", "reformulate", "answer"]
+    assert [tr.role for tr in traj.transitions] == ["query", "reformulate", "answer"]
     # Shaping: the query found hop 1 (+0.25), the reformulation hop 2 (+0.25); F1 on the answer.
     assert [tr.reward for tr in traj.transitions] == pytest.approx([0.25, 0.25, 1.0])
     meta = traj.meta
@@ -341,7 +341,7 @@ def test_agent_config_and_wrong_answer(dev):
     with ll.rollout(task_id=task.task_id) as traj:
         make_agent(ScriptedPolicy(task, answer="Nobody"), max_hops=1, top_k=3,
                    setting="open")(task)
-    assert [tr.agent for tr in traj.transitions] == ["query", "answer"]
+    assert [tr.role for tr in traj.transitions] == ["query", "answer"]
     assert traj.transitions[-1].reward == 0.0 and traj.meta["f1"] == 0.0
     assert 1 <= len(traj.meta["retrieved"]) <= 3 and task.gold_titles[0] in traj.meta["retrieved"]
     with pytest.raises(TypeError, match="top_kk"):
@@ -380,7 +380,7 @@ def test_agent_on_tiny_model_attributes_roles(tiny, dev):
     task = next(t for t in dev if t.kind == "bridge")
     with ll.rollout(task_id=task.task_id, temperature=1.0) as traj:
         pred = make_agent(tiny, max_hops=3, max_new_tokens=8, query_tokens=8)(task)
-    roles = [tr.agent for tr in traj.transitions]
+    roles = [tr.role for tr in traj.transitions]
     assert roles[0] == "query" and roles[-1] == "answer"
     assert set(roles[1:-1]) <= {"reformulate"} and len(roles) <= 4
     assert traj.meta["hops"] == len(traj.meta["queries"]) <= 3
@@ -407,7 +407,7 @@ def test_short_ppo_run_on_tiny_model(tiny):
     config = ll.PPOConfig(tasks_per_step=2, group_size=4, minibatch_size=8, rollout_workers=8)
     trainer = ll.PPOTrainer(tiny, agent, tasks, config=config)
     states = [trainer.step() for _ in range(2)]
-    assert [s.step for s in states] == [1, 2]
+    assert [s.iteration for s in states] == [1, 2]
     for state in states:
         assert len(state.batch) == 8 and state.batch.n_failed == 0
         assert all("f1" in traj.meta for traj in state.batch)

@@ -18,7 +18,7 @@ from lightning_lab.traces.otel import (export_otlp_http, load_otlp_json, request
 from lightning_lab.train.offline import OfflineBatchError, check_offline_batch, offline_ppo_step
 from lightning_lab.train.sft import SFTConfig, SFTTrainer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "agentlightning_spans.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "agentlightning_spans.json"
 TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(4)]
 
 
@@ -29,7 +29,7 @@ def _batch(tiny) -> ll.Batch:
     batch = state.batch
     batch.trajectories.append(ll.Trajectory(task_id="bad", status="failed", error="ValueError: x",
                                             meta={"note": ["a", 1]},
-                                            transitions=[ll.Transition(prompt_ids=[5], agent="a")]))
+                                            transitions=[ll.Transition(prompt_ids=[5], role="a")]))
     return batch
 
 
@@ -191,14 +191,14 @@ def test_agentlightning_spans_import(tiny):
     assert recorded.transitions[0].response_ids == [18578, 1032, 2093, 2]
     assert recorded.transitions[0].logprobs == [-0.5, -0.25, -1.0, -0.125]
     assert [tr.reward for tr in recorded.transitions] == [0.0, 1.0]  # primary dimension, last call
-    assert [tr.agent for tr in recorded.transitions] == ["sql_agent", "sql_agent"]
+    assert [tr.role for tr in recorded.transitions] == ["sql_agent", "sql_agent"]
     assert [tr.temperature for tr in recorded.transitions] == [0.7, 0.7]
     assert recorded.transitions[1].finish_reason == "length"
     assert recorded.transitions[0].meta["response_id"] == "chatcmpl-1"
     assert "retokenized" not in recorded.transitions[0].meta
 
     assert [tr.reward for tr in retok.transitions] == [0.5, 0.25]
-    assert retok.transitions[0].agent == "namer"
+    assert retok.transitions[0].role == "namer"
     first = retok.transitions[0]
     assert "re-tokenised" in first.meta["retokenized"] and first.logprobs == []
     expected = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}],

@@ -242,7 +242,7 @@ def test_two_servers_share_rollouts_take_every_sync_and_one_dying_fails_the_step
     servers = [tr.meta["server"] for tr in rows(first)]
     assert set(servers) == set(setup.policy.engine.pool.urls)  # both sampled
     assert first.metrics["n_failed"] == 0
-    assert setup.trainer.step_count == 1 and caught.value.batch.n_failed > 0
+    assert setup.trainer.iteration == 1 and caught.value.batch.n_failed > 0
 
 
 @pytest.mark.vllm

@@ -12,7 +12,7 @@ import lightning_lab as ll
 from lightning_lab.cli import main
 from lightning_lab.train.checkpoint import load_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "agentlightning_spans.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "agentlightning_spans.json"
 
 
 def test_sft_from_demonstrations_then_train_from_its_weights(tmp_path, capsys):
@@ -96,10 +96,10 @@ def test_sft_is_a_run_with_the_same_callbacks_evaluations_and_checkpoints(tmp_pa
             self.events: list = []
 
         def attach(self, trainer):
-            self.events.append(("attach", trainer.step_count))
+            self.events.append(("attach", trainer.iteration))
 
         def on_step(self, state):
-            self.events.append(("step", state.step))
+            self.events.append(("step", state.iteration))
 
         def on_eval(self, metrics, step):
             self.events.append(("eval", step))
@@ -148,7 +148,7 @@ def test_warm_started_run_takes_its_warm_start_as_kl_reference(tmp_path):
 
     setup = build(RunConfig(model="tiny", lora="on", env="wordplay", init_from=str(sft_out / "checkpoints"),
                             out=str(rl_out), resume=True))
-    assert setup.resumed and setup.trainer.step_count == 1
+    assert setup.resumed and setup.trainer.iteration == 1
     ref = setup.trainer.reference_weights
     assert set(ref) == set(sft_state["params"])
     assert all(torch.equal(ref[n], t) for n, t in sft_state["params"].items())

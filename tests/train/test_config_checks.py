@@ -73,15 +73,41 @@ def test_an_old_sft_yaml_loads_into_the_sft_section_with_a_deprecation(tmp_path)
     path.write_text("model: tiny\nmode: rejection\nn: 4\nthreshold: 0.25\nrounds: 3\n"
                     "temperature: 0.5\ntraces: null\ntraces_format: auto\n"
                     "sft: {lr: 0.001, epochs: 2.0, agents: [writer]}\nout: runs/old\n")
-    with pytest.warns(FutureWarning, match="write 'algorithm: rejection' instead"):
+    with pytest.warns(FutureWarning, match="write 'algorithm: rejection' instead"), \
+            pytest.warns(DeprecationWarning, match="'sft.agents' is deprecated; write 'sft.roles'"):
         config = load_config(path)
     assert config.algorithm == "rejection"
     assert (config.sft.n, config.sft.threshold, config.sft.rounds) == (4, 0.25, 3)
-    assert (config.sft.temperature, config.sft.lr, config.sft.agents) == (0.5, 1e-3, ("writer",))
+    assert (config.sft.temperature, config.sft.lr, config.sft.roles) == (0.5, 1e-3, ("writer",))
     assert config.ppo == PPOConfig()  # the bare names went to the algorithm's own section
     path.write_text("mode: sft\nalgorithm: sft\n")
     with pytest.raises(ConfigError, match="give only algorithm"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text, key", [("ppo: {trainable_agents: [writer, checker]}\n",
+                                        "ppo.trainable_agents"),
+                                       ("trainable_agents: writer,checker\n", "trainable_agents")])
+def test_the_old_key_trainable_agents_loads_as_trainable_roles_with_a_warning(tmp_path, text, key):
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    with pytest.warns(DeprecationWarning, match=f"field '{key}' is deprecated; write "
+                                                f"'{key.replace('agents', 'roles')}'"):
+        config = load_config(path)
+    assert config.ppo.trainable_roles == ("writer", "checker")
+    path.write_text("ppo: {trainable_agents: [writer], trainable_roles: [checker]}\n")
+    with pytest.raises(ConfigError, match="'ppo.trainable_agents' is the old name of "
+                                          "'ppo.trainable_roles'; give only"):
+        load_config(path)
+
+
+def test_the_old_role_flags_still_work():
+    from lightning_lab.cli import build_parser, train_config
+
+    args = build_parser().parse_args(["train", "--trainable-agents", "writer,checker"])
+    assert train_config(args).ppo.trainable_roles == ("writer", "checker")
+    args = build_parser().parse_args(["sft", "--agents", "writer"])
+    assert vars(args)["sft.roles"] == "writer"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -153,7 +179,7 @@ def test_a_truncated_newest_state_resumes_from_the_previous_step(run_copy):
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with pytest.warns(UserWarning, match=f"skipping a broken checkpoint: {state}.*step-000001"):
         setup = _resume(run_copy)
-    assert setup.resumed and setup.trainer.step_count == 1
+    assert setup.resumed and setup.trainer.iteration == 1
 
 
 def test_a_broken_newest_meta_resumes_from_the_previous_step(run_copy, capsys):

@@ -92,7 +92,7 @@ def test_openai_sdk_tool_loop_trains(policy, server):
     state = ppo_step(policy, server, openai_tool_loop)
     for traj in state.batch:
         assert tool_result_in_second_prompt(traj, traj.meta["tool_result"])
-        assert all(tr.agent == ll.tracing.DEFAULT_ROLE for tr in traj.transitions)
+        assert all(tr.role == ll.tracing.DEFAULT_ROLE for tr in traj.transitions)
 
 
 # ---------------------------------------------------------------- (b) LangGraph react agent
@@ -129,10 +129,10 @@ def langgraph_agent(task, base_url):
 
 
 def test_langgraph_react_agent_trains_with_node_roles(policy, server):
-    state = ppo_step(policy, server, langgraph_agent, trainable_agents=("agent",))
+    state = ppo_step(policy, server, langgraph_agent, trainable_roles=("agent",))
     for traj in state.batch:
         assert tool_result_in_second_prompt(traj, traj.meta["tool_result"])
-        assert [tr.agent for tr in traj.transitions] == ["agent"] * len(traj.transitions)
+        assert [tr.role for tr in traj.transitions] == ["agent"] * len(traj.transitions)
     assert state.metrics["n_failed"] == 0
 
 

@@ -18,7 +18,7 @@ from lightning_lab.workbench.widgets import figures, tables
 def traj(task, rewards, group="g", status="ok"):
     trs = [ll.Transition(prompt_ids=[1, 2], response_ids=[3, 4, 5], logprobs=[-1.0] * 3,
                          prompt=f"<|im_start|>user\nQ {task}<|im_end|>\n<|im_start|>assistant\n",
-                         response=f"r{i}", agent="writer" if i == 0 else "checker", reward=r)
+                         response=f"r{i}", role="writer" if i == 0 else "checker", reward=r)
            for i, r in enumerate(rewards)]
     return ll.Trajectory(task_id=task, transitions=trs, group_id=group, status=status,
                          error="" if status == "ok" else "ValueError: boom")
@@ -29,7 +29,7 @@ def hand_state() -> StepState:
                       traj("b", [1.0], group="h"), traj("b", [0.0], group="h", status="failed")])
     strategy = credit.get("uniform")
     strategy.assign(batch)
-    return StepState(step=1, batch=batch, metrics={}, credit=strategy)
+    return StepState(iteration=1, batch=batch, metrics={}, credit=strategy)
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_credit_panel_recomputes_a_64_trajectory_batch(with_kernel):
                       for i in range(64)])
     strategy = credit.get("uniform")
     strategy.assign(batch)
-    state = StepState(step=1, batch=batch, metrics={}, credit=strategy)
+    state = StepState(iteration=1, batch=batch, metrics={}, credit=strategy)
     panel = dash_mod.CreditPanel(state)
     panel.strategy.value = "discounted"  # recompute + heatmap PNG + table HTML
     # timing is shown to the user ("recomputed in ... ms"), not asserted: tests share the CPU
@@ -197,17 +197,17 @@ def test_dashboard_steps_pause_and_panels(with_kernel, trainer_factory):
     dash = dash_mod.Dashboard(trainer)
     before = dash.curves.value
     states = dash.run(2)
-    assert len(states) == 2 and trainer.step_count == 2 and dash.state is states[-1]
+    assert len(states) == 2 and trainer.iteration == 2 and dash.state is states[-1]
     assert dash.curves.value != before and dash.curves.value[:4] == b"\x89PNG"
     assert dash.progress.value == 2 and "step 2 done" in dash.status.value
     assert dash.credit_panel.state is states[-1] and dash.inspector.batch is states[-1].batch
     trainer.step()  # steps run from code reach the dashboard through the callback
-    assert dash.state.step == 3
+    assert dash.state.iteration == 3
     # Run N in the background thread; Pause stops it between steps
     dash.run_button.click()
     dash.pause()
     dash.wait(60)
-    assert not dash.running and trainer.step_count <= 4 and "paus" in dash.status.value
+    assert not dash.running and trainer.iteration <= 4 and "paus" in dash.status.value
     # credit panel on a real step, including the critic-backed strategy
     dash.credit_panel.strategy.value = "value"
     assert all(tr.value is not None for _, tr in dash.credit_panel.comparison.new.batch.transitions())
@@ -231,7 +231,7 @@ def test_dashboard_without_kernel_warns_and_still_trains(trainer_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dash._ipython_display_()  # prints the reason, no exception
-    assert len(dash.run(1)) == 1 and dash.state.step == 1
+    assert len(dash.run(1)) == 1 and dash.state.iteration == 1
 
 
 def test_no_ipywidgets_gives_a_clear_reason(monkeypatch):

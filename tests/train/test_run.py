@@ -71,7 +71,7 @@ def test_resume_applies_a_changed_lr_and_refuses_a_changed_env(tmp_path, capsys)
     assert saved.ppo.lr == 5e-4 and saved.steps == 4
     trainer = ll.PPOTrainer.load(out / "checkpoints", ll.models.load("tiny"), lambda t: None,
                                  [{"task_id": "x"}], config=saved.ppo)
-    assert trainer.optimizer.param_groups[0]["lr"] == 5e-4 and trainer.step_count == 4
+    assert trainer.optimizer.param_groups[0]["lr"] == 5e-4 and trainer.iteration == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
     assert main(["train", "--resume", "--out", str(out), "--env", "rag"]) == 2
@@ -91,9 +91,9 @@ def test_resume_with_another_credit_drops_parameters_it_does_not_take(tmp_path, 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny\nsteps: 1\neval_limit: 1\nppo:\n  lr: 0.003\n  group_size: 2\n"
-                    "  tasks_per_step: 1\n  trainable_agents: [namer]\n")
+                    "  tasks_per_step: 1\n  trainable_roles: [namer]\n")
     config = load_config(path)
-    assert config.ppo.lr == 0.003 and config.ppo.trainable_agents == ("namer",) and config.steps == 1
+    assert config.ppo.lr == 0.003 and config.ppo.trainable_roles == ("namer",) and config.steps == 1
     save_config(config, tmp_path / "copy.yaml")
     assert load_config(tmp_path / "copy.yaml") == config
     (tmp_path / "bad.yaml").write_text("ppo:\n  learning_rate: 1\n")
@@ -125,7 +125,7 @@ def test_an_old_state_refuses_recompute_with_a_moved_critic(tiny):
     latest = first.recompute("value")  # still the latest step: the current critic applies
     assert all(tr.value is not None for _, tr in latest.batch.transitions())
     trainer.step()
-    with pytest.raises(ValueError, match="step 1's batch has no critic values.*at step 2"):
+    with pytest.raises(ValueError, match="iteration 1's batch has no critic values.*at iteration 2"):
         first.recompute("value")
     assert first.recompute("discounted", gamma=0.5).credit.name == "discounted"  # needs no critic
 
@@ -149,11 +149,11 @@ def test_callbacks_are_functions_or_callback_objects(tiny):
 
     class Recorder(CallbackBase):
         def on_step(self, state):
-            seen.append(("object", state.step))
+            seen.append(("object", state.iteration))
 
     trainer = ll.PPOTrainer(tiny, parity_agent(tiny, max_new_tokens=2), TASKS,
                             config=ll.PPOConfig(tasks_per_step=1, group_size=2),
-                            callbacks=[lambda s: seen.append(("function", s.step)), Recorder()])
+                            callbacks=[lambda s: seen.append(("function", s.iteration)), Recorder()])
     trainer.step()
     assert seen == [("function", 1), ("object", 1)]
     with pytest.raises(TypeError, match="a callback is a function"):

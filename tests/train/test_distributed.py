@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "ddp_worker.py"
 
 
 def run(cmd: list[str], out: Path) -> None:

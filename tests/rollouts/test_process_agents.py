@@ -16,7 +16,7 @@ import pytest
 
 import lightning_lab as ll
 
-HERE = Path(__file__).resolve().parent / "process_agents"
+HERE = Path(__file__).resolve().parents[1] / "process_agents"
 
 
 @pytest.fixture(scope="module")

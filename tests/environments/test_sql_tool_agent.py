@@ -43,7 +43,7 @@ def test_tool_style_is_selectable_and_records_one_role(tmp_path):
     agent = make_agent(policy, style="tools", max_turns=1, max_new_tokens=8)
     with ll.rollout(task.task_id, temperature=0) as traj:
         agent(task)
-    assert traj.transitions and {tr.agent for tr in traj.transitions} == {"sql_agent"}
+    assert traj.transitions and {tr.role for tr in traj.transitions} == {"sql_agent"}
     assert '"name": "run_sql"' in traj.transitions[0].prompt  # the tool is rendered for the model
     assert traj.meta["no_sql"] == (traj.meta["tool_calls"] == 0)
     assert traj.total_reward == pytest.approx(0.0)

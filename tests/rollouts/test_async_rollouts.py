@@ -106,7 +106,7 @@ def test_checkpoint_discards_the_prefetch_and_resume_samples_its_tasks_anew(tmp_
 
     policy = ll.models.load("tiny", seed=0)
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
-    assert resumed.step_count == 2 and resumed._prefetch is None
+    assert resumed.iteration == 2 and resumed._prefetch is None
     got = resumed.step()
     assert task_ids(got) == task_ids(expected)  # the discarded prefetch's tasks, sampled anew
     assert [t.group_id for t in got.batch.trajectories] == [
@@ -131,7 +131,7 @@ def test_sync_slower_than_the_staleness_bound_is_refused(tiny):
     trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS, config=cfg(max_staleness=1), sync=slow)
     with pytest.raises(ValueError, match=r"max_staleness=1 .*every 2 steps \(SyncConfig.every\)"):
         trainer.step()
-    assert trainer.step_count == 0
+    assert trainer.iteration == 0
 
 
 def test_reward_rises_with_one_step_of_staleness(tiny):

@@ -127,9 +127,9 @@ def test_rollout_without_llm_calls_is_flagged_and_skipped(tiny):
     assert all(t.meta["no_llm_calls"] and not t.transitions for t in silent)
 
 
-def test_trainable_agents_limits_the_loss(tiny):
+def test_trainable_roles_limits_the_loss(tiny):
     trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS,
-                            config=cfg(trainable_agents=("b",), skip_zero_advantage=False))
+                            config=cfg(trainable_roles=("b",), skip_zero_advantage=False))
     state = trainer.step()
     assert state.metrics["n_loss_transitions"] == 4 * 8  # one "b" call per rollout
     assert {key[1] for key in state.ratios} == {1}
@@ -164,7 +164,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
     policy = _fresh()  # the same base model; trained weights, optimizer and RNG come from the checkpoint
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy), TASKS)
-    assert resumed.step_count == 2
+    assert resumed.iteration == 2
     got = resumed.step().metrics
     assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
 
@@ -179,7 +179,7 @@ def test_load_takes_the_process_group_and_the_adapter_sync(tmp_path, tiny):
     parallel, sync = DataParallel(rank=0, world_size=1), object()
     resumed = ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS,
                                  parallel=parallel, sync=sync)
-    assert resumed.parallel is parallel and resumed.sync is sync and resumed.step_count == 1
+    assert resumed.parallel is parallel and resumed.sync is sync and resumed.iteration == 1
 
 
 def test_half_written_and_incompatible_checkpoints(tmp_path, tiny, tiny_lora):
@@ -194,7 +194,21 @@ def test_half_written_and_incompatible_checkpoints(tmp_path, tiny, tiny_lora):
         ll.PPOTrainer.load(tmp_path / "ckpt" / "step-000009", tiny, parity_agent(tiny), TASKS)
     with pytest.raises(CheckpointError, match="does not fit this policy"):
         ll.PPOTrainer.load(tmp_path / "ckpt", tiny_lora, parity_agent(tiny_lora), TASKS)
-    assert ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS).step_count == 1
+    assert ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS).iteration == 1
+
+
+def test_a_checkpoint_saving_the_old_key_trainable_agents_still_loads(tmp_path, tiny):
+    """Checkpoints of the version before "role": their config says ``trainable_agents``."""
+    trainer = ll.PPOTrainer(tiny, parity_agent(tiny), TASKS,
+                            config=cfg(group_size=2, trainable_roles=("b",)))
+    trainer.step()
+    state_file = trainer.save(tmp_path / "ckpt") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["config"]["trainable_agents"] = state["config"].pop("trainable_roles")
+    torch.save(state, state_file)
+    with pytest.warns(DeprecationWarning, match="'trainable_agents' is deprecated"):
+        resumed = ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS)
+    assert resumed.config.trainable_roles == ("b",) and resumed.iteration == 1
 
 
 def test_keep_last_prunes_old_checkpoints_only_after_the_new_one_lands(tmp_path, tiny):
@@ -206,7 +220,7 @@ def test_keep_last_prunes_old_checkpoints_only_after_the_new_one_lands(tmp_path,
         last = trainer.save(ckpt, keep_last=2)
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000003", "step-000004"]
     assert (ckpt / "LATEST").read_text() == last.name == "step-000004"
-    assert ll.PPOTrainer.load(ckpt, tiny, parity_agent(tiny), TASKS).step_count == 4
+    assert ll.PPOTrainer.load(ckpt, tiny, parity_agent(tiny), TASKS).iteration == 4
     trainer.save(ckpt)  # no keep_last: nothing is deleted
     assert len(list(ckpt.glob("step-*"))) == 2
     with pytest.raises(ValueError, match="keep_last"):

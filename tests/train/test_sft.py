@@ -79,7 +79,7 @@ def _graded_agent(policy):
     tokens, so the filter can be checked exactly."""
 
     def agent(task):
-        with ll.step("writer"):
+        with ll.role("writer"):
             policy.chat(task["q"], max_new_tokens=int(task["task_id"][1:]) % 3 + 3, stop=["."])
         tr = ll.current().transitions[-1]
         ll.reward((len(tr.response_ids) % 4) / 3)

@@ -16,7 +16,7 @@ from sqlglot import exp
 from environments.text_to_sql import demonstrations, generate_tasks, load_tasks
 from environments.text_to_sql.qualify import qualify_sql
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 
 
 @pytest.fixture(scope="module")

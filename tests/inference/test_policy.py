@@ -195,10 +195,10 @@ def test_n_samples_are_prompt_major(policy):
 
 def test_chat_records_inside_rollout(policy):
     with ll.rollout(task_id="t", temperature=0) as traj:
-        with ll.step("writer"):
+        with ll.role("writer"):
             text = policy.chat("hello", max_new_tokens=6)
     [tr] = traj.transitions
-    assert tr.agent == "writer" and tr.response == text
+    assert tr.role == "writer" and tr.response == text
     assert len(tr.logprobs) == len(tr.response_ids)
     greedy = policy.chat("hello", max_new_tokens=6, temperature=0)
     assert text == greedy  # the rollout's temperature 0 was used

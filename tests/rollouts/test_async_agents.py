@@ -54,9 +54,9 @@ def wait_until(predicate, limit_s: float = 60.0) -> bool:
 
 def test_async_agent_trains_for_a_step_with_its_roles(policy):
     async def agent(task):
-        with ll.step("planner"):
+        with ll.role("planner"):
             plan = await policy.achat(task["q"], max_new_tokens=4)
-        with ll.step("writer"):  # two concurrent calls inside one rollout, one role each
+        with ll.role("writer"):  # two concurrent calls inside one rollout, one role each
             await asyncio.gather(policy.achat(plan, max_new_tokens=4),
                                  policy.achat(task["q"], max_new_tokens=3))
         tr = ll.current().transitions[0]
@@ -70,9 +70,9 @@ def test_async_agent_trains_for_a_step_with_its_roles(policy):
     batch = state.batch
     assert batch.n_failed == 0 and len(batch) == 6
     for traj in batch:
-        assert [t.agent for t in traj.transitions[:1]] == ["planner"]
-        assert sorted(t.agent for t in traj.transitions[1:]) == ["writer", "writer"]
-        assert [t.step for t in traj.transitions] == [0, 1, 2]
+        assert [t.role for t in traj.transitions[:1]] == ["planner"]
+        assert sorted(t.role for t in traj.transitions[1:]) == ["writer", "writer"]
+        assert [t.turn for t in traj.transitions] == [0, 1, 2]
         assert all(len(t.logprobs) == len(t.response_ids) > 0 for t in traj.transitions)
     assert state.metrics["n_no_llm_calls"] == 0 and state.metrics["n_transitions"] == 18
     after = [p for p in policy.model.parameters() if p.requires_grad]
@@ -84,7 +84,7 @@ def test_tasks_spawned_inside_a_rollout_stay_in_it(policy):
 
     async def agent(task):
         async def helper(k):
-            with ll.step(f"helper{k}"):
+            with ll.role(f"helper{k}"):
                 await asyncio.sleep(0.001 * k)
                 return await policy.achat(f"{task['q']} {k}", max_new_tokens=2)
 
@@ -94,7 +94,7 @@ def test_tasks_spawned_inside_a_rollout_stay_in_it(policy):
     batch = ll.run_rollouts(agent, [{"task_id": str(i), "q": f"q{i}"} for i in range(8)])
     for i, traj in enumerate(batch):
         assert traj.task_id == str(i) and traj.meta["q"] == f"q{i}"
-        assert sorted(t.agent for t in traj.transitions) == ["helper0", "helper1", "helper2"]
+        assert sorted(t.role for t in traj.transitions) == ["helper0", "helper1", "helper2"]
         assert all(t.prompt.count(f"q{i} ") == 1 for t in traj.transitions)
 
 

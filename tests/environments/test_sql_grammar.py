@@ -21,7 +21,7 @@ from environments.text_to_sql.qualify import qualify_sql
 from lightning_lab.inference.constraints import _ll_tokenizer
 from lightning_lab.inference.tools import ToolError
 
-SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
+SPIDER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spider"
 
 
 @pytest.fixture(scope="module")

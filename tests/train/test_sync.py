@@ -161,7 +161,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         with pytest.raises(AdapterSyncError, match=f"load_lora_adapter of adapter version "
                                                    f"ll-policy-v1 at .*{expected}.*stay on ll-policy-v0"):
             trainer.step()
-        assert trainer.step_count == 1 and len(trainer.history) == 1
+        assert trainer.iteration == 1 and len(trainer.history) == 1
         assert trainer.sync.version == "ll-policy-v0" and backend.name == "ll-policy-v0"
         assert all(torch.equal(p, before[n]) for n, p in trainer.policy.model.named_parameters()
                    if p.requires_grad)
@@ -179,7 +179,7 @@ def test_failed_sync_fails_the_step_cleanly_and_the_next_step_retries(base_dir, 
         state = trainer.step()  # retries v1 (unloading a half-finished earlier attempt first)
     finally:
         front.stop()
-    assert trainer.step_count == 2
+    assert trainer.iteration == 2
     assert {tr.meta["adapter_version"] for tr in rows_of(state)} == {"ll-policy-v1"}
     assert standin.loaded == ["ll-policy-v1"]
 
@@ -266,7 +266,7 @@ def test_a_load_one_server_refuses_is_undone_on_the_others(base_dir, standins, t
         setup.close()
     assert [s.loaded for s in standins] == [[sync.version_name(0)]] * 2  # v1 unloaded from [0]
     assert sync.version == sync.version_name(0) == setup.policy.engine.name
-    assert setup.trainer.step_count == 1
+    assert setup.trainer.iteration == 1
 
 
 def test_a_server_dying_mid_step_fails_it_naming_the_server(base_dir, standins, tmp_path):
@@ -279,7 +279,7 @@ def test_a_server_dying_mid_step_fails_it_naming_the_server(base_dir, standins, 
             setup.trainer.step()
     finally:
         setup.close()
-    assert setup.trainer.step_count == 1  # no update on what the other server sampled
+    assert setup.trainer.iteration == 1  # no update on what the other server sampled
     assert len(caught.value.batch) == 4 and caught.value.batch.n_failed > 0
     assert "--vllm-allow-degraded" in str(caught.value)
 
@@ -313,7 +313,7 @@ class KillAfterStep(CallbackBase):
         self.trainer = trainer
 
     def on_step(self, state):
-        if self.trainer.step_count == self.step:
+        if self.trainer.iteration == self.step:
             stop_after_next_sync(self.trainer, self.server)
 
 

@@ -77,7 +77,7 @@ def test_required_named_and_auto_round_trip_and_are_recorded(server):
     assert "constrained" not in third.meta
     assert "<tool_response>\n-3 C, snow\n</tool_response>" in third.prompt
     assert third.prompt_ids == auto.model_extra["prompt_token_ids"]  # exactly what the model saw
-    assert all(tr.agent == "main" for tr in (first, second, third))  # default role, never ""
+    assert all(tr.role == "main" for tr in (first, second, third))  # default role, never ""
 
 
 def test_parallel_tool_calls_false_gives_one_call(server):

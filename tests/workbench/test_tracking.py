@@ -112,7 +112,7 @@ def test_failing_wandb_warns_and_training_continues(policy, monkeypatch):
         trainer.step()
         cb.log_eval({"acc": 1.0})
         cb.finish()
-    assert trainer.step_count == 2 and not cb.enabled
+    assert trainer.iteration == 2 and not cb.enabled
 
 
 def test_wandb_not_installed(policy, monkeypatch):
@@ -130,7 +130,7 @@ def test_wandb_not_installed(policy, monkeypatch):
     tracking.WandbCallback().attach(trainer)
     with pytest.warns(RuntimeWarning, match="tracking is off"):
         trainer.step()
-    assert trainer.step_count == 1
+    assert trainer.iteration == 1
 
 
 # ---------------------------------------------------------------------- sweeps

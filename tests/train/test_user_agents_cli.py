@@ -18,7 +18,7 @@ import pytest
 from lightning_lab.cli import main
 from lightning_lab.train.user_agents import load_task_file
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 AGENTS = '''
 import openai
@@ -96,7 +96,7 @@ def test_train_and_eval_a_module_agent(workdir, capsys):
 def test_train_a_command_agent(workdir):
     out = workdir / "cmd-run"
     code = main(["train", "--model", "tiny", "--lora", "on", "--agent-cmd",
-                 f"bash {HERE / 'process_agents' / 'agent.sh'}", "--tasks", "tasks.jsonl",
+                 f"bash {TESTS / 'process_agents' / 'agent.sh'}", "--tasks", "tasks.jsonl",
                  "--steps", "1", "--tasks-per-step", "2", "--group-size", "2",
                  "--max-tokens-cap", "3", "--out", str(out)])
     assert code == 0

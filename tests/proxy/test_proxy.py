@@ -95,10 +95,10 @@ def test_rollout_url_traces_calls_roles_and_rewards(server):
     plain = client(server.base_url)
     with server.rollout(task_id="t1", temperature=0.7) as r:
         assert r.base_url.endswith(f"/rollout/{r.rollout_id}/v1")
-        c = client(r.base_url, default_headers={"X-LL-Agent": "writer"})
+        c = client(r.base_url, default_headers={"X-LL-Role": "writer"})
         c.chat.completions.create(model="tiny", messages=USER, max_tokens=4)
         client(r.base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=4,
-                                                   metadata={"agent": "checker"}, temperature=0)
+                                                   metadata={"role": "checker"}, temperature=0)
         client(r.base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=4,
                                                    user="rewriter", n=2)
         plain.chat.completions.create(model="tiny", messages=USER, max_tokens=4)  # untraced
@@ -106,8 +106,8 @@ def test_rollout_url_traces_calls_roles_and_rewards(server):
         ll.reward(1.0, final=True)  # in-process API on the same trajectory
     traj = r.trajectory
     assert traj.task_id == "t1"
-    assert [t.agent for t in traj.transitions] == ["writer", "checker", "rewriter", "rewriter"]
-    assert [t.step for t in traj.transitions] == [0, 1, 2, 3]
+    assert [t.role for t in traj.transitions] == ["writer", "checker", "rewriter", "rewriter"]
+    assert [t.turn for t in traj.transitions] == [0, 1, 2, 3]
     assert [t.temperature for t in traj.transitions] == [0.7, 0.0, 0.7, 0.7]  # greedy records 0
     assert all(len(t.logprobs) == len(t.response_ids) > 0 for t in traj.transitions)
     assert traj.transitions[-1].reward == pytest.approx(1.5)
@@ -122,7 +122,7 @@ def test_32_concurrent_agents_never_mix(server):
 
     def agent(i: int):
         with server.rollout(task_id=f"task{i}") as r:
-            c = client(r.base_url, default_headers={"X-LL-Agent": f"agent{i}"})
+            c = client(r.base_url, default_headers={"X-LL-Agent": f"agent{i}"})  # old name, read
             for k in range(calls):
                 c.chat.completions.create(model="tiny", max_tokens=3 + (i % 3), messages=[
                     {"role": "user", "content": f"marker-{i}-{k}"}])
@@ -134,7 +134,7 @@ def test_32_concurrent_agents_never_mix(server):
         assert traj.task_id == f"task{i}"
         assert len(traj.transitions) == calls
         for k, tr in enumerate(traj.transitions):
-            assert f"marker-{i}-{k}" in tr.prompt and tr.agent == f"agent{i}" and tr.step == k
+            assert f"marker-{i}-{k}" in tr.prompt and tr.role == f"agent{i}" and tr.turn == k
     assert server.trace_stats.mean_ms < 0.2
 
 
@@ -164,7 +164,7 @@ def test_ppo_trains_an_openai_sdk_agent_through_the_proxy(policy, server):
     batch = ll.run_rollouts(trainer.agent, tasks, group_size=2, temperature=0.8)
     rows = [tr for _, tr in batch.transitions()]
     assert len(rows) == 2 * len(batch) and batch.n_failed == 0
-    assert {tr.agent for tr in rows} == {"writer", "checker"}
+    assert {tr.role for tr in rows} == {"writer", "checker"}
     assert all(tr.temperature == 0.8 for tr in rows)  # the trainer's rollout temperature
     with torch.no_grad():
         fwd = trainer.scorer.forward(rows, grad=False)
@@ -235,7 +235,7 @@ def test_unsupported_parameters_are_ignored_with_a_warning(server):
     assert r.status_code == 200
     warning = r.headers["x-ll-warning"]
     assert "presence_penalty" in warning
-    # implemented since: tool calling (tests/test_tools_proxy.py), top_logprobs (issue 23)
+    # implemented since: tool calling (tests/proxy/test_tools_proxy.py), top_logprobs (issue 23)
     assert "tools" not in warning and "top_logprobs" not in warning
 
 
