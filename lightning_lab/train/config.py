@@ -480,8 +480,9 @@ FIELD_RENAMES = {"trainable_agents": "trainable_roles", "agents": "roles"}
 
 def upgrade_field_names(values: Mapping[str, Any], what: str = "config") -> dict[str, Any]:
     """``values`` with the old names of ``FIELD_RENAMES`` (alone or as a dotted key's last part)
-    under their new names, each with a DeprecationWarning, so older YAML files, sweeps and
-    checkpoints still load; an old and a new name together are refused."""
+    under their new names, each with a FutureWarning (shown by default: users write configs), so
+    older YAML files, sweeps and checkpoints still load; an old and a new name together are
+    refused."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         head, dot, name = key.rpartition(".")
@@ -490,7 +491,7 @@ def upgrade_field_names(values: Mapping[str, Any], what: str = "config") -> dict
             if new in values:
                 raise ConfigError(f"{what}: {key!r} is the old name of {new!r}; give only {new!r}")
             warnings.warn(f"{what}: field {key!r} is deprecated; write {new!r}",
-                          DeprecationWarning, stacklevel=3)
+                          FutureWarning, stacklevel=3)
             key = new
         out[key] = value
     return out

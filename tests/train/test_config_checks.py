@@ -74,7 +74,7 @@ def test_an_old_sft_yaml_loads_into_the_sft_section_with_a_deprecation(tmp_path)
                     "temperature: 0.5\ntraces: null\ntraces_format: auto\n"
                     "sft: {lr: 0.001, epochs: 2.0, agents: [writer]}\nout: runs/old\n")
     with pytest.warns(FutureWarning, match="write 'algorithm: rejection' instead"), \
-            pytest.warns(DeprecationWarning, match="'sft.agents' is deprecated; write 'sft.roles'"):
+            pytest.warns(FutureWarning, match="'sft.agents' is deprecated; write 'sft.roles'"):
         config = load_config(path)
     assert config.algorithm == "rejection"
     assert (config.sft.n, config.sft.threshold, config.sft.rounds) == (4, 0.25, 3)
@@ -91,7 +91,7 @@ def test_an_old_sft_yaml_loads_into_the_sft_section_with_a_deprecation(tmp_path)
 def test_the_old_key_trainable_agents_loads_as_trainable_roles_with_a_warning(tmp_path, text, key):
     path = tmp_path / "old.yaml"
     path.write_text(text)
-    with pytest.warns(DeprecationWarning, match=f"field '{key}' is deprecated; write "
+    with pytest.warns(FutureWarning, match=f"field '{key}' is deprecated; write "
                                                 f"'{key.replace('agents', 'roles')}'"):
         config = load_config(path)
     assert config.ppo.trainable_roles == ("writer", "checker")

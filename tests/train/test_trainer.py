@@ -206,7 +206,7 @@ def test_a_checkpoint_saving_the_old_key_trainable_agents_still_loads(tmp_path, 
     state = torch.load(state_file, weights_only=True)
     state["config"]["trainable_agents"] = state["config"].pop("trainable_roles")
     torch.save(state, state_file)
-    with pytest.warns(DeprecationWarning, match="'trainable_agents' is deprecated"):
+    with pytest.warns(FutureWarning, match="'trainable_agents' is deprecated"):
         resumed = ll.PPOTrainer.load(tmp_path / "ckpt", tiny, parity_agent(tiny), TASKS)
     assert resumed.config.trainable_roles == ("b",) and resumed.iteration == 1
 
