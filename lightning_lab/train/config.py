@@ -103,7 +103,7 @@ class PPOConfig:
     kl_coef: float = bounded(0.02, ge=0)
     """Weight of the KL penalty to the reference (adapter-off) policy."""
     max_grad_norm: float = bounded(1.0, gt=0)
-    """Gradient-norm clip of the policy parameters."""
+    """Gradient-norm clip of the policy parameters (of each LoRA adapter on its own)."""
     max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
     (gradient accumulation) to fit."""
@@ -113,6 +113,14 @@ class PPOConfig:
     """Weight of the critic's regression loss."""
     trainable_agents: tuple[str, ...] | None = None
     """Only transitions of these agent/role names enter the loss; None = all."""
+    role_adapters: dict[str, str] | None = None
+    """Role -> the LoRA adapter its calls sample with and train (``rewriter=writer,...``); a
+    role named like an adapter uses it, any other ``default`` (``inference/multi_lora.py``)."""
+    trainable_adapters: tuple[str, ...] | None = None
+    """Only these LoRA adapters train (the others stay bit-identical, their transitions out of
+    the loss); None = every adapter of the policy."""
+    adapter_lr: dict[str, float] | None = None
+    """Per-adapter learning rate (``checker=1e-4``); adapters not named use ``lr``."""
     skip_zero_advantage: bool = True
     """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
     recompute_logprobs: bool = False
@@ -147,6 +155,9 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         self.trainable_agents = _names(self.trainable_agents)
+        self.trainable_adapters = _names(self.trainable_adapters)
+        self.role_adapters = _mapping(self.role_adapters, str, "role_adapters")
+        self.adapter_lr = _mapping(self.adapter_lr, float, "adapter_lr")
         check_ranges(self)
 
 
@@ -212,6 +223,17 @@ def _names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if isinstance(value, str):
         return tuple(a for a in value.split(",") if a)
     return None if value is None else tuple(value)
+
+
+def _mapping(value: str | Mapping[str, Any] | None, cast: Any, name: str) -> dict | None:
+    """A name -> value mapping (``"a=b,c=d"`` from a flag, a mapping from YAML)."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else {str(k): cast(v) for k, v in value.items()}
+    try:
+        return {k: cast(v) for k, v in (pair.split("=", 1) for pair in value.split(",") if pair)}
+    except ValueError:
+        raise FieldError(name, f"must be NAME=VALUE pairs separated by commas, got {value!r}"
+                         ) from None
 
 
 ALGORITHMS = ("ppo", "sft", "rejection")

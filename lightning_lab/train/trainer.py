@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
+from .multi_adapter import adapter_rewards, learning_rates
 from .sync import AdapterSyncError
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
@@ -113,6 +114,8 @@ class PPOTrainer:
         self.task_order = TaskOrder(len(self.tasks), self.config.seed)
         self.minibatch_rng = random.Random(f"minibatches/{self.config.seed}")  # see TaskOrder
         model = policy.model
+        if self.config.role_adapters:
+            policy.map_roles(self.config.role_adapters)
         self.update_dtype = resolve_dtype(self.config.update_dtype, str(policy.device))
         sampler_dtype = getattr(getattr(policy, "engine", None), "decode_dtype", torch.float32)
         self.recompute_logprobs = (self.config.recompute_logprobs or self.config.max_staleness > 0
@@ -199,6 +202,8 @@ class PPOTrainer:
         update_s = time.perf_counter() - t1
 
         metrics.update(_batch_metrics(batch), **sync_metrics)
+        if len(getattr(self.policy, "adapters", ())) > 1:
+            metrics.update(adapter_rewards(batch))
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
                        tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9),
                        prefix_hit_rate=prefix_hit_rate(self.policy))
@@ -394,7 +399,8 @@ class PPOTrainer:
                 p.copy_(saved[name])
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(self.optimizer.param_groups, (self.config.lr, self.config.value_lr)):
+        for group, lr in zip(self.optimizer.param_groups,
+                             learning_rates(self.policy.model, self.config)):
             group["lr"] = lr
         self._load_sampling_state(state)
         self.step_count = int(state["step"])
