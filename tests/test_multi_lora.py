@@ -199,3 +199,80 @@ def test_each_adapter_trains_on_its_own_transitions_frozen_ones_stay_bit_identic
     assert "kl/checker" not in m and m["grad_norm/writer"] > 0
     assert m["n_loss_transitions"] == sum(
         tr.meta["adapter"] == "writer" for _, tr in state.batch.transitions())
+
+
+# ---------------------------------------------------------------- 4. persistence and export
+
+def _multi(seed_shift: float = 0.0):
+    policy = _distinct(ll.models.load("tiny", adapters=["writer", "checker"]))
+    if seed_shift:
+        with torch.no_grad():
+            for p in adapter_parameters(policy.model, "checker").values():
+                p.add_(seed_shift)
+    return policy
+
+
+def _weights(policy):
+    return {n: p.detach().clone() for name in policy.adapters
+            for n, p in adapter_parameters(policy.model, name).items()}
+
+
+def test_checkpoint_holds_every_adapter_and_resumes_exactly(tmp_path):
+    config = _config(rollout_workers=1, seed=3, trainable_adapters=("writer", "default"))
+    agent_roles = ("writer", "checker")
+    keys = ("reward_mean", "policy_loss", "kl", "grad_norm", "kl/writer", "grad_norm/writer")
+
+    policy = _multi()
+    straight = ll.PPOTrainer(policy, parity_agent(policy, agent_roles), TASKS, config=config)
+    straight.step()
+    expected = straight.step().metrics
+    expected_weights = _weights(policy)
+
+    policy = _multi()
+    first = ll.PPOTrainer(policy, parity_agent(policy, agent_roles), TASKS, config=config)
+    first.step()
+    first.save(tmp_path / "ckpt")
+
+    policy = _multi(seed_shift=0.5)  # a different frozen checker: the checkpoint's must win
+    resumed = ll.PPOTrainer.load(tmp_path / "ckpt", policy, parity_agent(policy, agent_roles), TASKS)
+    got = resumed.step().metrics
+    assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
+    assert all(torch.equal(p, expected_weights[n]) for n, p in _weights(policy).items())
+
+
+def test_checkpoint_of_another_adapter_set_is_refused_naming_both(tmp_path):
+    from lightning_lab.train.checkpoint import CheckpointError
+
+    policy = _multi()
+    ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=_config()).save(tmp_path / "ckpt")
+    other = ll.models.load("tiny", adapters=["writer"])
+    with pytest.raises(CheckpointError, match=r"\['default', 'writer', 'checker'\].*"
+                                              r"\['default', 'writer'\]"):
+        ll.PPOTrainer.load(tmp_path / "ckpt", other, parity_agent(other), TASKS)
+
+
+def test_export_writes_one_peft_folder_per_adapter_loading_with_identical_logits(tmp_path, capsys):
+    from peft import PeftModel
+
+    from lightning_lab.cli import main
+
+    policy = _multi()
+    ll.PPOTrainer(policy, parity_agent(policy), TASKS, config=_config()).save(tmp_path / "ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                 str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(ADAPTERS)
+    ids = torch.tensor([PROMPTS[1]])
+    logits = {}
+    for name in ADAPTERS:
+        with torch.no_grad(), use_adapter(policy.model, name):
+            ours = policy.model(input_ids=ids).logits
+        base = ll.models.load("tiny").model  # the seeded base, plain transformers
+        loaded = PeftModel.from_pretrained(base, tmp_path / "out" / name).eval()
+        with torch.no_grad():
+            theirs = loaded(input_ids=ids).logits
+        assert torch.equal(theirs, ours), name
+        logits[name] = ours
+    assert (logits["writer"] - logits["checker"]).abs().max() > 1e-2  # the folders differ
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m"),
+                 "--merge"]) == 2
+    assert "--merge folds one adapter" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from ..inference.multi_lora import DEFAULT, adapter_names, adapter_parameters, u
 from ..records import Transition
 from .scoring import Scores, score
 
-__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups", "learning_rates", "score_by_adapter",
+__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups", "check_adapter_set", "learning_rates", "saved_parameters", "score_by_adapter",
            "trained_adapters"]
 
 
@@ -73,6 +73,24 @@ def trained_adapters(model: Any, trainable: Sequence[str] | None) -> list[str]:
         raise ValueError(f"trainable_adapters names unknown adapter(s) {unknown}; this policy's "
                          f"adapters: {', '.join(names) or 'none (no LoRA)'}")
     return [a for a in names if a in trainable]
+
+
+def saved_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    """What a checkpoint holds: the trainable parameters and every adapter's, frozen ones too
+    (a frozen role's adapter may be a warm start that exists nowhere else)."""
+    adapters = {n: p for name in adapter_names(model)
+                for n, p in adapter_parameters(model, name).items()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or n in adapters}
+
+
+def check_adapter_set(saved: Sequence[str] | None, current: Sequence[str], where: str) -> None:
+    """Refuse a checkpoint of another adapter set, naming both. LoRA on one side only, or an
+    older checkpoint (``saved`` None), is left to the parameter-name check that follows."""
+    from .checkpoint import CheckpointError
+
+    if saved and current and list(saved) != list(current):
+        raise CheckpointError(f"{where} holds adapters {list(saved)}, but this policy has "
+                              f"{list(current)}; load it into a policy with the same adapters")
 
 
 def learning_rates(model: Any, config: Any) -> list[float]:

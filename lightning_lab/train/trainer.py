@@ -24,12 +24,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
-from .multi_adapter import adapter_rewards, learning_rates
+from .multi_adapter import adapter_rewards, check_adapter_set, learning_rates, saved_parameters
 from .sync import AdapterSyncError
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
 from ..inference.adapters import has_adapter
+from ..inference.multi_lora import adapter_names
 from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
 
@@ -356,7 +357,8 @@ class PPOTrainer:
             "step": self.step_count,
             "config": dataclasses.asdict(self.config),
             "credit": {"name": self.credit.name, "params": self.credit.params()},
-            "params": {n: p.detach().cpu() for n, p in trainable_parameters(self.policy.model).items()},
+            "params": {n: p.detach().cpu() for n, p in saved_parameters(self.policy.model).items()},
+            "adapters": adapter_names(self.policy.model),
             "critic": self.critic.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             **self._sampling_state(),
@@ -387,7 +389,8 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s state. The trainer's own config and credit stay: a resumed
         run may change them (learning rates are re-applied over the optimizer's saved ones)."""
-        params = trainable_parameters(self.policy.model)
+        check_adapter_set(state.get("adapters"), adapter_names(self.policy.model), "the checkpoint")
+        params = saved_parameters(self.policy.model)
         saved = state["params"]
         if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
             only = sorted(set(params) ^ set(saved))[:3]
@@ -431,6 +434,8 @@ class PPOTrainer:
         """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones,
         the other arguments are the constructor's (what a checkpoint does not hold)."""
         path, state = load_checkpoint(Path(directory))
+        check_adapter_set(state.get("adapters"), adapter_names(policy.model),
+                          f"checkpoint {path / 'state.pt'}")
         try:
             if config is None:
                 config = PPOConfig(**state["config"])
@@ -448,10 +453,6 @@ class PPOTrainer:
             raise CheckpointError(f"checkpoint {path / 'state.pt'}: {type(exc).__name__}: "
                                   f"{exc}") from exc
         return trainer
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state(rng: random.Random) -> list[Any]:
