@@ -276,3 +276,49 @@ def test_export_writes_one_peft_folder_per_adapter_loading_with_identical_logits
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m"),
                  "--merge"]) == 2
     assert "--merge folds one adapter" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 5. over HTTP
+
+def _two_client_agent(task, base_url):
+    """An unchanged LangChain agent with two ``ChatOpenAI`` clients, one per adapter (as with
+    vLLM's multi-LoRA serving); rewarded over HTTP."""
+    import httpx
+    from langchain_openai import ChatOpenAI
+
+    import lightning_lab.proxy as proxy
+
+    def llm(model):
+        return ChatOpenAI(model=model, base_url=base_url, api_key="unused", max_tokens=6,
+                          max_retries=0)
+
+    draft = llm("writer").invoke(task["q"]).content
+    verdict = llm("checker").invoke("Check: " + draft).content
+    httpx.post(proxy.reward_url(base_url),
+               json={"reward": (len(draft) + len(verdict)) % 3 / 2, "final": True})
+
+
+def test_proxy_model_names_the_adapter_and_a_ppo_step_trains_both(multi):
+    import httpx
+
+    import lightning_lab.proxy as proxy
+
+    with ll.serve(multi, default_max_tokens=8) as server:
+        models = httpx.get(f"{server.base_url}/models").json()["data"]
+        assert {m["id"] for m in models} == {"tiny", *ADAPTERS}
+        bad = httpx.post(f"{server.base_url}/chat/completions", json={
+            "model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert bad.json()["error"]["code"] == "model_not_found" and "'nope'" in bad.text
+        config = _config(tasks_per_step=2, group_size=2, minibatch_size=16, lr=1e-2)
+        trainer = ll.PPOTrainer(multi, proxy.http_agent(server, _two_client_agent), TASKS,
+                                config=config)
+        before = _weights(multi)
+        state = trainer.step()
+    rows = [tr for _, tr in state.batch.transitions()]
+    assert [tr.meta["adapter"] for tr in rows[:2]] == ["writer", "checker"]
+    assert state.metrics["behaviour_logprob_err"] < 1e-4  # each row scored by its own adapter
+    after = _weights(multi)
+    for name in ("writer", "checker"):
+        assert any(not torch.equal(before[n], p) for n, p in after.items() if f".{name}." in n), name
+        assert f"kl/{name}" in state.metrics
+    assert all(torch.equal(before[n], p) for n, p in after.items() if ".default." in n)

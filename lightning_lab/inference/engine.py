@@ -60,8 +60,8 @@ class Sample:
     """Per response token, the most likely (token, logprob) pairs when the request asked
     (``SamplingParams.top_logprobs``)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Facts about the sampler copied into the transition's meta (a vLLM server's
-    ``adapter_version``)."""
+    """Facts about the sampler copied into the transition's meta: the LoRA ``adapter`` that
+    sampled it (the trainer trains that one), a vLLM server's ``adapter_version``."""
 
 
 @dataclass
@@ -133,7 +133,7 @@ class _Pending:
         self.samples[row.index] = Sample(
             row.response_ids, row.logprobs, row.finish_reason or "length", row.text,
             constrained=row.constraint is not None, constraint_error=row.constraint_error,
-            top_logprobs=row.top_logprobs,
+            top_logprobs=row.top_logprobs, meta={"adapter": self.request.adapter},
         )
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():

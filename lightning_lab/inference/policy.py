@@ -364,7 +364,6 @@ def _generation(sample: Any, text: str, request: Request, plan: ChatPlan | None)
     if sample.constraint_error:
         log.warning("the grammar failed mid-way (%s); the generation ends with finish_reason "
                     "'error'", sample.constraint_error)
-    gen.meta["adapter"] = request.adapter  # the trainer trains the adapter that sampled it
     return gen
 
 
