@@ -322,3 +322,19 @@ def test_proxy_model_names_the_adapter_and_a_ppo_step_trains_both(multi):
         assert any(not torch.equal(before[n], p) for n, p in after.items() if f".{name}." in n), name
         assert f"kl/{name}" in state.metrics
     assert all(torch.equal(before[n], p) for n, p in after.items() if ".default." in n)
+
+
+def test_adapter_fields_parse_from_flags_and_round_trip_through_yaml(tmp_path):
+    from lightning_lab.errors import ConfigError
+    from lightning_lab.train.config import RunConfig, load_config, save_config
+
+    ppo = ll.PPOConfig(role_adapters="rewriter=writer", adapter_lr="checker=1e-4",
+                       trainable_adapters="writer,checker")
+    assert ppo.role_adapters == {"rewriter": "writer"} and ppo.adapter_lr == {"checker": 1e-4}
+    assert ppo.trainable_adapters == ("writer", "checker")
+    path = save_config(RunConfig(ppo=ppo), tmp_path / "config.yaml")
+    loaded = load_config(path).ppo
+    assert (loaded.role_adapters, loaded.adapter_lr, loaded.trainable_adapters) == (
+        ppo.role_adapters, ppo.adapter_lr, ppo.trainable_adapters)
+    with pytest.raises(ConfigError, match="adapter_lr must be NAME=VALUE"):
+        ll.PPOConfig(adapter_lr="checker")

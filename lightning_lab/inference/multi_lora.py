@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -155,9 +156,13 @@ def routed(model: Any, names_for_batch: Any) -> Iterator[None]:
     """Inside, every LoRA layer of ``model`` runs peft's mixed-batch forward with
     ``adapter_names = names_for_batch(batch_size)``: how HF-forward paths (the scorer, the
     engine's fallback) pick adapters without ``set_adapter``, which would change which adapter
-    is trainable. peft refuses this in training mode; our models stay in eval mode."""
+    is trainable. Only forwards on the calling thread are routed: the engine's worker may run
+    the same modules meanwhile. peft refuses this in training mode; our models stay in eval."""
+    owner = threading.get_ident()
+
     def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs["adapter_names"] = names_for_batch(args[0].shape[0])
+        if threading.get_ident() == owner:
+            kwargs["adapter_names"] = names_for_batch(args[0].shape[0])
         return args, kwargs
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in lora_layers(model)]

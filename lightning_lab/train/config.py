@@ -593,6 +593,8 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
         del data[section]["seed"]  # follows the run's seed
         if data[section][names] is not None:
             data[section][names] = list(data[section][names])
+    if data["ppo"]["trainable_adapters"] is not None:  # YAML has lists, not tuples
+        data["ppo"]["trainable_adapters"] = list(data["ppo"]["trainable_adapters"])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
