@@ -21,7 +21,7 @@ from .train.config import (ConfigError, FieldError, PPOConfig, RunConfig, SFTCon
 
 __all__ = ["main", "build_parser"]
 
-MODEL_FIELDS = ("model", "lora", "device", "seed")
+MODEL_FIELDS = ("model", "lora", "adapters", "device", "seed")
 ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "adapter_dir",
                   "vllm_start_timeout_s")
 ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",

@@ -332,7 +332,8 @@ def test_adapter_fields_parse_from_flags_and_round_trip_through_yaml(tmp_path):
                        trainable_adapters="writer,checker")
     assert ppo.role_adapters == {"rewriter": "writer"} and ppo.adapter_lr == {"checker": 1e-4}
     assert ppo.trainable_adapters == ("writer", "checker")
-    path = save_config(RunConfig(ppo=ppo), tmp_path / "config.yaml")
+    path = save_config(RunConfig(ppo=ppo, adapters="writer,checker"), tmp_path / "config.yaml")
+    assert load_config(path).adapters == ("writer", "checker")
     loaded = load_config(path).ppo
     assert (loaded.role_adapters, loaded.adapter_lr, loaded.trainable_adapters) == (
         ppo.role_adapters, ppo.adapter_lr, ppo.trainable_adapters)

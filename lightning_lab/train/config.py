@@ -253,6 +253,9 @@ class RunConfig:
     """tiny | smollm2-135m | a local Hugging Face model directory."""
     lora: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
+    adapters: tuple[str, ...] | None = None
+    """One LoRA adapter per role beside ``default`` (``writer,checker``): a role's calls sample
+    with and train the adapter of its name (``ppo.role_adapters`` maps others); turns LoRA on."""
     device: str = "cpu"
     """Torch device of the policy."""
     decode_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
@@ -346,6 +349,7 @@ class RunConfig:
                     raise exc.within(name) from None
             section.seed = self.seed  # one seed per run; the sections' seed is for library users
             setattr(self, name, section)
+        self.adapters = _names(self.adapters)
         if self.algorithm not in ALGORITHMS:
             raise FieldError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, "
                              f"got {self.algorithm!r}")
@@ -593,8 +597,10 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
         del data[section]["seed"]  # follows the run's seed
         if data[section][names] is not None:
             data[section][names] = list(data[section][names])
-    if data["ppo"]["trainable_adapters"] is not None:  # YAML has lists, not tuples
-        data["ppo"]["trainable_adapters"] = list(data["ppo"]["trainable_adapters"])
+    for section, names in (("ppo", "trainable_adapters"), (None, "adapters")):
+        values = data[section] if section else data
+        if values[names] is not None:  # YAML has lists, not tuples
+            values[names] = list(values[names])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
