@@ -339,3 +339,17 @@ def test_adapter_fields_parse_from_flags_and_round_trip_through_yaml(tmp_path):
         ppo.role_adapters, ppo.adapter_lr, ppo.trainable_adapters)
     with pytest.raises(ConfigError, match="adapter_lr must be NAME=VALUE"):
         ll.PPOConfig(adapter_lr="checker")
+
+
+def test_sft_warm_start_targets_one_adapter(multi):
+    from lightning_lab.train.sft import SFTTrainer
+
+    batch = _through_engine(multi, group_size=1)
+    before = _weights(multi)
+    trainer = SFTTrainer(multi, batch, ll.SFTConfig(adapter="checker", batch_size=64, lr=1e-2))
+    trainer.step()
+    after = _weights(multi)
+    moved = {n for n, p in after.items() if not torch.equal(before[n], p)}
+    assert moved and all(".checker." in n for n in moved)
+    with pytest.raises(ValueError, match="'nope'"):
+        SFTTrainer(multi, batch, ll.SFTConfig(adapter="nope"))

@@ -200,6 +200,9 @@ class SFTConfig:
     model's ``max_position_embeddings``."""
     agents: tuple[str, ...] | None = None
     """Train only on transitions of these roles; None = all."""
+    adapter: str | None = None
+    """Warm-start this LoRA adapter (one role's) on every row, the others untouched; None: each
+    row trains the adapter that sampled it (``meta["adapter"]``; demonstrations: ``default``)."""
     n: int = bounded(8, ge=1)
     """Rejection sampling: samples per task per round."""
     threshold: float = bounded(0.5)
@@ -453,6 +456,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
     if origin is dict and isinstance(value, Mapping):
         return dict(value)
+    if origin is dict and isinstance(value, str):  # a flag's NAME=VALUE,... (parsed by the field)
+        return value
     raise ConfigError(f"{name} must be {getattr(origin, '__name__', origin)}, got {value!r}")
 
 

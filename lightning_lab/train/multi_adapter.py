@@ -22,12 +22,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..inference.multi_lora import DEFAULT, adapter_names, adapter_parameters, use_adapter
+from ..inference.multi_lora import (DEFAULT, adapter_names, adapter_parameters, check_adapter,
+                                   use_adapter)
 from ..records import Transition
 from .scoring import Scores, score
 
-__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups", "check_adapter_set", "learning_rates", "saved_parameters", "score_by_adapter",
-           "trained_adapters"]
+__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups", "check_adapter_set", "learning_rates", "saved_parameters", "score_as", "score_by_adapter",
+           "trained_adapters", "warm_start_parameters"]
 
 
 def adapter_of(tr: Transition) -> str:
@@ -61,6 +62,25 @@ def score_by_adapter(model: Any, rows: Sequence[Transition], **kwargs: Any) -> S
                   entropy=torch.cat([e for _, e, _ in order]),
                   prompt_hidden=None if hidden_rows[0] is None else torch.stack(hidden_rows),
                   lengths=[len(tr.response_ids) for tr in rows])
+
+
+def score_as(model: Any, rows: Sequence[Transition], adapter: str | None, **kwargs: Any
+             ) -> Scores:
+    """Every row under ``adapter`` (a warm start aimed at one role), or with None each row
+    under the adapter that sampled it (``score_by_adapter``)."""
+    if adapter is None:
+        return score_by_adapter(model, rows, **kwargs)
+    with use_adapter(model, adapter):
+        return score(model, rows, **kwargs)
+
+
+def warm_start_parameters(model: Any, adapter: str | None) -> list[torch.nn.Parameter]:
+    """What an SFT / rejection-sampling warm start trains: ``adapter``'s parameters (checked,
+    and made trainable), or with None every trainable parameter."""
+    if adapter is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    check_adapter(model, adapter)
+    return [p.requires_grad_(True) for p in adapter_parameters(model, adapter).values()]
 
 
 def trained_adapters(model: Any, trainable: Sequence[str] | None) -> list[str]:
