@@ -353,3 +353,28 @@ def test_sft_warm_start_targets_one_adapter(multi):
     assert moved and all(".checker." in n for n in moved)
     with pytest.raises(ValueError, match="'nope'"):
         SFTTrainer(multi, batch, ll.SFTConfig(adapter="nope"))
+
+
+def test_cli_trains_adapters_per_role_and_exports_each(tmp_path):
+    import json
+
+    from lightning_lab.cli import main
+    from lightning_lab.train.config import load_config
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--env", "wordplay", "--adapters", "writer,checker",
+                 "--role-adapters", "namer=writer,shouter=checker", "--trainable-adapters",
+                 "writer", "--adapter-lr", "writer=1e-3", "--steps", "1", "--eval-limit", "2",
+                 "--save-every", "1", "--tasks-per-step", "2", "--group-size", "2",
+                 "--out", str(out)]) == 0
+    config = load_config(out / "config.yaml")
+    assert config.adapters == ("writer", "checker")
+    assert config.ppo.role_adapters == {"namer": "writer", "shouter": "checker"}
+    assert config.ppo.adapter_lr == {"writer": 1e-3}
+    rows = [tr for line in (out / "trajectories.jsonl").read_text().splitlines()
+            for tr in json.loads(line)["transitions"]]
+    assert {(tr["agent"], tr["meta"]["adapter"]) for tr in rows} == {
+        ("namer", "writer"), ("shouter", "checker")}
+    assert main(["export", "--checkpoint", str(out / "checkpoints"), "--out",
+                 str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(ADAPTERS)

@@ -110,10 +110,9 @@ def keeping_trainable(model: Any) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RowAdapters:
-    """Which adapter each row of one forward uses: ``names`` per row, and per distinct adapter
-    the row indices (None: every row) that the LoRA layers gather."""
+    """Which adapter each row of one forward uses: per distinct adapter, the row indices (None:
+    every row) that the LoRA layers gather."""
 
-    names: tuple[str, ...]
     groups: tuple[tuple[str, torch.Tensor | None], ...]
 
     @staticmethod
@@ -124,10 +123,10 @@ class RowAdapters:
             return None
         distinct = list(dict.fromkeys(names))
         if len(distinct) == 1:
-            return RowAdapters(tuple(names), ((distinct[0], None),))
+            return RowAdapters(((distinct[0], None),))
         groups = tuple((a, torch.tensor([i for i, n in enumerate(names) if n == a], device=device))
                        for a in distinct)
-        return RowAdapters(tuple(names), groups)
+        return RowAdapters(groups)
 
 
 def add_deltas(module: Any, h: torch.Tensor, out: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
