@@ -116,31 +116,34 @@ def check_adapter_set(saved: Sequence[str] | None, current: Sequence[str], where
 def learning_rates(model: Any, config: Any) -> list[float]:
     """The optimizer's learning rates from ``config`` (PPOConfig), group by group as
     ``make_optimizer`` builds them (the critic's last): re-applied over a checkpoint's."""
-    names = trained_adapters(model, config.trainable_adapters) if adapter_names(model) else [""]
+    names = trained_adapters(model, config.trainable_adapters) or [""]
     return [(config.adapter_lr or {}).get(n, config.lr) for n in names] + [config.value_lr]
 
 
 def param_groups(model: Any, trainable: Sequence[str] | None, lr: float, weight_decay: float,
                  adapter_lr: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """One AdamW group per trained adapter (``adapter`` key names it); frozen adapters get
-    ``requires_grad=False`` and no group. A model without LoRA: one group of its parameters."""
+    """One AdamW group per trained adapter, in ``adapter_names`` order; frozen adapters get
+    ``requires_grad=False`` and no group. Other trainable parameters (a model without LoRA,
+    peft's ``modules_to_save``) join the first group, or form one with ``lr``."""
     names = adapter_names(model)
-    if not names:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
-                 "weight_decay": weight_decay}]
     keep = trained_adapters(model, trainable)
     unknown = sorted(set(adapter_lr or {}) - set(names))
     if unknown:
         raise ValueError(f"adapter_lr names unknown adapter(s) {unknown}; adapters: {names}")
-    groups = []
+    groups, in_adapters = [], set()
     for name in names:
         params = list(adapter_parameters(model, name).values())
+        in_adapters.update(id(p) for p in params)
         for p in params:
             p.requires_grad_(name in keep)
         if name in keep:
             groups.append({"params": params, "lr": (adapter_lr or {}).get(name, lr),
-                           "weight_decay": weight_decay, "adapter": name})
-    return groups
+                           "weight_decay": weight_decay})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_adapters]
+    if groups:
+        groups[0]["params"] += rest
+        return groups
+    return [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
 
 
 def clip_by_adapter(groups: list[dict[str, Any]], max_norm: float) -> torch.Tensor:
