@@ -25,7 +25,7 @@ from .records import MAX_ABS_REWARD, Trajectory, Transition, new_traj_id, reward
 
 __all__ = ["rollout", "role", "step", "reward", "current", "active_trajectory", "traced",
            "record_generation", "current_temperature", "sampling_temperature",
-           "DEFAULT_TEMPERATURE", "current_control", "call_seed", "derive_seed",
+           "DEFAULT_TEMPERATURE", "current_control", "call_seed", "derive_seed", "current_role",
            "RolloutControl", "RolloutCancelled", "TracingError"]
 
 
@@ -229,6 +229,12 @@ def current_temperature() -> float | None:
     """The open rollout's default sampling temperature (None: none set, or no rollout)."""
     state = _open.get()
     return None if state is None else state[1]
+
+
+def current_role() -> str:
+    """Role of a call made now (the open ``ll.role``'s name, else ``DEFAULT_ROLE``): the policy
+    picks the role's LoRA adapter with it before the call is recorded."""
+    return _role.get() or DEFAULT_ROLE
 
 
 def current_control() -> RolloutControl | None:

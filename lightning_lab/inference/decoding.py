@@ -19,6 +19,7 @@ unpadded sequence.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from transformers import DynamicCache
 
 from lightning_lab.inference.fast_llama import FastLlama, supports
 from lightning_lab.inference.kvcache import Past, PrefixCache, empty_past, growing_cache, truncate
+from lightning_lab.inference.multi_lora import DEFAULT, RowAdapters, routed, split_by_adapter
 from lightning_lab.inference.sampling import SamplingParams, choose_tokens, top_logprobs
 from lightning_lab.inference.prompts import dedupe_prompts
 
@@ -54,6 +56,8 @@ class Row:
     first; empty when not asked for."""
     listener: Callable[["Row"], None] | None = None
     """Called on the decode thread after each sampled token (token streaming); must not block."""
+    adapter: str = DEFAULT
+    """The LoRA adapter this row samples with (``multi_lora``)."""
 
 
 MIN_SHARED_PREFIX = 8
@@ -88,8 +92,12 @@ class DecodeBatch:
         dtype: torch.dtype = torch.float32,
         prefix_cache: PrefixCache | None = None,
         stats: "PrefillStats | None" = None,
+        adapter_caches: Callable[[str], PrefixCache | None] | None = None,
     ):
         self.model = model
+        self.adapter_caches = adapter_caches
+        """An adapter's own prefix cache (its KV differs from another adapter's); None: none."""
+        self._prefill_adapter: str | None = None  # set while one adapter's prompts prefill
         self.prefix_cache = prefix_cache
         """Prompt KV kept across batches (owned by the engine, outlives this batch)."""
         self.stats = stats if stats is not None else PrefillStats()
@@ -112,10 +120,18 @@ class DecodeBatch:
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         """Last-position logits (B, V) in float32 on the model's device, via the lean Llama path
         when available (sampling happens there too: no (B, V) copy to the host per token)."""
+        names = ([self._prefill_adapter] * len(input_ids) if self._prefill_adapter is not None
+                 else [r.adapter for r in self.rows])
+        adapters = RowAdapters.of(names, self.device)
         if self.fast is not None:
             return self.fast.forward(
-                input_ids.to(self.device), positions.to(self.device), mask.to(self.device), cache
+                input_ids.to(self.device), positions.to(self.device), mask.to(self.device), cache,
+                adapters,
             )
+        with routed(self.model, lambda _: list(names)) if adapters else contextlib.nullcontext():
+            return self._hf_forward(input_ids, mask, positions, cache)
+
+    def _hf_forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -130,8 +146,23 @@ class DecodeBatch:
         """Prefill each group's (shared) prompt once, sample the first tokens, join the batch.
 
         A group is the n rows of one prompt. Raises if the forward fails (e.g. a bad token id);
-        the caller then retries groups one at a time to isolate the culprit.
+        the caller then retries groups one at a time to isolate the culprit. Groups of different
+        adapters prefill separately (their prompt KV differs) and then decode together.
         """
+        parts = split_by_adapter(groups, lambda g: g[0].adapter)
+        if len(parts) > 1:
+            return [row for idx in parts.values() for row in self.admit([groups[i] for i in idx])]
+        adapter, shared = groups[0][0].adapter, self.prefix_cache
+        if adapter != DEFAULT:  # its own prompt KV: its own prefix cache, or none
+            self.prefix_cache = self.adapter_caches(adapter) if self.adapter_caches else None
+        self._prefill_adapter = adapter
+        try:
+            return self._admit(groups)
+        finally:
+            self.prefix_cache, self._prefill_adapter = shared, None
+
+    def _admit(self, groups: list[list[Row]]) -> list[Row]:
+        """``admit`` for groups of one adapter."""
         # Requests with the same prompt (a GRPO group sampled by separate agent threads arrives as
         # separate requests) are prefilled once and their KV copied, like the n rows of one request.
         unique, of_group = dedupe_prompts([g[0].prompt_ids for g in groups])

@@ -20,6 +20,7 @@ import torch
 
 from lightning_lab.inference.decoding import DecodeBatch, PrefillStats, Row
 from lightning_lab.inference.kvcache import PrefixCache
+from lightning_lab.inference.multi_lora import DEFAULT, check_adapter
 from lightning_lab.inference.precision import resolve_dtype
 from lightning_lab.inference.sampling import SamplingParams
 
@@ -37,6 +38,8 @@ class Request:
     """Token streaming: called on the engine thread with each row after each sampled token
     (``row.index``, ``row.response_ids[-1]``, ``row.logprobs[-1]``, ``row.top_logprobs``);
     must return at once."""
+    adapter: str = DEFAULT
+    """The LoRA adapter to sample with (``multi_lora``); rows of any adapters share a batch."""
 
 
 @dataclass
@@ -57,8 +60,8 @@ class Sample:
     """Per response token, the most likely (token, logprob) pairs when the request asked
     (``SamplingParams.top_logprobs``)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Facts about the sampler copied into the transition's meta (a vLLM server's
-    ``adapter_version``)."""
+    """Facts about the sampler copied into the transition's meta: the LoRA ``adapter`` that
+    sampled it (the trainer trains that one), a vLLM server's ``adapter_version``."""
 
 
 @dataclass
@@ -121,6 +124,7 @@ class _Pending:
                 generator=None if seed is None else torch.Generator().manual_seed(seed + 7919 * j),
                 constraint=constraint(grammar) if grammar and constraint else None,
                 listener=self.request.on_token,
+                adapter=self.request.adapter,
             )
             for j in range(self.request.n)
         ]
@@ -129,7 +133,7 @@ class _Pending:
         self.samples[row.index] = Sample(
             row.response_ids, row.logprobs, row.finish_reason or "length", row.text,
             constrained=row.constraint is not None, constraint_error=row.constraint_error,
-            top_logprobs=row.top_logprobs,
+            top_logprobs=row.top_logprobs, meta={"adapter": self.request.adapter},
         )
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():
@@ -165,6 +169,9 @@ class Engine:
         self.prefill_stats = PrefillStats()
         """Prompt tokens admitted vs computed, since the engine was built."""
         self._stats_seen = PrefillStats()
+        self.adapter_caches: dict[str, PrefixCache] = {}
+        """Prefix caches of the adapters other than ``"default"`` (whose is ``prefix_cache``):
+        an adapter's prompt KV is its own. Each has the same token bound."""
 
     def submit(self, request: Request) -> Future:
         """Queue a request; the future resolves to its n Samples or to the request's own error."""
@@ -211,6 +218,7 @@ class Engine:
 
     def _check(self, request: Request) -> None:
         request.params.validate()
+        check_adapter(self.model, request.adapter)
         if request.n < 1:
             raise ValueError(f"n must be >= 1, got {request.n}")
         if not request.prompt_ids:
@@ -278,7 +286,15 @@ class Engine:
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self._decoder(), self._decode, self.stop_token_ids, self.config.fast_path,
-                           self.decode_dtype, self.prefix_cache, self.prefill_stats)
+                           self.decode_dtype, self.prefix_cache, self.prefill_stats,
+                           self._adapter_cache if self.prefix_cache is not None else None)
+
+    def _adapter_cache(self, adapter: str) -> PrefixCache:
+        """The prefix cache of ``adapter`` (not ``"default"``), made on first use."""
+        if adapter not in self.adapter_caches:
+            self.adapter_caches[adapter] = PrefixCache(self.config.prefix_block_tokens,
+                                                       self.config.prefix_cache_tokens)
+        return self.adapter_caches[adapter]
 
     def _collect(self, waiting: list[_Pending], block: bool) -> bool:
         """Move queued requests to ``waiting``; an idle worker gathers a burst first.

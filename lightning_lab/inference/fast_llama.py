@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .adapters import base_model
+from .multi_lora import RowAdapters, add_deltas
 
 SUPPORTED = {"LlamaForCausalLM"}
 
@@ -59,6 +60,7 @@ class FastLlama:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.eps = config.rms_norm_eps
         self._cos = self._sin = torch.zeros(0)  # (N, D) rotary tables by position, grown on demand
+        self._rows: RowAdapters | None = None  # the forward in progress: each row's adapter
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor,
                 needed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,14 +97,15 @@ class FastLlama:
         A peft LoRA layer adds its active adapters in fp32 as peft does; adapter variants
         (DoRA, ...) and anything else unknown run as the module itself, in fp32.
         """
+        if self._rows is not None and _routable(module):  # per-row adapters (``multi_lora``)
+            return add_deltas(module, h, self._base_out(module.base_layer, h), self._rows)
         if self.dtype == torch.float32:
             return module(h)
         base = getattr(module, "base_layer", module)
         lora = base is not module
         if not isinstance(base, torch.nn.Linear) or (lora and getattr(module, "lora_variant", None)):
             return module(h)
-        bias = None if base.bias is None else self._weight(base.bias)
-        out = F.linear(h.to(self.dtype), self._weight(base.weight), bias).float()
+        out = self._base_out(base, h)
         if lora and not module.disable_adapters and not module.merged:
             for name in module.active_adapters:
                 if name in module.lora_A:
@@ -110,17 +113,34 @@ class FastLlama:
                     out = out + b(a(module.lora_dropout[name](h))) * module.scaling[name]
         return out
 
+    def _base_out(self, base: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        """The frozen linear's output in fp32, its matmul in ``self.dtype``."""
+        if self.dtype == torch.float32:
+            return F.linear(h, base.weight, base.bias)
+        bias = None if base.bias is None else self._weight(base.bias)
+        return F.linear(h.to(self.dtype), self._weight(base.weight), bias).float()
+
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor,
         cache: DynamicCache,
+        adapters: RowAdapters | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: (B, S); mask: (B, T) over cached + new columns, 1 = real token.
+        ``adapters``: each row's LoRA adapter (None: the active one for all rows).
 
         Returns float32 logits of the last position, (B, V).
         """
+        self._rows = adapters
+        try:
+            return self._forward(input_ids, positions, mask, cache)
+        finally:
+            self._rows = None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
         b, s = input_ids.shape
         t = mask.shape[1]
         x = self.embed(input_ids)  # (B, S, C)
@@ -149,6 +169,16 @@ class FastLlama:
             x = x + self._project(mlp.down_proj, F.silu(gate) * up)
         x = self._rms(x[:, -1], self.norm)  # (B, C): only the last position is ever sampled from
         return self._project(self.lm_head, x).float()  # (B, V)
+
+
+def _routable(module: Any) -> bool:
+    """A plain, active peft LoRA linear: its adapters can be applied row by row."""
+    base = getattr(module, "base_layer", None)
+    if base is None or module.disable_adapters or module.merged:
+        return False
+    if getattr(module, "lora_variant", None):
+        raise ValueError("per-row adapters support plain LoRA only, not DoRA or other variants")
+    return isinstance(base, torch.nn.Linear)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lightning_lab.inference.engine import EngineConfig
+from lightning_lab.inference.multi_lora import add_adapters
 from lightning_lab.inference.policy import Policy
 from lightning_lab.paths import cache_dir
 
@@ -155,6 +156,7 @@ def load(
     decode_dtype: str = "float32",
     decode_threads: int | None = 1,
     decode_rows_per_thread: int | None = None,
+    adapters: list[str] | dict[str, dict] | None = None,
 ) -> Policy:
     """Load a policy.
 
@@ -174,7 +176,11 @@ def load(
     1.4x slower (``benchmarks/train_step.py``). ``decode_rows_per_thread`` (CPU only; default
     off) adds a thread per that many rows in the batch (``EngineConfig.rows_per_thread``), for
     large standalone decodes on a machine whose cores are free.
+    ``adapters`` (names, or name -> ``LoraConfig`` overrides) adds one LoRA adapter per role
+    beside ``"default"`` on the shared base (``multi_lora``); it turns LoRA on.
     """
+    if adapters and lora is False:
+        raise ValueError("adapters= needs LoRA; drop lora=False")
     _set_threads(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -183,9 +189,10 @@ def load(
         model, tokenizer, default_lora = _build(name_or_path, dtype, seed)
         model = model.to(device=device, dtype=dtype)
         if lora is None:
-            lora = default_lora
+            lora = default_lora or bool(adapters)
         if lora:
             model = _wrap_lora(model, lora)
+            add_adapters(model, adapters)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer, device=device, name=name_or_path,
                   engine_config=EngineConfig(

@@ -20,6 +20,8 @@ import torch
 from lightning_lab.inference.adapters import has_adapter, set_weights
 from lightning_lab.inference.chat import ChatPlan, plan_chat
 from lightning_lab.inference.engine import Engine, EngineConfig, Request
+from lightning_lab.inference.multi_lora import (DEFAULT, add_adapter, adapter_names, check_adapter,
+                                                check_role_adapters, keeping_trainable)
 from lightning_lab.inference.sampling import SamplingParams
 
 Message = dict[str, Any]
@@ -59,7 +61,8 @@ class Generation:
     """The OpenAI assistant message (``content``, ``tool_calls``) for chat prompts."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Facts copied into the transition's meta: ``constrained``, ``tool_calls``,
-    ``tool_parse_error``, ``json_valid``, ``tool_format``."""
+    ``tool_parse_error``, ``json_valid``, ``tool_format``, ``adapter`` (the LoRA adapter that
+    sampled it)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class ChatOptions:
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     grammar: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter to sample with; None: the call's role's (``Policy.adapter_for``)."""
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The options as ``Policy.generate`` keywords (``tools`` not copied)."""
@@ -106,6 +111,31 @@ class Policy:
         self.engine = Engine(model, tokenizer, engine_config)
         self.tool_format = tool_format
         """How tools are rendered and parsed (``inference.tool_formats.format_names()``)."""
+        self.role_adapters: dict[str, str] = {}
+        """Role -> the adapter its calls sample with (``map_roles``); see ``adapter_for``."""
+
+    @property
+    def adapters(self) -> list[str]:
+        """The model's LoRA adapters (``"default"`` first); ``[]`` without LoRA."""
+        return adapter_names(self.model)
+
+    def add_adapter(self, name: str, **overrides: Any) -> None:
+        """Add a LoRA adapter ``name`` on the shared base: the default adapter's ``LoraConfig``
+        with ``overrides`` (``r``, ``target_modules``, ``init_lora_weights``...). Calls made
+        inside ``ll.step(name)`` then sample with it; the trainer trains it on them."""
+        with self.engine.lock:  # no forward sees a half-built adapter
+            add_adapter(self.model, name, overrides)
+
+    def map_roles(self, role_adapters: dict[str, str]) -> None:
+        """Let roles share an adapter (``{"rewriter": "writer"}``); unknown adapters refused."""
+        self.role_adapters.update(check_role_adapters(self.model, role_adapters))
+
+    def adapter_for(self, role: str) -> str:
+        """The adapter a call of ``role`` samples with: ``role_adapters[role]``, else the adapter
+        named like the role, else ``"default"`` (single-adapter code never names one)."""
+        if role in self.role_adapters:
+            return self.role_adapters[role]
+        return role if role in adapter_names(self.model) else DEFAULT
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, device={self.device!r})"
@@ -125,9 +155,12 @@ class Policy:
 
     def _requests(self, prompts: list[Prompt], n: int, temperature: float | None, top_p: float,
                   max_new_tokens: int, stop: list[str] | str | None, prefill: str,
-                  seed: int | None, tool_options: dict[str, Any]
+                  seed: int | None, tool_options: dict[str, Any], adapter: str | None = None
                   ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
         from lightning_lab import tracing
+
+        adapter = (self.adapter_for(tracing.current_role()) if adapter is None
+                   else check_adapter(self.model, adapter))
 
         temperature = tracing.sampling_temperature(temperature, tracing.current_temperature())
         if seed is None:  # inside a seeded rollout: its per-call seed
@@ -152,6 +185,7 @@ class Policy:
                     grammar=plain_grammar if plan is None else plan.grammar,
                 ),
                 n=n,
+                adapter=adapter,
             )
             for i, (text, plan) in enumerate(zip(texts, plans))
         ]
@@ -204,6 +238,7 @@ class Policy:
         stop: list[str] | str | None = None,
         prefill: str = "",
         seed: int | None = None,
+        adapter: str | None = None,
         **tool_options: Any,
     ) -> list[Generation]:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
@@ -218,7 +253,7 @@ class Policy:
         too).
         """
         texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
-                                                stop, prefill, seed, tool_options)
+                                                stop, prefill, seed, tool_options, adapter)
         futures, _, unregister = self._submit(requests)
         try:
             results = [future.result() for future in futures]
@@ -240,6 +275,7 @@ class Policy:
         stop: list[str] | str | None = None,
         prefill: str = "",
         seed: int | None = None,
+        adapter: str | None = None,
         **tool_options: Any,
     ) -> list[Generation]:
         """``generate`` for ``async def`` agents: awaits the engine without blocking the loop.
@@ -248,7 +284,7 @@ class Policy:
         awaiting task is cancelled (a timeout), the requests are aborted and leave the batch.
         """
         texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
-                                                stop, prefill, seed, tool_options)
+                                                stop, prefill, seed, tool_options, adapter)
         futures, abort, unregister = self._submit(requests)
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
@@ -303,7 +339,7 @@ class Policy:
                 finally:
                     set_weights(self.model, current)
             elif has_adapter(self.model):
-                with self.model.disable_adapter():
+                with keeping_trainable(self.model), self.model.disable_adapter():
                     yield self.model
             else:
                 yield self.model

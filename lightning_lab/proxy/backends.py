@@ -132,9 +132,20 @@ class LocalBackend:
                                 grammar=prepared.plan.grammar if prepared.plan else None,
                                 top_logprobs=request.top_logprobs if request.logprobs else 0)
         engine_request = Request(prompt_ids=prepared.prompt_ids, params=params, n=request.n,
-                                 on_token=on_token)
+                                 on_token=on_token, adapter=self.adapter_for(request.model))
         prepared.handle = engine_request
         return engine_request
+
+    def adapter_for(self, model: str) -> str:
+        """The LoRA adapter a request's ``model`` names (vLLM's multi-LoRA serving:
+        ``ChatOpenAI(model="checker")``); the served name or an alias: ``"default"``."""
+        return model if model in getattr(self.policy, "adapters", ()) else "default"
+
+    @property
+    def adapters(self) -> list[str]:
+        """The policy's adapters, served as models when there are several (``/v1/models``)."""
+        names = list(getattr(self.policy, "adapters", ()))
+        return names if len(names) > 1 else []
 
     def _abort(self, engine_request: Any, future: Any) -> None:
         """Free the request's batch slots (client gone, rollout cancelled)."""

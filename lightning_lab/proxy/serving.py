@@ -36,8 +36,10 @@ class Serving:
 
     def __init__(self, backend: Backend, registry: RolloutRegistry, config: ServeConfig):
         self.backend, self.registry, self.config = backend, registry, config
-        self.served = {backend.name, *config.served_model_names} - {""}
-        """Model names requests may ask for (the backend's, aliases, loaded adapters)."""
+        self.served = {backend.name, *config.served_model_names,
+                       *getattr(backend, "adapters", ())} - {""}
+        """Model names requests may ask for (the backend's, aliases, loaded adapters, and the
+        policy's LoRA adapters when it has several: one per role)."""
         self.budget = TokenBudget(config.limits)
         self.adapter_roots = [Path(d).resolve() for d in config.adapter_dirs]
         self.inflight = 0

@@ -103,7 +103,7 @@ class PPOConfig:
     kl_coef: float = bounded(0.02, ge=0)
     """Weight of the KL penalty to the reference (adapter-off) policy."""
     max_grad_norm: float = bounded(1.0, gt=0)
-    """Gradient-norm clip of the policy parameters."""
+    """Gradient-norm clip of the policy parameters (of each LoRA adapter on its own)."""
     max_tokens_per_forward: int = bounded(2048, ge=1)
     """Padded tokens per forward pass (a shared prompt counts once); minibatches are split
     (gradient accumulation) to fit."""
@@ -113,6 +113,14 @@ class PPOConfig:
     """Weight of the critic's regression loss."""
     trainable_roles: tuple[str, ...] | None = None
     """Only transitions of these roles (``ll.role`` names) enter the loss; None = all."""
+    role_adapters: dict[str, str] | None = None
+    """Role -> the LoRA adapter its calls sample with and train (``rewriter=writer,...``); a
+    role named like an adapter uses it, any other ``default`` (``inference/multi_lora.py``)."""
+    trainable_adapters: tuple[str, ...] | None = None
+    """Only these LoRA adapters train (the others stay bit-identical, their transitions out of
+    the loss); None = every adapter of the policy."""
+    adapter_lr: dict[str, float] | None = None
+    """Per-adapter learning rate (``checker=1e-4``); adapters not named use ``lr``."""
     skip_zero_advantage: bool = True
     """Leave transitions with zero advantage out of the update (they carry no policy gradient)."""
     recompute_logprobs: bool = False
@@ -147,6 +155,9 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         self.trainable_roles = _names(self.trainable_roles)
+        self.trainable_adapters = _names(self.trainable_adapters)
+        self.role_adapters = _mapping(self.role_adapters, str, "role_adapters")
+        self.adapter_lr = _mapping(self.adapter_lr, float, "adapter_lr")
         check_ranges(self)
 
 
@@ -189,6 +200,9 @@ class SFTConfig:
     model's ``max_position_embeddings``."""
     roles: tuple[str, ...] | None = None
     """Train only on transitions of these roles (``ll.role`` names); None = all."""
+    adapter: str | None = None
+    """Warm-start this LoRA adapter (one role's) on every row, the others untouched; None: each
+    row trains the adapter that sampled it (``meta["adapter"]``; demonstrations: ``default``)."""
     n: int = bounded(8, ge=1)
     """Rejection sampling: samples per task per round."""
     threshold: float = bounded(0.5)
@@ -214,6 +228,17 @@ def _names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
 
 
+def _mapping(value: str | Mapping[str, Any] | None, cast: Any, name: str) -> dict | None:
+    """A name -> value mapping (``"a=b,c=d"`` from a flag, a mapping from YAML)."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else {str(k): cast(v) for k, v in value.items()}
+    try:
+        return {k: cast(v) for k, v in (pair.split("=", 1) for pair in value.split(",") if pair)}
+    except ValueError:
+        raise FieldError(name, f"must be NAME=VALUE pairs separated by commas, got {value!r}"
+                         ) from None
+
+
 ALGORITHMS = ("ppo", "sft", "rejection")
 SECTIONS = {"ppo": PPOConfig, "sft": SFTConfig}
 """``RunConfig``'s nested sections: the fields of one algorithm, as ``ppo.lr`` / ``sft.lr``."""
@@ -231,6 +256,9 @@ class RunConfig:
     """tiny | smollm2-135m | a local Hugging Face model directory."""
     lora: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     """LoRA adapter: auto (on for real models, off for tiny) | on | off."""
+    adapters: tuple[str, ...] | None = None
+    """One LoRA adapter per role beside ``default`` (``writer,checker``): a role's calls sample
+    with and train the adapter of its name (``ppo.role_adapters`` maps others); turns LoRA on."""
     device: str = "cpu"
     """Torch device of the policy."""
     decode_dtype: str = field(default="float32", metadata={"choices": ("float32", "auto", "bfloat16")})
@@ -332,6 +360,7 @@ class RunConfig:
                     raise exc.within(name) from None
             section.seed = self.seed  # one seed per run; the sections' seed is for library users
             setattr(self, name, section)
+        self.adapters = _names(self.adapters)
         if self.algorithm not in ALGORITHMS:
             raise FieldError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, "
                              f"got {self.algorithm!r}")
@@ -439,6 +468,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
     if origin is dict and isinstance(value, Mapping):
         return dict(value)
+    if origin is dict and isinstance(value, str):  # a flag's NAME=VALUE,... (parsed by the field)
+        return value
     raise ConfigError(f"{name} must be {getattr(origin, '__name__', origin)}, got {value!r}")
 
 
@@ -606,6 +637,10 @@ def save_config(config: RunConfig, path: str | Path) -> Path:
         del data[section]["seed"]  # follows the run's seed
         if data[section][names] is not None:
             data[section][names] = list(data[section][names])
+    for section, names in (("ppo", "trainable_adapters"), (None, "adapters")):
+        values = data[section] if section else data
+        if values[names] is not None:  # YAML has lists, not tuples
+            values[names] = list(values[names])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)

@@ -29,7 +29,8 @@ from ..inference.adapters import base_model as _unwrapped
 from ..inference.adapters import has_adapter as _has_adapter
 
 __all__ = ["ExportError", "ADAPTER_META", "base_fingerprint", "save_adapter", "load_adapter",
-           "save_merged", "read_adapter_meta", "export_checkpoint"]
+           "save_merged", "read_adapter_meta", "export_checkpoint", "save_adapters",
+           "export_adapters", "saved_adapter_dirs"]
 
 ADAPTER_META = "lightning_lab.json"
 _SAMPLE = 256
@@ -78,11 +79,14 @@ def _atomic_dir(out: Path, write: Any) -> Path:
     return out
 
 
-def save_adapter(policy: Any, out: str | Path, *, step: int | None = None) -> Path:
+def save_adapter(policy: Any, out: str | Path, *, step: int | None = None,
+                 adapter: str | None = None) -> Path:
     """Write the policy's LoRA adapter as a standard PEFT folder (atomically); returns ``out``.
 
-    ``policy`` is a ``Policy`` or a peft model. Only the ``default`` adapter is written, as
-    ``adapter_config.json`` + ``adapter_model.safetensors`` + our ``lightning_lab.json``.
+    ``policy`` is a ``Policy`` or a peft model. The ``default`` adapter is written, as
+    ``adapter_config.json`` + ``adapter_model.safetensors`` + our ``lightning_lab.json`` (other
+    adapters, if any, in peft's ``out/<name>/`` subfolders); ``adapter`` names one adapter to
+    write alone at ``out`` (``export_adapters.save_adapters``).
     """
     model = getattr(policy, "model", policy)
     if not _has_adapter(model):
@@ -93,7 +97,14 @@ def save_adapter(policy: Any, out: str | Path, *, step: int | None = None) -> Pa
             "step": step}
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:  # peft writes a non-default adapter into a subfolder named after it: lift it up
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+            if adapter != "default":
+                for item in (tmp / adapter).iterdir():
+                    item.rename(tmp / item.name)
+                (tmp / adapter).rmdir()
         config_path = tmp / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_name or None
@@ -132,8 +143,8 @@ def check_base(model: Any, directory: str | Path, meta: dict[str, Any] | None = 
             "the base it was trained on")
 
 
-def load_adapter(policy: Any, directory: str | Path) -> None:
-    """Load a PEFT adapter folder's weights into the policy's ``default`` adapter (in place).
+def load_adapter(policy: Any, directory: str | Path, adapter: str = "default") -> None:
+    """Load a PEFT adapter folder's weights into the policy's ``adapter`` (in place).
 
     The policy must already carry a LoRA adapter of the same configuration; reads safetensors only.
     """
@@ -147,8 +158,8 @@ def load_adapter(policy: Any, directory: str | Path) -> None:
     meta = read_adapter_meta(directory)
     check_base(model, directory, meta)
     state = load_file(directory / "adapter_model.safetensors")
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    result = set_peft_model_state_dict(model, state)
+    expected = {n for n, p in model.named_parameters() if f".{adapter}." in n}
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     missing = sorted(n for n in result.missing_keys if "lora_" in n and n in expected)
     if result.unexpected_keys or missing:
         raise ExportError(f"adapter {directory} does not fit this policy's LoRA configuration: "
@@ -184,6 +195,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge: bool = 
 
     path = resolve(Path(checkpoint))
     adapter = path / "adapter"
+    if adapter.is_dir() and len(saved_adapter_dirs(adapter)) > 1:  # one adapter per role
+        return export_adapters(adapter, out, merge=merge, model=model, device=device)
     if not adapter.is_dir():
         raise ExportError(f"checkpoint {path} holds no adapter/ folder (written by lightning-lab "
                           "before adapter export existed, or trained without LoRA); re-save it "
@@ -192,14 +205,61 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge: bool = 
     base = model or meta.get("base_model")
     if not base:
         raise ExportError(f"{adapter} does not name its base model; pass --model")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    lora = {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-    lora["target_modules"] = sorted(lora["target_modules"])
-    policy = models.load(base, lora=lora, device=device)
+    policy = models.load(base, lora=lora_kwargs(adapter), device=device)
     load_adapter(policy, adapter)
     if merge:
         return save_merged(policy, out, in_place=True)
     return save_adapter(policy, out, step=meta.get("step"))
+
+
+def lora_kwargs(directory: Path) -> dict[str, Any]:
+    """The ``LoraConfig`` fields that shape an adapter, from its ``adapter_config.json``."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    lora = {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    lora["target_modules"] = sorted(lora["target_modules"])
+    return lora
+
+
+# ---- one LoRA adapter per role (``inference/multi_lora``): one PEFT folder per adapter, as
+# every consumer (``PeftModel.from_pretrained``, vLLM's ``--lora-modules writer=OUT/writer``)
+# loads adapters one folder at a time. A checkpoint's ``adapter/`` keeps peft's own layout
+# (``default`` at its root, the others in ``adapter/<name>/``).
+
+def saved_adapter_dirs(directory: str | Path) -> dict[str, Path]:
+    """Adapter name -> PEFT folder in a folder peft's ``save_pretrained`` wrote (``default`` at
+    the root, every other adapter in a subfolder of its name)."""
+    directory = Path(directory)
+    subfolders = sorted(d for d in directory.iterdir()
+                        if d.is_dir() and (d / "adapter_config.json").is_file())
+    return {"default": directory, **{d.name: d for d in subfolders}}
+
+
+def save_adapters(policy: Any, out: str | Path, *, step: int | None = None) -> Path:
+    """Write each of the policy's adapters as its own PEFT folder ``out/<name>`` (each atomic)."""
+    out = Path(out)
+    for name in policy.adapters:
+        save_adapter(policy, out / name, step=step, adapter=name)
+    return out
+
+
+def export_adapters(adapter_dir: Path, out: str | Path, *, merge: bool = False,
+                    model: str | None = None, device: str = "cpu") -> Path:
+    """A checkpoint's multi-adapter ``adapter/`` folder -> ``out/<name>`` PEFT folders."""
+    from ..inference import models
+
+    dirs = saved_adapter_dirs(adapter_dir)
+    if merge:
+        raise ExportError(f"--merge folds one adapter into the base, but {adapter_dir} holds "
+                          f"adapters {', '.join(dirs)}; export them as PEFT folders instead")
+    meta = read_adapter_meta(adapter_dir)
+    base = model or meta.get("base_model")
+    if not base:
+        raise ExportError(f"{adapter_dir} does not name its base model; pass --model")
+    configs = {name: lora_kwargs(d) for name, d in dirs.items()}
+    policy = models.load(base, lora=configs.pop("default"), adapters=configs, device=device)
+    for name, directory in dirs.items():
+        load_adapter(policy, directory, adapter=name)
+    return save_adapters(policy, out, step=meta.get("step"))
 
 
 def add_cli(sub: Any) -> None:

@@ -172,7 +172,7 @@ def load_policy(config: RunConfig) -> Any:
         decode_threads = min(decode_threads or cap, cap)
     return models.load(config.model, lora=lora_flag(config.lora), device=config.device,
                        seed=config.seed, decode_dtype=config.decode_dtype,
-                       decode_threads=decode_threads)
+                       decode_threads=decode_threads, adapters=config.adapters)
 
 
 @dataclass

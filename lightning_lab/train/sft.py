@@ -28,7 +28,8 @@ from ..inference.prompts import dedupe_prompts
 from ..records import Batch, TraceFormatError, Trajectory, Transition
 from .callbacks import CallbackList
 from .config import SFTConfig
-from .scoring import chunk_rows, score
+from .multi_adapter import score_as, warm_start_parameters
+from .scoring import chunk_rows
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
            "load_traces", "sft_loss", "sft_rows", "sft_state_dict"]
@@ -153,7 +154,7 @@ class SFTTrainer:
         self.batch = batch
         if not self.rows:
             raise ValueError(f"no transitions to train on ({dict(self.skipped) or 'empty batch'})")
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = warm_start_parameters(model, self.config.adapter)
         if not params:
             raise ValueError("the policy has no trainable parameters (frozen model without LoRA?)")
         self.params = params
@@ -185,8 +186,8 @@ class SFTTrainer:
         nll_sum, correct = 0.0, 0.0
         for chunk in chunk_rows(rows, cfg.max_tokens_per_forward, share_prefixes=cfg.share_prefixes):
             part = [rows[i] for i in chunk]
-            fwd = score(self.policy.model, part, device=self.policy.device, grad=True,
-                        share_prefixes=cfg.share_prefixes)
+            fwd = score_as(self.policy.model, part, cfg.adapter, device=self.policy.device,
+                           grad=True, share_prefixes=cfg.share_prefixes)
             weight = len(fwd.logprobs) / n_tokens  # micro-batches sum to the minibatch token-mean
             (sft_loss(fwd.logprobs) * weight).backward()
             nll_sum += float(-fwd.logprobs.detach().sum())

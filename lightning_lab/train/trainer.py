@@ -24,11 +24,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig, upgrade_field_names
 from .critic import ValueHead
 from .distributed import DataParallel
+from .multi_adapter import adapter_rewards, check_adapter_set, learning_rates, saved_parameters
 from .sync import AdapterSyncError, sync_everywhere
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
 from ..inference.adapters import has_adapter
+from ..inference.multi_lora import adapter_names
 from ..inference.servers import RolloutServerError
 from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
@@ -116,6 +118,8 @@ class PPOTrainer:
         self.task_order = TaskOrder(len(self.tasks), self.config.seed)
         self.minibatch_rng = random.Random(f"minibatches/{self.config.seed}")  # see TaskOrder
         model = policy.model
+        if self.config.role_adapters:
+            policy.map_roles(self.config.role_adapters)
         self.update_dtype = resolve_dtype(self.config.update_dtype, str(policy.device))
         sampler_dtype = getattr(getattr(policy, "engine", None), "decode_dtype", torch.float32)
         self.recompute_logprobs = (self.config.recompute_logprobs or self.config.max_staleness > 0
@@ -204,6 +208,8 @@ class PPOTrainer:
         update_s = time.perf_counter() - t1
 
         metrics.update(_batch_metrics(batch), **sync_metrics)
+        if len(getattr(self.policy, "adapters", ())) > 1:
+            metrics.update(adapter_rewards(batch))
         metrics.update(rollout_s=rollout_s, update_s=update_s, n_loss_transitions=len(rows),
                        tokens_per_s=metrics["response_tokens"] / max(rollout_s, 1e-9),
                        prefix_hit_rate=prefix_hit_rate(self.policy))
@@ -360,7 +366,8 @@ class PPOTrainer:
             "step": self.iteration,
             "config": dataclasses.asdict(self.config),
             "credit": {"name": self.credit.name, "params": self.credit.params()},
-            "params": {n: p.detach().cpu() for n, p in trainable_parameters(self.policy.model).items()},
+            "params": {n: p.detach().cpu() for n, p in saved_parameters(self.policy.model).items()},
+            "adapters": adapter_names(self.policy.model),
             "critic": self.critic.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             **self._sampling_state(),
@@ -391,7 +398,8 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s state. The trainer's own config and credit stay: a resumed
         run may change them (learning rates are re-applied over the optimizer's saved ones)."""
-        params = trainable_parameters(self.policy.model)
+        check_adapter_set(state.get("adapters"), adapter_names(self.policy.model), "the checkpoint")
+        params = saved_parameters(self.policy.model)
         saved = state["params"]
         if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
             only = sorted(set(params) ^ set(saved))[:3]
@@ -403,7 +411,8 @@ class PPOTrainer:
                 p.copy_(saved[name])
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(self.optimizer.param_groups, (self.config.lr, self.config.value_lr)):
+        for group, lr in zip(self.optimizer.param_groups,
+                             learning_rates(self.policy.model, self.config)):
             group["lr"] = lr
         self._load_sampling_state(state)
         self.iteration = int(state["step"])
@@ -434,6 +443,8 @@ class PPOTrainer:
         """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones,
         the other arguments are the constructor's (what a checkpoint does not hold)."""
         path, state = load_checkpoint(Path(directory))
+        check_adapter_set(state.get("adapters"), adapter_names(policy.model),
+                          f"checkpoint {path / 'state.pt'}")
         try:
             if config is None:
                 config = PPOConfig(**upgrade_field_names(state["config"], f"checkpoint {path}"))
@@ -451,10 +462,6 @@ class PPOTrainer:
             raise CheckpointError(f"checkpoint {path / 'state.pt'}: {type(exc).__name__}: "
                                   f"{exc}") from exc
         return trainer
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state(rng: random.Random) -> list[Any]:

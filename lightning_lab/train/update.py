@@ -26,9 +26,11 @@ from ..inference.adapters import has_adapter
 from ..records import Batch, Transition
 from .config import PPOConfig
 from .distributed import DataParallel
+from .multi_adapter import (AdapterStats, adapter_of, clip_by_adapter, param_groups,
+                            score_by_adapter)
 from .offpolicy import truncated_is_weights
 from .ppo import ppo_loss, value_loss
-from .scoring import Scores, chunk_rows, score, sharing_groups
+from .scoring import Scores, chunk_rows, sharing_groups
 
 __all__ = ["Learner", "Scorer", "loss_rows", "make_optimizer", "ppo_update"]
 
@@ -45,7 +47,8 @@ class Learner(Protocol):
     scorer: "Scorer"
     critic: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    """Group 0: the policy's parameters (the ones clipped); group 1: the critic's."""
+    """All groups but the last: the policy's parameters (the ones clipped; one group per
+    trained LoRA adapter, ``multi_adapter.param_groups``); the last: the critic's."""
     parallel: DataParallel
     minibatch_rng: random.Random
     recompute_logprobs: bool
@@ -63,7 +66,8 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
     order = minibatch_order(rows, trainer.minibatch_rng)  # epoch 0's, drawn before the recompute
     old = (recompute_old_logprobs(scorer, rows, mine, first_minibatch=order[:cfg.minibatch_size])
            if trainer.recompute_logprobs else None)
-    policy_params = optimizer.param_groups[0]["params"]
+    policy_groups = optimizer.param_groups[:-1]
+    per_adapter = AdapterStats.for_model(scorer.policy.model, cfg.trainable_adapters)
     all_params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     ratios: dict[Key, list[float]] = {}
@@ -99,6 +103,10 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                     loss = loss + cfg.value_coef * v_loss * row_share
                     _add(sums, row_share, value_loss=v_loss)  # weighted as it is optimised
                 loss.backward()
+                if per_adapter is not None:
+                    per_adapter.add_terms(micro_rows, fwd.logprobs, old_logprobs, advantages,
+                                          ref_logprobs, is_weights, clip_eps=cfg.clip_eps,
+                                          kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
                 _add(sums, token_share, loss=pg.loss, policy_loss=pg.policy_loss, kl=pg.kl,
                      approx_kl=pg.approx_kl, clip_frac=pg.clip_frac, entropy=fwd.entropy.mean(),
                      **diagnostics)
@@ -108,24 +116,29 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                 if epoch == 0 and (start == 0 or old is not None):  # sampler vs trainer, see below
                     first_err = max(first_err, err)
             trainer.parallel.all_reduce_grads(all_params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+            if per_adapter is not None:
+                per_adapter.add_grad_norms(policy_groups)
+            grad_norm = clip_by_adapter(policy_groups, cfg.max_grad_norm)
             optimizer.step()
             grad_norms += float(grad_norm)  # the same on every process
             n_mb += 1
     metrics = _merge_processes(trainer, sums, ratios, n_mb, first_err)
     metrics["grad_norm"] = grad_norms / n_mb
+    if per_adapter is not None:
+        metrics.update(per_adapter.metrics(trainer.parallel))
     return metrics, ratios
 
 
 def make_optimizer(model: torch.nn.Module, critic: torch.nn.Module, config: PPOConfig
                    ) -> torch.optim.Optimizer:
-    """AdamW over the policy's trainable parameters (group 0, the one clipped) and the critic's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW over the policy's trainable parameters (a group per trained LoRA adapter, the ones
+    clipped) and the critic's (the last group)."""
+    groups = param_groups(model, config.trainable_adapters, config.lr, config.weight_decay,
+                          config.adapter_lr)
+    if not any(group["params"] for group in groups):
         raise ValueError("the policy has no trainable parameters (frozen model without LoRA?)")
     return torch.optim.AdamW([
-        {"params": params, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": list(critic.parameters()), "lr": config.value_lr, "weight_decay": 0.0},
+        *groups, {"params": list(critic.parameters()), "lr": config.value_lr, "weight_decay": 0.0},
     ])
 
 
@@ -210,6 +223,8 @@ def loss_rows(batch: Batch, config: PPOConfig) -> tuple[list[Key], list[Transiti
             continue
         if allowed is not None and tr.role not in allowed:
             continue
+        if config.trainable_adapters is not None and adapter_of(tr) not in config.trainable_adapters:
+            continue
         if config.skip_zero_advantage and tr.advantage == 0.0:
             continue
         keys.append((traj.traj_id, tr.turn))
@@ -268,7 +283,7 @@ class Scorer:
     def forward(self, rows: list[Transition], *, grad: bool, hidden: bool = False,
                 model: Any = None) -> Scores:
         """Response-token logprobs of ``rows`` under ``model`` (default: the policy)."""
-        return score(model if model is not None else self.policy.model, rows,
+        return score_by_adapter(model if model is not None else self.policy.model, rows,
                      device=self.policy.device, grad=grad, hidden=hidden,
                      checkpointing=self.config.gradient_checkpointing, dtype=self.dtype,
                      share_prefixes=self.config.share_prefixes)
