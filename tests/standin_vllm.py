@@ -8,7 +8,7 @@ vLLM's endpoints: ``/v1/models``, ``/v1/chat/completions`` (with ``logprobs`` an
 a token-id prompt (``logprobs.token_logprobs``, ``prompt_logprobs``: what ``VLLMEngine`` sends),
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (400 for a name loaded twice or an
 unknown name, as vLLM does).
-Knobs make it misbehave on purpose: refuse loads, or stall them past a client's timeout.
+Knobs make it misbehave on purpose: refuse loads (all, or some names), or stall them past a client's timeout.
 """
 
 
@@ -28,6 +28,8 @@ class StandIn:
     base_dir: Path
     refuse_loads: bool = False
     """Answer every load with 500, as a server whose adapter directory is unreadable would."""
+    refuse_load_of: str = ""
+    """Answer 500 to loads of adapter names containing this (one module of several refused)."""
     load_delay_s: float = 0.0
     """Sleep this long before loading (a slow or hung server)."""
     loaded: list[str] = field(default_factory=list)
@@ -50,7 +52,7 @@ class StandIn:
 
         if self.load_delay_s:
             time.sleep(self.load_delay_s)
-        if self.refuse_loads:
+        if self.refuse_loads or (self.refuse_load_of and self.refuse_load_of in name):
             raise RuntimeError("stand-in configured to refuse adapter loads")
         with self.lock:
             if name in self.loaded:

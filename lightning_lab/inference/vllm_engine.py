@@ -13,6 +13,9 @@ The object also has ``pool`` (the servers, ``servers.ServerPool``), ``headers`` 
 which is what ``train.sync.AdapterSync`` needs to load a new adapter version into every server and
 switch requests to it (``name`` is the ``model`` field of every request); each sample's
 ``meta["adapter_version"]`` is the ``model`` vLLM says served it, ``meta["server"]`` its URL.
+With one LoRA adapter per role the sync loads one module per adapter and fills
+``adapter_models``: a request names the module of its ``Request.adapter`` (the role's, as the
+local engine picks it), and the sample records that adapter as ``meta["adapter"]``.
 Several servers: each request goes to the one with the fewest requests outstanding
 (``servers.py`` for what a failed one does).
 """
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 
 from lightning_lab.errors import ConfigError
 from lightning_lab.inference.engine import Request, Sample
+from lightning_lab.inference.multi_lora import DEFAULT
 from lightning_lab.inference.servers import ServerPool, server_urls
 
 __all__ = ["VLLMEngine", "VLLMError", "check_base_model"]
@@ -60,7 +64,10 @@ class VLLMEngine:
             raise ConfigError("the vLLM servers serve differently named models: " + ", ".join(
                 f"{url}: {base['id']!r}" for url, base in bases.items()))
         self.name = model or names.pop()
-        """The ``model`` every request names: the base model, then the newest adapter version."""
+        """The ``model`` requests name: the base model, then the newest adapter version (of the
+        default adapter, with several)."""
+        self.adapter_models: dict[str, str] = {}
+        """Adapter -> the LoRA module its requests name (``AdapterSync`` keeps it current)."""
         self.max_positions = min([max_positions] + [int(b["max_model_len"])
                                                     for b in bases.values()
                                                     if b.get("max_model_len")])
@@ -138,7 +145,7 @@ class VLLMEngine:
         if room < 1:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens fills the server's "
                              f"context ({self.max_positions})")
-        body = {"model": self.name, "prompt": list(request.prompt_ids),
+        body = {"model": self.model_for(request.adapter), "prompt": list(request.prompt_ids),
                 "max_tokens": min(params.max_new_tokens, room), "temperature": params.temperature,
                 "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
                 "stop": list(params.stop), "stop_token_ids": sorted(self.stop_token_ids),
@@ -154,13 +161,27 @@ class VLLMEngine:
         logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
         if len(logprobs) != len(ids):
             raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
-        version = str(response.get("model") or self.name)
+        version = str(response.get("model") or body["model"])
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], meta={"adapter_version": version, "server": url})
+                      choice["text"], meta={"adapter": request.adapter,
+                                            "adapter_version": version, "server": url})
 
-    def prompt_logprobs(self, prompt_ids: list[int], url: str) -> list[float]:
-        """``url``'s served model's logprob of each prompt token after the first (one forward)."""
-        body = {"model": self.name, "prompt": list(prompt_ids), "max_tokens": 1,
+    def model_for(self, adapter: str) -> str:
+        """The served model a request sampling with ``adapter`` names: its synced module; the
+        default adapter falls back to ``name`` (the base model before the first sync)."""
+        if adapter in self.adapter_models:
+            return self.adapter_models[adapter]
+        if adapter == DEFAULT:
+            return self.name
+        raise VLLMError(f"adapter {adapter!r} has no LoRA module on the vLLM servers "
+                        f"{self.base_url} (synced: {', '.join(self.adapter_models) or 'none'}); "
+                        f"sync the policy (train.sync.AdapterSync) after adding it")
+
+    def prompt_logprobs(self, prompt_ids: list[int], url: str,
+                        model: str | None = None) -> list[float]:
+        """``url``'s logprob of each prompt token after the first (one forward) under ``model``
+        (a served name; default ``name``)."""
+        body = {"model": model or self.name, "prompt": list(prompt_ids), "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0, "return_token_ids": True}
         entries = self._call("POST", "/completions", body, url)["choices"][0]["prompt_logprobs"]
         return [float(entry[str(t)]["logprob"]) for entry, t in zip(entries[1:], prompt_ids[1:])]

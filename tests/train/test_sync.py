@@ -364,3 +364,100 @@ def test_torchrun_processes_share_the_servers_and_process_0_loads_each_version(
                                                                       ("s1/", "-v1")}
     for server in standins:  # each version loaded once (a second load of a name is refused)
         assert len(server.loaded) == 1 and server.loaded[0].endswith("-v1")
+
+
+# ---------------------------------------------------------------- one LoRA module per adapter
+
+def test_each_adapter_syncs_as_its_own_module_and_each_role_samples_from_its_own(
+        base_dir, standin, tmp_path):
+    """A policy with adapters writer + checker (+ default) on the vLLM engine: every adapter is
+    loaded as ``<prefix>-<adapter>-v<step>``; a call inside ``ll.role`` samples from its role's
+    module, records it, and the server's logprobs are that adapter's, not another's."""
+    from shared_agents import parity_agent
+    from test_multi_lora import _distinct
+    from lightning_lab.train.multi_adapter import score_by_adapter
+    from lightning_lab.train.run import start_rollout_engine
+
+    policy = _distinct(ll.models.load(str(base_dir), lora=True, adapters=["writer", "checker"]))
+    config = vllm_config(base_dir, [standin.url], tmp_path / "run", adapters="writer,checker")
+    rollouts = start_rollout_engine(config, policy, tmp_path / "run", step=0, log=lambda _: None)
+    sync = rollouts.sync
+    modules = {a: f"{sync.config.prefix}-{a}-v0" for a in ("default", "writer", "checker")}
+    try:
+        assert standin.loaded == list(modules.values())
+        assert sync.versions == modules and sync.version == modules["default"]
+        with ll.rollout(task_id="t", seed=1) as traj:
+            for role in ("writer", "checker", "planner"):  # planner: no adapter, the default
+                with ll.role(role):
+                    policy.chat("Say something.", max_new_tokens=6, temperature=1.0)
+        rows = traj.transitions
+        assert [tr.meta["adapter"] for tr in rows] == ["writer", "checker", "default"]
+        assert [tr.meta["adapter_version"] for tr in rows] == [
+            modules["writer"], modules["checker"], modules["default"]]
+        sampled = torch.tensor([x for tr in rows for x in tr.logprobs])
+        own = score_by_adapter(policy.model, rows).logprobs
+        swapped = [dataclasses.replace(tr, meta={**tr.meta, "adapter": other})
+                   for tr, other in zip(rows, ("checker", "writer", "writer"))]
+        other = score_by_adapter(policy.model, swapped).logprobs
+        scale = sampled.abs().max()
+        assert (own - sampled).abs().max() < 1e-4 * scale  # each row: its adapter's weights
+        assert (other - sampled).abs().max() > 1e-2 * scale  # ...and not another adapter's
+
+        trainer = ll.PPOTrainer(policy, parity_agent(policy, ("writer", "checker", "rewriter")),
+                                TASKS, credit="uniform", sync=sync,
+                                config=ll.PPOConfig(tasks_per_step=2, group_size=2,
+                                                    minibatch_size=4, lr=0.05,
+                                                    role_adapters={"rewriter": "writer"}))
+        first, second = trainer.step(), trainer.step()
+    finally:
+        rollouts.close()
+    by_step = [{(tr.meta["adapter"], tr.meta["adapter_version"]) for tr in rows_of(s)}
+               for s in (first, second)]
+    assert by_step == [{(a, f"{sync.config.prefix}-{a}-v{k}") for a in ("writer", "checker")}
+                       for k in (0, 1)]  # rewriter -> writer
+    assert first.metrics["stale_transitions"] == 0 == second.metrics["stale_transitions"]
+    assert standin.loaded == [f"{sync.config.prefix}-{a}-v1" for a in ("default", "writer",
+                                                                       "checker")]
+    version_dirs = sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir())
+    assert version_dirs == [sync.version_name(0), sync.version_name(1)]  # a folder per version
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters" / sync.version_name(1))
+                  .iterdir()) == ["checker", "default", "writer"]
+
+
+TASKS = [{"task_id": f"t{i}", "q": f"Question number {i}."} for i in range(4)]
+
+
+def test_a_refused_module_unloads_the_versions_other_modules_everywhere(base_dir, standins,
+                                                                       tmp_path):
+    """All or nothing over adapters and servers: the checker module refused by the second
+    server leaves no module of that version anywhere and the previous version live."""
+    config = vllm_config(base_dir, [s.url for s in standins], tmp_path / "run",
+                         adapters="writer,checker")
+    setup = build(config)
+    sync = setup.rollouts.sync
+    try:
+        setup.trainer.step()
+        standins[1].refuse_load_of = "-checker-"
+        with pytest.raises(AdapterSyncError, match=f"{sync.config.prefix}-checker-v1 at "
+                                                   f"{standins[1].url}/v1 refused with HTTP 500"):
+            setup.trainer.step()
+    finally:
+        setup.close()
+    v0 = [f"{sync.config.prefix}-{a}-v0" for a in ("default", "writer", "checker")]
+    assert [s.loaded for s in standins] == [v0, v0]
+    assert list(sync.versions.values()) == v0 and setup.policy.engine.adapter_models == \
+        dict(zip(("default", "writer", "checker"), v0))
+    assert setup.trainer.iteration == 1
+
+
+def test_several_adapters_behind_a_backend_that_cannot_route_them_are_refused(base_dir, standin,
+                                                                            tmp_path):
+    """The proxy's RemoteBackend names one model for every request: every role would sample
+    from (and train) the default adapter."""
+    policy = ll.models.load(str(base_dir), lora=True, adapters=["writer", "checker"])
+    backend = proxy.RemoteBackend(standin.url + "/v1", model=standin.base_name)
+    sync = AdapterSync(backend, SyncConfig(export_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="adapters default, writer, checker need requests routed "
+                                         "by role, which RemoteBackend does not do"):
+        sync.sync(policy, 0)
+    assert standin.loaded == [] and sync.version is None
