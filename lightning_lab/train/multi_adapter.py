@@ -12,7 +12,7 @@ module supplies what changes when a policy carries several adapters (``inference
 * **The optimizer** (``param_groups``): one parameter group per trained adapter (its own ``lr``
   if ``adapter_lr`` says so); adapters outside ``trainable_adapters`` are in no group, so an
   optimizer step leaves them bit-identical (AdamW's weight decay never touches them).
-* **Metrics** (``per_adapter_metrics``): reward, KL, clip fraction, loss and gradient norm per
+* **Metrics** (``AdapterStats``, ``adapter_rewards``): reward, KL, clip fraction, loss and gradient norm per
   adapter, as ``<name>/<adapter>`` in ``StepState.metrics``.
 """
 
@@ -27,8 +27,9 @@ from ..inference.multi_lora import (DEFAULT, adapter_names, adapter_parameters, 
 from ..records import Transition
 from .scoring import Scores, score
 
-__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups", "check_adapter_set", "learning_rates", "saved_parameters", "score_as", "score_by_adapter",
-           "trained_adapters", "warm_start_parameters"]
+__all__ = ["AdapterStats", "adapter_of", "clip_by_adapter", "adapter_rewards", "param_groups",
+           "check_adapter_set", "learning_rates", "saved_parameters", "score_as",
+           "score_by_adapter", "trained_adapters", "warm_start_parameters"]
 
 
 def adapter_of(tr: Transition) -> str:
@@ -167,10 +168,11 @@ class AdapterStats:
         """``<term>/<adapter>`` -> sum over tokens; ``tokens/<adapter>`` -> token count."""
 
     @staticmethod
-    def for_model(model: Any, trainable: Sequence[str] | None) -> "AdapterStats | None":
-        """None for a policy with fewer than two adapters (the global metrics say it all)."""
-        return AdapterStats(trained_adapters(model, trainable)) if len(adapter_names(model)) > 1 \
-            else None
+    def for_model(model: Any, trainable: Sequence[str] | None) -> "AdapterStats":
+        """Stats of the trained adapters; with fewer than two adapters none are kept (every call
+        is a no-op: the global metrics say it all)."""
+        several = len(adapter_names(model)) > 1
+        return AdapterStats(trained_adapters(model, trainable) if several else [])
 
     def add_terms(self, rows: Sequence[Transition], logprobs: torch.Tensor, old: torch.Tensor,
                   advantages: torch.Tensor, ref: torch.Tensor | None,
@@ -178,6 +180,9 @@ class AdapterStats:
                   clip_eps_high: float | None) -> None:
         """Accumulate the PPO terms of one forward's tokens, per adapter (flat (N,) inputs)."""
         from .ppo import ppo_loss
+
+        if not self.adapters:
+            return
 
         owner = [adapter_of(tr) for tr in rows for _ in tr.response_ids]
         with torch.no_grad():
@@ -195,6 +200,8 @@ class AdapterStats:
     def add_grad_norms(self, groups: list[dict[str, Any]]) -> None:
         """Each trained adapter's gradient norm now (after the all-reduce, before the clip);
         ``groups``: the optimizer's adapter groups, in ``adapters`` order."""
+        if not self.adapters:
+            return
         for name, group in zip(self.adapters, groups):
             grads = [p.grad.detach().norm() for p in group["params"] if p.grad is not None]
             self._add(f"grad_norm/{name}", float(torch.stack(grads).norm()) if grads else 0.0)
@@ -202,6 +209,8 @@ class AdapterStats:
 
     def metrics(self, parallel: Any) -> dict[str, float]:
         """Merged over processes: token means of the terms, the mean gradient norm."""
+        if not self.adapters:
+            return {}
         merged: dict[str, float] = {}
         for part in parallel.gather(self.sums):
             for key, val in part.items():

@@ -12,7 +12,6 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,18 +19,16 @@ import torch
 from .. import credit as credit_lib
 from .callbacks import Callback, CallbackList
 from .collect import Prefetcher, TaskOrder, collect_rollouts
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import PPOConfig, upgrade_field_names
+from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
-from .multi_adapter import (adapter_of, adapter_rewards, check_adapter_set, learning_rates,
-                            saved_parameters)
+from .multi_adapter import adapter_rewards
 from .sync import AdapterSyncError, sync_everywhere
+from .trainer_state import TrainerState
+from .versions import check_async, check_servers, stamp_lag, stamp_versions
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
-from ..inference.adapters import has_adapter
-from ..inference.multi_lora import adapter_names
 from ..inference.servers import RolloutServerError
 from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
@@ -87,7 +84,7 @@ def copy_batch(batch: Batch) -> Batch:
                   for t in batch.trajectories])
 
 
-class PPOTrainer:
+class PPOTrainer(TrainerState):
     """PPO over traced agent rollouts. See module docstring for the loop."""
 
     def __init__(self, policy: Any, agent: Callable[[Any], Any], tasks: Sequence[Any], *,
@@ -164,7 +161,7 @@ class PPOTrainer:
     def _step(self) -> StepState:
         t0 = time.perf_counter()
         if self.config.max_staleness > 0:
-            self._check_async()
+            check_async(self.config.max_staleness, self.sync, self.policy)
         if self._prefetch is not None:  # sampled during the last update
             prefetch, self._prefetch = self._prefetch, None
             batch, own, rollout_s = prefetch.result()
@@ -177,7 +174,7 @@ class PPOTrainer:
             batch, own = collect_rollouts(self.agent, self._draw_tasks(), self.config,
                                           self.parallel, self.iteration)
             rollout_s = time.perf_counter() - t_sampling
-        self._check_servers(batch)
+        check_servers(self.sync, self.parallel, batch)
         if batch.n_failed == len(batch):
             raise RuntimeError(f"all {len(batch)} rollouts failed; first error: {batch[0].error}")
         if self.config.max_staleness > 0:
@@ -194,10 +191,10 @@ class PPOTrainer:
         ``version``: the trainer step whose weights sampled ``batch`` (None: unknown, e.g. a
         stored batch); each transition then records its lag behind the weights updated now.
         """
-        sync_metrics = ({**self._stamp_versions(batch), "sync_s": sync_s}
+        sync_metrics = ({**stamp_versions(self.sync, batch), "sync_s": sync_s}
                         if self.sync is not None else {})
         if version is not None:
-            sync_metrics.update(self._stamp_lag(batch, version))
+            sync_metrics.update(stamp_lag(batch, version, self.iteration))
         t1 = time.perf_counter()
         if self.credit.needs_values:
             self.critic_values(batch)
@@ -260,22 +257,6 @@ class PPOTrainer:
         if self.sync is not None and self.sync.due(self.iteration):
             self._sync_adapter()
 
-    def _check_servers(self, batch: Batch) -> None:
-        """Fail the step if a rollout server failed while ``batch`` was sampled, unless the run
-        may go on with the others (``inference/servers.py``); under data parallelism every
-        process fails if any saw such a failure."""
-        pool = getattr(getattr(self.sync, "backend", None), "pool", None)
-        if pool is None:
-            return
-        error = None
-        try:
-            pool.check(batch)
-        except RolloutServerError as exc:
-            error = str(exc)
-        errors = [e for e in self.parallel.gather(error) if e is not None]
-        if errors:
-            raise RolloutServerError("; ".join(dict.fromkeys(errors)), batch)
-
     def _sampler_version(self) -> int:
         """The trainer step whose weights rollouts started now are sampled by: the last synced
         adapter's with a server, else the policy's own (as of now)."""
@@ -293,47 +274,9 @@ class PPOTrainer:
                                     self.iteration + 1, version=self._sampler_version(),
                                     rewind=rewind)
 
-    def _check_async(self) -> None:
-        """Asynchronous rollouts need a sampler holding its own weights, at most
-        ``max_staleness`` versions behind when the update that uses them runs."""
-        k = self.config.max_staleness
-        if self.sync is not None:
-            if self.sync.config.every > k:
-                raise ValueError(
-                    f"PPOConfig.max_staleness={k} but the adapter sync runs every "
-                    f"{self.sync.config.every} steps (SyncConfig.every): prefetched rollouts "
-                    f"would be up to {self.sync.config.every} versions old; sync at least every "
-                    f"{k} step(s) or raise max_staleness")
-        elif not hasattr(getattr(self.policy, "engine", None), "snapshot_weights"):
-            raise ValueError(
-                f"PPOConfig.max_staleness={k} needs a sampler with its own copy of the weights: "
-                f"the local engine, or a server with an AdapterSync (trainer.sync); this "
-                f"policy's engine is {type(getattr(self.policy, 'engine', None)).__name__}")
-
     def _sync_adapter(self) -> None:
         """Rank 0 pushes the adapter; every rank learns the outcome, so all fail or all switch."""
         sync_everywhere(self.sync, self.policy, self.iteration, self.parallel)
-
-    def _stamp_versions(self, batch: Batch) -> dict[str, float]:
-        """Record the adapter version each transition was sampled with (the server's word when
-        the proxy recorded one); count those not sampled by the version now live."""
-        stale = 0
-        for _, tr in batch.transitions():
-            live = self.sync.current(adapter_of(tr))  # each adapter has its own module
-            stale += tr.meta.setdefault("adapter_version", live) != live
-        return {"stale_transitions": float(stale)}
-
-    def _stamp_lag(self, batch: Batch, version: int) -> dict[str, float]:
-        """Record on each transition the version that sampled it (a server's own word stays)
-        and its ``lag``: the trainer steps between that version and the weights this update
-        starts from; their mean and max are the step's staleness."""
-        lags = []
-        for _, tr in batch.transitions():
-            tr.meta.setdefault("adapter_version", version)
-            tr.meta["lag"] = self.iteration - version
-            lags.append(tr.meta["lag"])
-        return {"staleness_mean": sum(lags) / len(lags) if lags else 0.0,
-                "staleness_max": float(max(lags, default=0))}
 
     def _weights_moved(self, *_: Any) -> None:
         self.mid_update = True
@@ -355,125 +298,6 @@ class PPOTrainer:
     def add_callback(self, callback: Any) -> Callback:
         """Register ``callback`` (a ``Callback`` or a function ``fn(state)``) once."""
         return self._callbacks.add(callback)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as tensors and plain data (loads with ``weights_only``).
-
-        Weights are the trainable parameters only (the LoRA adapter, or the whole model when it
-        is trained in full); RNG states cover task order, minibatch order and torch's sampling.
-        """
-        return {
-            "step": self.iteration,
-            "config": dataclasses.asdict(self.config),
-            "credit": {"name": self.credit.name, "params": self.credit.params()},
-            "params": {n: p.detach().cpu() for n, p in saved_parameters(self.policy.model).items()},
-            "adapters": adapter_names(self.policy.model),
-            "critic": self.critic.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **self._sampling_state(),
-            "history": list(self.history),
-        }
-
-    def _sampling_state(self) -> dict[str, Any]:
-        """What a step draws from: the RNGs (task order, minibatch order, torch's sampling) and
-        the rest of the current pass over the tasks. Rollouts prefetched for the next step count
-        as not drawn: a checkpoint discards them and its resume samples their tasks anew."""
-        tasks = self._prefetch.rewind if self._prefetch is not None else self._task_state()
-        return {"rng": {"torch": torch.get_rng_state(), "tasks": tasks["rng"],
-                        "minibatches": _rng_state(self.minibatch_rng)},
-                "task_queue": tasks["queue"]}
-
-    def _task_state(self) -> dict[str, Any]:
-        return {"rng": _rng_state(self.task_order.rng), "queue": list(self.task_order.queue)}
-
-    def _set_task_state(self, state: dict[str, Any]) -> None:
-        _set_rng_state(self.task_order.rng, state["rng"])
-        self.task_order.queue = [int(i) for i in state["queue"]]
-
-    def _load_sampling_state(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["rng"]["torch"])
-        self._set_task_state({"rng": state["rng"]["tasks"], "queue": state["task_queue"]})
-        _set_rng_state(self.minibatch_rng, state["rng"]["minibatches"])
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s state. The trainer's own config and credit stay: a resumed
-        run may change them (learning rates are re-applied over the optimizer's saved ones)."""
-        check_adapter_set(state.get("adapters"), adapter_names(self.policy.model), "the checkpoint")
-        params = saved_parameters(self.policy.model)
-        saved = state["params"]
-        if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
-            only = sorted(set(params) ^ set(saved))[:3]
-            shapes = [n for n in params if n in saved and params[n].shape != saved[n].shape][:3]
-            raise ValueError(f"does not fit this policy: parameters on one side only {only}, "
-                             f"shape mismatches {shapes}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(self.optimizer.param_groups,
-                             learning_rates(self.policy.model, self.config)):
-            group["lr"] = lr
-        self._load_sampling_state(state)
-        self.iteration = int(state["step"])
-        self.history = [dict(h) for h in state["history"]]
-
-    def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
-        """Atomic checkpoint under ``directory``; ``keep_last=k`` prunes all but the newest k."""
-        # the portable copy of the weights, written into the checkpoint: a PEFT adapter folder
-        extra = ((lambda tmp: self.save_adapter(tmp / "adapter")) if has_adapter(self.policy.model)
-                 else None)
-        return save_checkpoint(self.state_dict(), Path(directory), self.iteration,
-                               model=getattr(self.policy, "name", ""), keep_last=keep_last,
-                               extra=extra)
-
-    def save_adapter(self, directory: str | Path) -> Path:
-        """The policy's LoRA adapter as a standard PEFT folder (``peft.PeftModel.from_pretrained``
-        and vLLM load it); see ``export.py``."""
-        from .export import save_adapter
-
-        return save_adapter(self.policy, directory, step=self.iteration)
-
-    @classmethod
-    def load(cls, directory: str | Path, policy: Any, agent: Callable[[Any], Any],
-             tasks: Sequence[Any], *, credit: str | credit_lib.CreditStrategy | None = None,
-             config: PPOConfig | None = None, callbacks: Sequence[Any] = (),
-             sync: Any = None, parallel: DataParallel | None = None,
-             reference_weights: dict[str, torch.Tensor] | None = None) -> "PPOTrainer":
-        """A trainer continuing a checkpoint; ``credit``/``config`` default to the saved ones,
-        the other arguments are the constructor's (what a checkpoint does not hold)."""
-        path, state = load_checkpoint(Path(directory))
-        check_adapter_set(state.get("adapters"), adapter_names(policy.model),
-                          f"checkpoint {path / 'state.pt'}")
-        try:
-            if config is None:
-                config = PPOConfig(**upgrade_field_names(state["config"], f"checkpoint {path}"))
-            if credit is None:
-                credit = credit_lib.get(state["credit"]["name"], **state["credit"]["params"])
-        except (TypeError, ValueError, KeyError) as exc:  # e.g. a field this version lacks
-            raise CheckpointError(f"checkpoint {path / 'state.pt'}: its config does not fit "
-                                  f"this version: {type(exc).__name__}: {exc}") from exc
-        trainer = cls(policy, agent, tasks, credit=credit, config=config, callbacks=callbacks,
-                      sync=sync, parallel=parallel, reference_weights=reference_weights)
-        try:
-            trainer.load_state_dict(state)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
-            # an edited or foreign state.pt: valid torch data of the wrong shape or structure
-            raise CheckpointError(f"checkpoint {path / 'state.pt'}: {type(exc).__name__}: "
-                                  f"{exc}") from exc
-        return trainer
-
-
-def _rng_state(rng: random.Random) -> list[Any]:
-    """``random.Random`` state as plain lists (safe to load without unpickling)."""
-    version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_rng_state(rng: random.Random, state: list[Any]) -> None:
-    version, internal, gauss = state
-    rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 
 
 def _batch_metrics(batch: Batch) -> dict[str, float]:

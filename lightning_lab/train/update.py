@@ -103,8 +103,7 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                     loss = loss + cfg.value_coef * v_loss * row_share
                     _add(sums, row_share, value_loss=v_loss)  # weighted as it is optimised
                 loss.backward()
-                if per_adapter is not None:
-                    per_adapter.add_terms(micro_rows, fwd.logprobs, old_logprobs, advantages,
+                per_adapter.add_terms(micro_rows, fwd.logprobs, old_logprobs, advantages,
                                           ref_logprobs, is_weights, clip_eps=cfg.clip_eps,
                                           kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
                 _add(sums, token_share, loss=pg.loss, policy_loss=pg.policy_loss, kl=pg.kl,
@@ -116,16 +115,14 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                 if epoch == 0 and (start == 0 or old is not None):  # sampler vs trainer, see below
                     first_err = max(first_err, err)
             trainer.parallel.all_reduce_grads(all_params)
-            if per_adapter is not None:
-                per_adapter.add_grad_norms(policy_groups)
+            per_adapter.add_grad_norms(policy_groups)
             grad_norm = clip_by_adapter(policy_groups, cfg.max_grad_norm)
             optimizer.step()
             grad_norms += float(grad_norm)  # the same on every process
             n_mb += 1
     metrics = _merge_processes(trainer, sums, ratios, n_mb, first_err)
     metrics["grad_norm"] = grad_norms / n_mb
-    if per_adapter is not None:
-        metrics.update(per_adapter.metrics(trainer.parallel))
+    metrics.update(per_adapter.metrics(trainer.parallel))
     return metrics, ratios
 
 
