@@ -28,8 +28,9 @@ from plot_runs import read_metrics  # noqa: E402
 DEV_METRICS = ("one_word", "shout_ok")
 
 
-def role_rewards(folder: Path) -> dict[str, list[float]]:
-    """Role -> its mean transition reward at each iteration (index 0 = iteration 1)."""
+def role_rewards(folder: Path, field: str = "reward") -> dict[str, list[float]]:
+    """Role -> the mean of a transition field (its reward, or the advantage credit gave it) at
+    each iteration (index 0 = iteration 1)."""
     sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     with open(folder / "trajectories.jsonl") as f:
         for n, line in enumerate(f, 1):
@@ -39,20 +40,23 @@ def role_rewards(folder: Path) -> dict[str, list[float]]:
                 raise ValueError(f"{folder}/trajectories.jsonl line {n}: group_id "
                                  f"{traj['group_id']!r} has no s<iteration>/ prefix")
             for tr in traj["transitions"]:
-                sums[tr["role"]][int(prefix[1:])].append(tr["reward"])
+                sums[tr["role"]][int(prefix[1:])].append(tr[field])
     return {role: [sum(v) / len(v) for _, v in sorted(by_it.items())]
             for role, by_it in sorted(sums.items())}
 
 
 def summary_row(label: str, folder: Path) -> dict[str, object]:
     """One table row: dev metrics before -> after, mean per-role training reward of the first and
-    last two iterations, the last ``reward/<adapter>`` values."""
+    last two iterations, each role's mean advantage over the run, the last ``reward/<adapter>`` and
+    ``kl/<adapter>`` values."""
     summary = json.loads((folder / "summary.json").read_text())
     row: dict[str, object] = {"run": label}
     for key in DEV_METRICS:
         row[f"dev {key}"] = f"{summary['before'][key]:.2f} -> {summary['after'][key]:.2f}"
     for role, ys in role_rewards(folder).items():
         row[f"train {role}"] = f"{sum(ys[:2]) / len(ys[:2]):.2f} -> {sum(ys[-2:]) / len(ys[-2:]):.2f}"
+    for role, ys in role_rewards(folder, "advantage").items():
+        row[f"mean advantage {role}"] = f"{sum(ys) / len(ys):+.2f}"
     last = read_metrics(folder)[-1]
     adapters = {k: v for k, v in last.items() if k.startswith(("reward/", "kl/"))}
     row["last reward/kl per adapter"] = (" ".join(f"{k}={v:.3f}" for k, v in sorted(adapters.items()))
