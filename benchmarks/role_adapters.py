@@ -54,13 +54,13 @@ def summary_row(label: str, folder: Path) -> dict[str, object]:
     for key in DEV_METRICS:
         row[f"dev {key}"] = f"{summary['before'][key]:.2f} -> {summary['after'][key]:.2f}"
     for role, ys in role_rewards(folder).items():
-        row[f"train {role}"] = f"{sum(ys[:2]) / len(ys[:2]):.2f} -> {sum(ys[-2:]) / len(ys[-2:]):.2f}"
+        first, last = sum(ys[:2]) / len(ys[:2]), sum(ys[-2:]) / len(ys[-2:])
+        row[f"train {role}"] = f"{first:.2f} -> {last:.2f}"
     for role, ys in role_rewards(folder, "advantage").items():
         row[f"mean advantage {role}"] = f"{sum(ys) / len(ys):+.2f}"
-    last = read_metrics(folder)[-1]
-    adapters = {k: v for k, v in last.items() if k.startswith(("reward/", "kl/"))}
-    row["last reward/kl per adapter"] = (" ".join(f"{k}={v:.3f}" for k, v in sorted(adapters.items()))
-                                         or "-")
+    final = read_metrics(folder)[-1]
+    adapters = sorted((k, v) for k, v in final.items() if k.startswith(("reward/", "kl/")))
+    row["last reward/kl per adapter"] = " ".join(f"{k}={v:.3f}" for k, v in adapters) or "-"
     row["minutes"] = f"{summary['train_minutes']:.1f}"
     return row
 

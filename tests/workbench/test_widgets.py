@@ -92,9 +92,10 @@ def test_curves_draw_one_dashed_line_per_adapter_in_its_familys_panel():
     lines = {line.get_label(): line for line in panels["reward"].lines}
     assert list(lines) == ["reward_mean", "reward/writer", "reward/checker"]
     assert list(lines["reward/writer"].get_ydata()) == [0.1, 0.3]
-    assert lines["reward/checker"].get_ydata()[1] == 0.5 and lines["reward/checker"].get_ydata()[0] != \
-        lines["reward/checker"].get_ydata()[0]  # NaN before the checker's first step
-    assert lines["reward/writer"].get_linestyle() == "--" and lines["reward_mean"].get_linestyle() == "-"
+    checker = list(lines["reward/checker"].get_ydata())
+    assert checker[1] == 0.5 and checker[0] != checker[0]  # NaN before the checker's first step
+    assert lines["reward/writer"].get_linestyle() == "--"
+    assert lines["reward_mean"].get_linestyle() == "-"
     assert [line.get_label() for line in panels["KL to reference"].lines] == ["kl", "kl/writer",
                                                                               "kl/checker"]
     assert [line.get_label() for line in panels["losses"].lines] == ["loss/checker"]

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from ...records import Batch
 
-__all__ = ["CURVES", "ADAPTER_CURVES", "adapter_keys", "curves_figure", "advantage_matrix", "advantage_heatmaps", "figure_png"]
+__all__ = ["CURVES", "ADAPTER_CURVES", "adapter_keys", "curves_figure", "advantage_matrix",
+           "advantage_heatmaps", "figure_png"]
 
 CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("reward_mean",)),
@@ -48,7 +49,8 @@ def curves_figure(history: Sequence[dict[str, float]], width: float = 12.0):
     for ax, (title, keys) in zip(axes, CURVES):
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
-        per_adapter = adapter_keys(history, ADAPTER_CURVES[title]) if title in ADAPTER_CURVES else []
+        family = ADAPTER_CURVES.get(title)
+        per_adapter = adapter_keys(history, family) if family else []
         for key in (*keys, *per_adapter):
             ys = [h.get(key, math.nan) for h in history]
             if all(math.isnan(y) for y in ys):
