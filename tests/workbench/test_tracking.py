@@ -73,6 +73,30 @@ def test_callback_logs_metrics_table_config_and_eval(policy, tmp_path):
     assert [h["eval/acc"] for h in run["history"] if "eval/acc" in h] == [0.1]
 
 
+def test_split_metrics_puts_each_adapters_metric_beside_its_family():
+    metrics = {"step": 3, "kl": 0.1, "kl/writer": 0.2, "grad_norm/checker": 1.5,
+               "loss/writer": -0.3, "clip_frac/writer": 0.25, "reward_mean": 0.5,
+               "reward/writer": 0.75, "tokens_per_s": 9.0}
+    assert tracking.split_metrics(metrics) == {
+        "losses/kl": 0.1, "losses/kl/writer": 0.2, "losses/grad_norm/checker": 1.5,
+        "losses/loss/writer": -0.3, "losses/clip_frac/writer": 0.25, "train/reward_mean": 0.5,
+        "train/reward/writer": 0.75, "train/tokens_per_s": 9.0}
+
+
+def test_a_two_adapter_run_logs_each_adapters_reward_and_kl(tmp_path):
+    policy = ll.models.load("tiny", adapters=["writer", "checker"])
+    trainer = make_trainer(policy, lr=1e-3)
+    cb = tracking.WandbCallback(project="t", table_every=0, dir=str(tmp_path)).attach(trainer)
+    [state] = trainer.fit(1, progress=False)
+    cb.finish()
+    [row] = [h for h in tracking.read_run(tracking.find_runs(tmp_path)[0])["history"]
+             if "train/reward_mean" in h]
+    for name in ("writer", "checker"):
+        assert row[f"train/reward/{name}"] == pytest.approx(state.metrics[f"reward/{name}"])
+        assert row[f"losses/kl/{name}"] == pytest.approx(state.metrics[f"kl/{name}"])
+        assert row[f"losses/grad_norm/{name}"] == pytest.approx(state.metrics[f"grad_norm/{name}"])
+
+
 def test_checkpoint_artifact(policy, tmp_path):
     trainer = make_trainer(policy)
     cb = tracking.WandbCallback(project="t", table_every=0, log_checkpoints=True,

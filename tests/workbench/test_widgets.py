@@ -83,6 +83,25 @@ def test_advantage_matrix_and_figures():
     assert figures.figure_png(figures.curves_figure([]))[:4] == b"\x89PNG"
 
 
+def test_curves_draw_one_dashed_line_per_adapter_in_its_familys_panel():
+    history = [{"step": 1, "reward_mean": 0.2, "reward/writer": 0.1, "kl": 0.0, "kl/writer": 0.0},
+               {"step": 2, "reward_mean": 0.4, "reward/writer": 0.3, "reward/checker": 0.5,
+                "kl": 0.01, "kl/writer": 0.02, "kl/checker": 0.0, "loss/checker": -0.1}]
+    assert figures.adapter_keys(history, "reward") == ["reward/writer", "reward/checker"]
+    panels = {ax.get_title(): ax for ax in figures.curves_figure(history).axes}
+    lines = {line.get_label(): line for line in panels["reward"].lines}
+    assert list(lines) == ["reward_mean", "reward/writer", "reward/checker"]
+    assert list(lines["reward/writer"].get_ydata()) == [0.1, 0.3]
+    checker = list(lines["reward/checker"].get_ydata())
+    assert checker[1] == 0.5 and checker[0] != checker[0]  # NaN before the checker's first step
+    assert lines["reward/writer"].get_linestyle() == "--"
+    assert lines["reward_mean"].get_linestyle() == "-"
+    assert [line.get_label() for line in panels["KL to reference"].lines] == ["kl", "kl/writer",
+                                                                              "kl/checker"]
+    assert [line.get_label() for line in panels["losses"].lines] == ["loss/checker"]
+    assert panels["reward"].get_legend() is not None
+
+
 def test_filters_and_trajectory_html():
     batch = hand_state().batch
     assert [t.task_id for t in tables.filter_trajectories(batch, task="b")] == ["b", "b"]

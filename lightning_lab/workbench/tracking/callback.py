@@ -223,12 +223,17 @@ class WandbCallback(CallbackBase):
 
 
 def split_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """``{"kl": .1, "reward_mean": .5}`` -> ``{"losses/kl": .1, "train/reward_mean": .5}``."""
+    """``{"kl": .1, "reward_mean": .5}`` -> ``{"losses/kl": .1, "train/reward_mean": .5}``.
+
+    A per-adapter metric goes where its family does (``kl/writer`` -> ``losses/kl/writer`` beside
+    ``losses/kl``, ``reward/writer`` -> ``train/reward/writer``), so W&B shows each adapter's
+    curve in the same section as the overall one.
+    """
     out = {}
     for k, v in metrics.items():
         if k == "step" or not isinstance(v, (int, float)):
             continue
-        out[f"{'losses' if k in LOSS_KEYS else 'train'}/{k}"] = float(v)
+        out[f"{'losses' if k.partition('/')[0] in LOSS_KEYS else 'train'}/{k}"] = float(v)
     return out
 
 

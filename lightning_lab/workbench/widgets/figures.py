@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from ...records import Batch
 
-__all__ = ["CURVES", "curves_figure", "advantage_matrix", "advantage_heatmaps", "figure_png"]
+__all__ = ["CURVES", "ADAPTER_CURVES", "adapter_keys", "curves_figure", "advantage_matrix",
+           "advantage_heatmaps", "figure_png"]
 
 CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("reward_mean",)),
@@ -24,9 +25,22 @@ CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 """Panel title -> metric keys, in dashboard order."""
 
+ADAPTER_CURVES: dict[str, str] = {"reward": "reward", "KL to reference": "kl",
+                                  "clip fraction": "clip_frac", "losses": "loss"}
+"""Panel title -> the per-adapter family it also draws: with one LoRA adapter per role the trainer
+logs ``reward/<adapter>``, ``kl/<adapter>``..., one dashed line each beside the overall curve, so
+a role that learns while another stalls shows in the same panel."""
+
+
+def adapter_keys(history: Sequence[dict[str, float]], family: str) -> list[str]:
+    """The ``<family>/<adapter>`` keys any step logged, in first-seen order (adapters can appear
+    later, when a role first runs)."""
+    return list(dict.fromkeys(k for h in history for k in h if k.startswith(f"{family}/")))
+
 
 def curves_figure(history: Sequence[dict[str, float]], width: float = 12.0):
-    """One small panel per entry of ``CURVES`` over steps; reward gets a ±std band."""
+    """One small panel per entry of ``CURVES`` over steps; reward gets a ±std band; per-adapter
+    metrics (``ADAPTER_CURVES``) are dashed lines in their family's panel."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, 2.4), layout="constrained")
@@ -35,16 +49,19 @@ def curves_figure(history: Sequence[dict[str, float]], width: float = 12.0):
     for ax, (title, keys) in zip(axes, CURVES):
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
-        for key in keys:
+        family = ADAPTER_CURVES.get(title)
+        per_adapter = adapter_keys(history, family) if family else []
+        for key in (*keys, *per_adapter):
             ys = [h.get(key, math.nan) for h in history]
             if all(math.isnan(y) for y in ys):
                 continue
-            ax.plot(steps, ys, marker="o", markersize=3, label=key)
+            ax.plot(steps, ys, marker="o", markersize=3, label=key,
+                    linestyle="--" if key in per_adapter else "-")
             if key == "reward_mean" and history and "reward_std" in history[0]:
                 sd = [h.get("reward_std", 0.0) for h in history]
                 ax.fill_between(steps, [y - s for y, s in zip(ys, sd)],
                                 [y + s for y, s in zip(ys, sd)], alpha=0.2)
-        if len(keys) > 1 and ax.lines:
+        if len(ax.lines) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel("step", fontsize=8)
     if not history:
