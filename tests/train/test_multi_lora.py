@@ -281,21 +281,36 @@ def test_export_writes_one_peft_folder_per_adapter_loading_with_identical_logits
 # ---------------------------------------------------------------- 5. over HTTP
 
 def _two_client_agent(task, base_url):
-    """An unchanged LangChain agent with two ``ChatOpenAI`` clients, one per adapter (as with
-    vLLM's multi-LoRA serving); rewarded over HTTP."""
+    """An unchanged LangGraph graph, a writer node and a checker node, each with its own
+    ``ChatOpenAI`` client naming its adapter (as with vLLM's multi-LoRA serving); rewarded over
+    HTTP."""
+    from typing import TypedDict
+
     import httpx
     from langchain_openai import ChatOpenAI
+    from langgraph.graph import END, START, StateGraph
 
     import lightning_lab.proxy as proxy
+
+    class State(TypedDict, total=False):
+        q: str
+        draft: str
+        verdict: str
 
     def llm(model):
         return ChatOpenAI(model=model, base_url=base_url, api_key="unused", max_tokens=6,
                           max_retries=0)
 
-    draft = llm("writer").invoke(task["q"]).content
-    verdict = llm("checker").invoke("Check: " + draft).content
+    writer, checker = llm("writer"), llm("checker")
+    graph = StateGraph(State)
+    graph.add_node("write", lambda s: {"draft": writer.invoke(s["q"]).content})
+    graph.add_node("check", lambda s: {"verdict": checker.invoke("Check: " + s["draft"]).content})
+    graph.add_edge(START, "write")
+    graph.add_edge("write", "check")
+    graph.add_edge("check", END)
+    out = graph.compile().invoke({"q": task["q"]})
     httpx.post(proxy.reward_url(base_url),
-               json={"reward": (len(draft) + len(verdict)) % 3 / 2, "final": True})
+               json={"reward": (len(out["draft"]) + len(out["verdict"])) % 3 / 2, "final": True})
 
 
 def test_proxy_model_names_the_adapter_and_a_ppo_step_trains_both(multi):
