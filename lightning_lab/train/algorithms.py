@@ -99,6 +99,17 @@ class _FineTuning(ABC):
     def settle(self) -> None:
         """Fine-tuning samples nothing ahead (rejection rounds sample inside their step)."""
 
+    def step(self) -> Any:
+        """One fine-tuning step (SFT) or round (rejection); ``mid_update`` stays True if it
+        fails part-way, so an interrupt then saves nothing."""
+        self.mid_update = True
+        result = self._step()
+        self.mid_update = False
+        return result
+
+    @abstractmethod
+    def _step(self) -> Any: ...
+
     def save(self, directory: str | Path, keep_last: int | None = None) -> Path:
         from .checkpoint import save_checkpoint
 
@@ -142,11 +153,8 @@ class SFTRun(_FineTuning):
     def history(self) -> list[dict[str, float]]:
         return self.sft.history
 
-    def step(self) -> SFTStepState:
-        self.mid_update = True
-        state = self.sft.step()
-        self.mid_update = False
-        return state
+    def _step(self) -> SFTStepState:
+        return self.sft.step()
 
     def planned_steps(self, config: RunConfig) -> int:
         return max(1, round(self.config.epochs * self.sft.steps_per_epoch))
@@ -195,11 +203,8 @@ class RejectionRun(_FineTuning):
     def history(self) -> list[dict[str, float]]:
         return [r.metrics for r in self.rounds.results]
 
-    def step(self) -> RoundResult:
-        self.mid_update = True
-        result = self.rounds.round()
-        self.mid_update = False
-        return result
+    def _step(self) -> RoundResult:
+        return self.rounds.round()
 
     def planned_steps(self, config: RunConfig) -> int:
         return self.config.rounds
