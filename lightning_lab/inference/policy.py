@@ -66,6 +66,43 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class GenerateOptions:
+    """The keyword arguments of ``Policy.generate`` and ``agenerate``, defaults included: one
+    list for both, as ``ChatOptions`` is for ``chat``/``achat``."""
+
+    n: int = 1
+    """Completions per prompt, prompt-major in the result."""
+    temperature: float | None = None
+    """0 is greedy; None is the rollout's, else ``tracing.DEFAULT_TEMPERATURE`` (the contract
+    in ``tracing``: greedy in ``evaluate()``)."""
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: list[str] | str | None = None
+    prefill: str = ""
+    """Text the completion starts with (after the chat template for chat prompts)."""
+    seed: int | None = None
+    """Makes each prompt's samples reproducible whatever else shares the batch (up to float
+    rounding of batched matmuls); inside a rollout opened with ``seed``, that rollout's per-call
+    seed."""
+    adapter: str | None = None
+    """The LoRA adapter to sample with; None: the call's role's (``Policy.adapter_for``)."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format`` (chat
+    prompts only; each generation then carries its parsed ``message``)."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+    """A Lark grammar of the generated text, for string prompts too."""
+
+    def tool_options(self) -> dict[str, Any]:
+        """What ``plan_chat`` takes: the tool and format options."""
+        return {"tools": self.tools, "tool_choice": self.tool_choice,
+                "parallel_tool_calls": self.parallel_tool_calls,
+                "response_format": self.response_format, "grammar": self.grammar}
+
+
+@dataclass(frozen=True)
 class ChatOptions:
     """The keyword arguments of ``Policy.chat`` and ``achat``, defaults included: one list for
     both, so the sync and async turns cannot drift apart."""
@@ -122,7 +159,7 @@ class Policy:
     def add_adapter(self, name: str, **overrides: Any) -> None:
         """Add a LoRA adapter ``name`` on the shared base: the default adapter's ``LoraConfig``
         with ``overrides`` (``r``, ``target_modules``, ``init_lora_weights``...). Calls made
-        inside ``ll.step(name)`` then sample with it; the trainer trains it on them."""
+        inside ``ll.role(name)`` then sample with it; the trainer trains it on them."""
         with self.engine.lock:  # no forward sees a half-built adapter
             add_adapter(self.model, name, overrides)
 
@@ -153,22 +190,19 @@ class Policy:
         return plan_chat(self.tokenizer, prompt, tool_format=self.tool_format, prefill=prefill,
                          **tool_options).prompt_text
 
-    def _requests(self, prompts: list[Prompt], n: int, temperature: float | None, top_p: float,
-                  max_new_tokens: int, stop: list[str] | str | None, prefill: str,
-                  seed: int | None, tool_options: dict[str, Any], adapter: str | None = None
+    def _requests(self, prompts: list[Prompt], o: GenerateOptions
                   ) -> tuple[list[str], list[Request], list[ChatPlan | None]]:
         from lightning_lab import tracing
 
-        adapter = (self.adapter_for(tracing.current_role()) if adapter is None
-                   else check_adapter(self.model, adapter))
-
-        temperature = tracing.sampling_temperature(temperature, tracing.current_temperature())
-        if seed is None:  # inside a seeded rollout: its per-call seed
-            seed = tracing.call_seed()
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        plans = [None if isinstance(p, str) else self.plan(p, prefill, **tool_options)
+        adapter = (self.adapter_for(tracing.current_role()) if o.adapter is None
+                   else check_adapter(self.model, o.adapter))
+        temperature = tracing.sampling_temperature(o.temperature, tracing.current_temperature())
+        seed = tracing.call_seed() if o.seed is None else o.seed  # a seeded rollout's per-call seed
+        stops = (o.stop,) if isinstance(o.stop, str) else tuple(o.stop or ())
+        prefill = o.prefill
+        plans = [None if isinstance(p, str) else self.plan(p, prefill, **o.tool_options())
                  for p in prompts]
-        grammar = tool_options.get("grammar")
+        grammar = o.grammar
         plain_grammar = (self.engine.compile_grammar(grammar)
                          if grammar is not None and None in plans else None)
         texts = [p + prefill if plan is None else plan.prompt_text
@@ -178,13 +212,13 @@ class Policy:
                 prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"],
                 params=SamplingParams(
                     temperature=temperature,
-                    top_p=top_p,
-                    max_new_tokens=max_new_tokens,
+                    top_p=o.top_p,
+                    max_new_tokens=o.max_new_tokens,
                     stop=stops,
                     seed=None if seed is None else (seed * 1_000_003 + i) % 2**62,
                     grammar=plain_grammar if plan is None else plan.grammar,
                 ),
-                n=n,
+                n=o.n,
                 adapter=adapter,
             )
             for i, (text, plan) in enumerate(zip(texts, plans))
@@ -227,33 +261,13 @@ class Policy:
             tracing.record_generation(generation)
         return generations
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        *,
-        n: int = 1,
-        temperature: float | None = None,
-        top_p: float = 1.0,
-        max_new_tokens: int = 64,
-        stop: list[str] | str | None = None,
-        prefill: str = "",
-        seed: int | None = None,
-        adapter: str | None = None,
-        **tool_options: Any,
-    ) -> list[Generation]:
+    def generate(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
         """Sample ``n`` completions per prompt, prompt-major (``len(prompts) * n`` results).
 
-        ``temperature=0`` is greedy; None is the rollout's, else ``tracing.DEFAULT_TEMPERATURE``
-        (the contract in ``tracing``: greedy in ``evaluate()``). ``seed`` makes each prompt's
-        samples reproducible whatever else shares the batch (up to float rounding of batched
-        matmuls); inside a rollout opened with ``seed`` it defaults to that rollout's per-call
-        seed. ``tool_options`` are OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``,
-        ``response_format`` (chat prompts only; each generation then carries its parsed
-        ``message``) and ``grammar`` (a Lark grammar of the generated text, for string prompts
-        too).
+        ``options`` are ``GenerateOptions``' fields (``n``, ``temperature``, ``max_new_tokens``,
+        ``seed``, ``tools``, ``grammar``, ...); an unknown one is a ``TypeError``.
         """
-        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
-                                                stop, prefill, seed, tool_options, adapter)
+        texts, requests, plans = self._requests(prompts, GenerateOptions(**options))
         futures, _, unregister = self._submit(requests)
         try:
             results = [future.result() for future in futures]
@@ -264,27 +278,13 @@ class Policy:
             unregister()
         return self._record(texts, requests, plans, results)
 
-    async def agenerate(
-        self,
-        prompts: list[Prompt],
-        *,
-        n: int = 1,
-        temperature: float | None = None,
-        top_p: float = 1.0,
-        max_new_tokens: int = 64,
-        stop: list[str] | str | None = None,
-        prefill: str = "",
-        seed: int | None = None,
-        adapter: str | None = None,
-        **tool_options: Any,
-    ) -> list[Generation]:
+    async def agenerate(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
         """``generate`` for ``async def`` agents: awaits the engine without blocking the loop.
 
         Requests from coroutines, threads and HTTP handlers meet in the same engine batch. If the
         awaiting task is cancelled (a timeout), the requests are aborted and leave the batch.
         """
-        texts, requests, plans = self._requests(prompts, n, temperature, top_p, max_new_tokens,
-                                                stop, prefill, seed, tool_options, adapter)
+        texts, requests, plans = self._requests(prompts, GenerateOptions(**options))
         futures, abort, unregister = self._submit(requests)
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
