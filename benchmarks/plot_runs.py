@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -40,14 +41,19 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_args(description: str) -> tuple[dict[str, Path], Path]:
+    """The command line of a script over run folders: ``DIR`` or ``LABEL=DIR`` each, ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", help="run folders, each DIR or LABEL=DIR")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args()
@@ -55,7 +61,11 @@ def main() -> None:
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
         runs[label or Path(folder).name] = Path(folder)
-    plot(runs, args.out)
+    return runs, args.out
+
+
+def main() -> None:
+    plot(*run_args(__doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ as ``LABEL=DIR``. Used for the README's "One LoRA adapter per role":
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plot_runs import read_metrics  # noqa: E402
+from plot_runs import read_metrics, run_args, save_figure  # noqa: E402
 
 DEV_METRICS = ("one_word", "shout_ok")
 
@@ -89,26 +88,16 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders, each DIR or LABEL=DIR")
-    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    args = parser.parse_args()
-    runs = {}
-    for spec in args.runs:
-        label, _, folder = spec.rpartition("=")
-        runs[label or Path(folder).name] = Path(folder)
+    runs, out = run_args(__doc__.splitlines()[0])
     print_table([summary_row(label, folder) for label, folder in runs.items()])
     for label, folder in runs.items():
         for role, ys in role_rewards(folder).items():
             print(f"{label:>12} {role:>8}: " + " ".join(f"{y:.2f}" for y in ys))
-    plot(runs, args.out)
+    plot(runs, out)
 
 
 if __name__ == "__main__":
