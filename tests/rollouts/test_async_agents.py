@@ -18,7 +18,8 @@ import lightning_lab as ll
 
 HANG_S = 2.0
 """Rollout timeout of the hang tests on a quiet machine; ``hang_s`` scales it up on a loaded one.
-Either way it stays far below the minutes the hung requests (1500 tokens) would need."""
+The hung agents call the model in a loop that only the timeout ends: one long call alone (1500
+tokens, ~3 s here) can finish first on a faster CPU or when the random model samples EOS."""
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +137,18 @@ def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, hang_s, kind
 
     async def async_agent(task):
         await policy.achat(task["q"], max_new_tokens=2)
-        if task["q"] == "hang":
+        while task["q"] == "hang":
             await policy.achat("long", max_new_tokens=1500, stop=["\x00never"])
         ll.reward(1.0)
 
     def thread_agent(task):
         policy.chat(task["q"], max_new_tokens=2)
-        if task["q"] == "hang":
-            try:
+        try:
+            while task["q"] == "hang":
                 policy.chat("long", max_new_tokens=1500, stop=["\x00never"])
-            except ll.RolloutCancelled:
-                released.set()
-                raise
+        except ll.RolloutCancelled:
+            released.set()
+            raise
         ll.reward(1.0)
 
     agent = async_agent if kind == "async" else thread_agent
@@ -155,7 +156,8 @@ def test_hung_rollout_times_out_and_leaves_the_engine_batch(policy, hang_s, kind
     batch = ll.run_rollouts(agent, tasks, timeout_s=hang_s)
     a, hung, b = batch
     assert hung.status == "failed" and hung.meta["reason"] == "timeout" and "timeout" in hung.error
-    assert len(hung.transitions) == 1  # the call that finished is kept; the hung one never landed
+    # the calls that finished are kept; the one cut off by the timeout never landed
+    assert hung.transitions and all(t.finish_reason != "abort" for t in hung.transitions)
     assert a.status == b.status == "ok" and a.total_reward == b.total_reward == 1.0
     assert wait_until(lambda: policy.engine.aborted_rows == aborted + 1)
     assert wait_until(lambda: policy.engine.active_rows == 0)
@@ -184,15 +186,17 @@ def test_http_agent_call_is_cancelled_at_the_timeout(policy, server, hang_s):
     def sdk_agent(task, base_url):
         client = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=60)
         try:
-            client.chat.completions.create(model="tiny", max_tokens=task["max_tokens"], stop=["\x00"],
-                                           messages=[{"role": "user", "content": "x"}])
+            for _ in range(task["calls"]):
+                client.chat.completions.create(model="tiny", max_tokens=task["max_tokens"],
+                                               stop=["\x00never"],
+                                               messages=[{"role": "user", "content": "x"}])
         except openai.APIStatusError as exc:
             statuses.append((exc.status_code, exc.body["code"]))
             raise
 
     agent = ll.proxy.http_agent(server, sdk_agent)
-    batch = ll.run_rollouts(agent, [{"task_id": "long", "max_tokens": 1500},
-                                    {"task_id": "short", "max_tokens": 2}], timeout_s=hang_s)
+    batch = ll.run_rollouts(agent, [{"task_id": "long", "max_tokens": 1500, "calls": 10**6},
+                                    {"task_id": "short", "max_tokens": 2, "calls": 1}], timeout_s=hang_s)
     long, short = batch
     assert long.meta["reason"] == "timeout" and short.status == "ok"
     assert wait_until(lambda: statuses == [(408, "rollout_cancelled")])
