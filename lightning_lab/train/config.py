@@ -195,6 +195,12 @@ class SFTConfig:
     """Rows of a forward whose prompts start alike (one schema, other questions) run their
     common leading tokens once, and each batch is ordered by prompt so they meet (exact: same
     logprobs and gradients); False shares identical prompts only."""
+    group_by_prefix: bool = False
+    """Draw each batch from rows whose prompts share a long prefix (one database's schema) where
+    possible, so ``share_prefixes`` runs it once per batch, not once per database. Every pass
+    still sees each row once (groups, rows and the cut batches are shuffled), but a step's
+    gradient then leans on fewer databases, as ``group_by_length`` leans on one length: off by
+    default."""
     max_context: int | None = bounded(None, ge=1)
     """Rows longer than this (prompt + response tokens) are skipped and counted; None = the
     model's ``max_position_embeddings``."""

@@ -32,7 +32,7 @@ from .multi_adapter import score_as, warm_start_parameters
 from .scoring import chunk_rows
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
-           "load_traces", "sft_loss", "sft_rows", "sft_state_dict"]
+           "load_traces", "prefix_clusters", "sft_loss", "sft_rows", "sft_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -238,15 +238,47 @@ class SFTTrainer:
         out: list[int] = []
         while len(out) < min(self.config.batch_size, len(self.rows)):
             if not self._queue:
-                _, of_row = dedupe_prompts([tr.prompt_ids for tr in self.rows])
-                groups: dict[int, list[int]] = {}
-                for i, p in enumerate(of_row):
-                    groups.setdefault(p, []).append(i)
-                order = list(groups.values())
-                self._rng.shuffle(order)
-                self._queue = [i for g in reversed(order) for i in reversed(g)]
+                self._queue = self._pass_order()[::-1]
             out.append(self._queue.pop())
         return out
+
+    def _pass_order(self) -> list[int]:
+        """One pass over the rows: identical prompts adjacent; with ``group_by_prefix`` the rows
+        of one prefix cluster too, cut into batches whose order is shuffled."""
+        _, of_row = dedupe_prompts([tr.prompt_ids for tr in self.rows])
+        same_prompt: dict[int, list[int]] = {}
+        for i, p in enumerate(of_row):
+            same_prompt.setdefault(p, []).append(i)
+        groups = list(same_prompt.values())
+        if not self.config.group_by_prefix:
+            self._rng.shuffle(groups)
+            return [i for g in groups for i in g]
+        clusters = prefix_clusters([self.rows[g[0]].prompt_ids for g in groups])
+        self._rng.shuffle(clusters)
+        order = []
+        for cluster in clusters:
+            self._rng.shuffle(cluster)
+            order += [i for c in cluster for i in groups[c]]
+        size = self.config.batch_size
+        batches = [order[k:k + size] for k in range(0, len(order), size)]
+        self._rng.shuffle(batches)
+        return [i for b in batches for i in b]
+
+
+def prefix_clusters(prompts: Sequence[Sequence[int]], min_share: float = 0.5) -> list[list[int]]:
+    """Indices of ``prompts`` grouped by a common prefix: neighbours in sorted order join one
+    cluster when they share at least ``min_share`` of the longer prompt (a schema shared by a
+    database's questions does; a system prompt shared by every database does not)."""
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    clusters: list[list[int]] = []
+    for prev, i in zip([None, *order], order):
+        a, b = prompts[i], prompts[prev] if prev is not None else ()
+        shared = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if clusters and shared >= min_share * max(len(a), len(b)):
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    return clusters
 
 
 def sft_state_dict(policy: Any, *, config: dict[str, Any], step: int,

@@ -14,7 +14,7 @@ from lightning_lab.train.offline import OfflineBatchError, offline_ppo_step
 from lightning_lab.train.rejection import RejectionConfig, keep_above, rejection_sampling_finetune
 from lightning_lab.train.scoring import padded_tokens
 from lightning_lab.train.sft import (Demonstration, SFTConfig, SFTTrainer, demonstrations_to_batch,
-                                     sft_loss)
+                                     prefix_clusters, sft_loss)
 
 TASKS = [{"task_id": f"t{i}", "q": f"Question number {i} " + "word " * i} for i in range(8)]
 
@@ -174,3 +174,30 @@ def test_sft_step_with_shared_prefixes_equals_unshared():
     assert shared_loss == pytest.approx(alone_loss, rel=1e-6)
     assert alone_grad.norm() > 0
     assert_rel_close(shared_grad, alone_grad, 1e-4, "LoRA gradient")
+
+
+def test_prefix_clusters_group_a_schemas_questions_not_a_shared_system_prompt():
+    system = [1, 2]  # shared by every prompt, but short next to a schema
+    a, b = system + [10] * 20, system + [20] * 20  # two databases' schemas
+    prompts = [a + [7], b + [7], a + [8, 9], system + [30, 31], b + [5], a + [7]]
+    assert sorted(map(sorted, prefix_clusters(prompts))) == [[0, 2, 5], [1, 4], [3]]
+    assert prefix_clusters([]) == []
+
+
+def test_group_by_prefix_batches_one_database_and_still_sees_every_row_once_a_pass(tiny):
+    schemas = {db: f"Schema {db}: " + " ".join(f"CREATE TABLE {db}{i} (id INT);" for i in range(8))
+               for db in "abc"}
+    demos = [Demonstration(prompt=[{"role": "user", "content": f"{schemas[db]}\nQ{q}?"}],
+                           target=f" SELECT {q};") for db in "abc" for q in range(4)]
+    batch, _ = demonstrations_to_batch(tiny.tokenizer, demos)
+    rows_db = ["abc"[i // 4] for i in range(12)]
+
+    def passes(group):
+        trainer = SFTTrainer(tiny, batch, SFTConfig(batch_size=4, group_by_prefix=group, seed=3))
+        return [trainer._next_rows() for _ in range(6)]  # two passes of three batches
+
+    grouped, mixed = passes(True), passes(False)
+    for batches in (grouped, mixed):
+        assert sorted(sum(batches[:3], [])) == sorted(sum(batches[3:], [])) == list(range(12))
+    assert all(len({rows_db[i] for i in b}) == 1 for b in grouped)
+    assert any(len({rows_db[i] for i in b}) > 1 for b in mixed)
