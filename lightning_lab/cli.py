@@ -23,7 +23,7 @@ from .train.config import (FIELD_RENAMES, ConfigError, FieldError, PPOConfig, Ru
 __all__ = ["main", "build_parser"]
 
 MODEL_FIELDS = ("model", "lora", "adapters", "device", "seed")
-ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "vllm_servers",
+ROLLOUT_FIELDS = ("rollout_engine", "vllm_url", "vllm_python", "vllm_servers", "vllm_dtype",
                   "vllm_allow_degraded", "adapter_dir", "vllm_start_timeout_s")
 ENV_FIELDS = ("env", "data", "limit", "agent_options", "task_options", "agent", "agent_cmd",
               "tasks", "max_tokens_cap")

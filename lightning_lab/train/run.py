@@ -246,7 +246,8 @@ def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
         for i in range(config.vllm_servers):
             server = VLLMServer(config.vllm_python, base_model_dir(policy),
                                 folder / ("vllm.log" if i == 0 else f"vllm-{i}.log"),
-                                max_lora_rank=lora_rank(policy), max_loras=max_loras(policy))
+                                max_lora_rank=lora_rank(policy), max_loras=max_loras(policy),
+                                dtype=config.vllm_dtype)
             log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
             started.append(server.start(config.vllm_start_timeout_s))
     except BaseException:

@@ -399,6 +399,34 @@ def test_started_servers_mix_two_versions_of_every_adapter_in_a_batch(monkeypatc
     assert all(args[args.index("--max-loras") + 1] == "6" for args in started)
 
 
+def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(monkeypatch, tmp_path):
+    """bf16 vLLM puts a trained adapter's logprobs up to ~1 nat from the fp32 trainer's;
+    --vllm-dtype float32 serves what the trainer computes (to ~1e-5, LoRA included)."""
+    from lightning_lab.cli import _changes, build_parser
+    from lightning_lab.inference import vllm_server
+    from lightning_lab.train.config import override
+
+    started = []
+
+    class Recorded(VLLMServer):
+        def start(self, timeout_s: float = 900.0) -> "Recorded":
+            started.append(self.args)
+            return self
+
+    monkeypatch.setattr(vllm_server, "VLLMServer", Recorded)
+    monkeypatch.setattr(vllm_server, "check_python", lambda python: None)
+    monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
+    policy = ll.models.load("tiny", lora=True)
+    args = build_parser().parse_args(["train", "--rollout-engine", "vllm", "--vllm-python",
+                                      "python", "--vllm-dtype", "float32"])
+    for config in (override(RunConfig(), _changes(args)),
+                   RunConfig(rollout_engine="vllm", vllm_python="python")):
+        run_module._launch_vllm(config, policy, tmp_path, print)
+    assert [a[a.index("--dtype") + 1] for a in started] == ["float32", "bfloat16"]
+    with pytest.raises(ConfigError, match="vllm_dtype"):
+        RunConfig(rollout_engine="vllm", vllm_python="python", vllm_dtype="float16")
+
+
 def test_vllm_engine_needs_exactly_one_of_url_and_python():
     with pytest.raises(ConfigError, match="exactly one of vllm_url"):
         RunConfig(rollout_engine="vllm")
