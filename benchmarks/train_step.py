@@ -59,7 +59,8 @@ def run_ours(steps: int, decode_dtype: str, update_dtype: str, decode_threads: i
                             decode_dtype=decode_dtype, decode_threads=decode_threads)
     rollouts = None
     if vllm_python:
-        run_config = ll.RunConfig(model="smollm2-135m", rollout_engine="vllm", vllm_python=vllm_python)
+        run_config = ll.RunConfig(model="smollm2-135m", rollout_engine="vllm", vllm_python=vllm_python,
+                                  vllm_dtype="bfloat16")  # the fast setting; runs default to fp32
         rollouts = start_rollout_engine(run_config, policy, Path(tempfile.mkdtemp(prefix="ll-bench-")))
 
     def agent(task):

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightning_lab.errors import ConfigError
 
 __all__ = ["VLLMServer", "INSTALL_STEPS", "base_model_dir", "check_python", "lora_rank",
@@ -46,6 +48,17 @@ def base_model_dir(policy: Any) -> Path:
         raise ConfigError(f"--rollout-engine vllm needs a model saved as a folder; {policy.name!r} "
                           f"was not loaded from one (config path {folder!r})")
     return Path(folder)
+
+
+def served_dtype(policy: Any, requested: str = "auto") -> str:
+    """vLLM's ``--dtype`` for ``requested``; ``auto`` is the trainer's own precision (float32 for
+    an fp32 model), so the sampler computes the logprobs the update recomputes. A bf16 server
+    beside an fp32 trainer drifts by up to ~1 nat/token once the adapter has trained, and that
+    run learned wordplay's one_word to 0.6 where float32 (and the local engine) reached 0.9-1.0."""
+    if requested != "auto":
+        return requested
+    dtype = next(policy.model.parameters()).dtype
+    return "bfloat16" if dtype == torch.bfloat16 else "float16" if dtype == torch.float16 else "float32"
 
 
 def lora_rank(policy: Any) -> int:

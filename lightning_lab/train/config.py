@@ -246,7 +246,7 @@ def _mapping(value: str | Mapping[str, Any] | None, cast: Any, name: str) -> dic
 
 
 ALGORITHMS = ("ppo", "sft", "rejection")
-VLLM_DTYPES = ("bfloat16", "float32")
+VLLM_DTYPES = ("auto", "bfloat16", "float32")
 """``--vllm-dtype`` values: what vLLM-CPU serves LoRA adapters in."""
 SECTIONS = {"ppo": PPOConfig, "sft": SFTConfig}
 """``RunConfig``'s nested sections: the fields of one algorithm, as ``ppo.lr`` / ``sft.lr``."""
@@ -295,10 +295,11 @@ class RunConfig:
     port for the run, log to <out>/vllm.log, stop it at the end."""
     vllm_servers: int = bounded(1, ge=1)
     """With --vllm-python: how many servers to start (logs <out>/vllm-<i>.log beyond the first)."""
-    vllm_dtype: str = field(default="bfloat16", metadata={"choices": VLLM_DTYPES})
-    """With --vllm-python: the started servers' --dtype. bfloat16 (fast) puts the sampler's
-    logprobs ~0.05-0.13 nats/token (max ~1) from the fp32 trainer's once the adapter has trained,
-    which truncated IS then corrects; float32 matches the trainer to ~1e-5 (LoRA included)."""
+    vllm_dtype: str = field(default="auto", metadata={"choices": VLLM_DTYPES})
+    """With --vllm-python: the started servers' --dtype. auto: the trainer's (float32 on CPU),
+    so sampler and update compute the same logprobs (~1e-5 apart, LoRA included); bfloat16 is
+    faster (~1.4x on CPU) but drifts ~0.05-0.13 nats/token (max ~1) from an fp32 trainer once the
+    adapter has trained, which truncated IS corrects but learning felt (wordplay one_word 0.6 vs 0.9)."""
     vllm_allow_degraded: bool = False
     """Go on with the other vLLM servers when one stops answering (it is dropped, with a
     warning naming it); off: the step fails with the server's URL and error, the run stops after

@@ -238,7 +238,7 @@ def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
     """Start ``config.vllm_servers`` of ``config.vllm_python``'s vLLM on the policy's base model,
     one after the other (each loads the model); logs to <folder>/vllm.log, vllm-1.log, ..."""
     from ..inference.vllm_server import (VLLMServer, base_model_dir, check_python, lora_rank,
-                                         max_loras)
+                                         max_loras, served_dtype)
 
     check_python(config.vllm_python)
     started: list[Any] = []
@@ -247,7 +247,7 @@ def _launch_vllm(config: RunConfig, policy: Any, folder: Path,
             server = VLLMServer(config.vllm_python, base_model_dir(policy),
                                 folder / ("vllm.log" if i == 0 else f"vllm-{i}.log"),
                                 max_lora_rank=lora_rank(policy), max_loras=max_loras(policy),
-                                dtype=config.vllm_dtype)
+                                dtype=served_dtype(policy, config.vllm_dtype))
             log(f"starting vLLM ({config.vllm_python}) on {server.url}, log {server.log_path}")
             started.append(server.start(config.vllm_start_timeout_s))
     except BaseException:

@@ -400,8 +400,8 @@ def test_started_servers_mix_two_versions_of_every_adapter_in_a_batch(monkeypatc
 
 
 def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(monkeypatch, tmp_path):
-    """bf16 vLLM puts a trained adapter's logprobs up to ~1 nat from the fp32 trainer's;
-    --vllm-dtype float32 serves what the trainer computes (to ~1e-5, LoRA included)."""
+    """bf16 vLLM puts a trained adapter's logprobs up to ~1 nat from the fp32 trainer's; the
+    default (auto) serves in the trainer's precision, float32 here, and bfloat16 is a choice."""
     from lightning_lab.cli import _changes, build_parser
     from lightning_lab.inference import vllm_server
     from lightning_lab.train.config import override
@@ -418,11 +418,14 @@ def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(monkeyp
     monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
     policy = ll.models.load("tiny", lora=True)
     args = build_parser().parse_args(["train", "--rollout-engine", "vllm", "--vllm-python",
-                                      "python", "--vllm-dtype", "float32"])
+                                      "python", "--vllm-dtype", "bfloat16"])
     for config in (override(RunConfig(), _changes(args)),
                    RunConfig(rollout_engine="vllm", vllm_python="python")):
         run_module._launch_vllm(config, policy, tmp_path, print)
-    assert [a[a.index("--dtype") + 1] for a in started] == ["float32", "bfloat16"]
+    policy.model.to(torch.bfloat16)  # a bf16 trainer: auto serves bf16
+    run_module._launch_vllm(RunConfig(rollout_engine="vllm", vllm_python="python"), policy,
+                            tmp_path, print)
+    assert [a[a.index("--dtype") + 1] for a in started] == ["bfloat16", "float32", "bfloat16"]
     with pytest.raises(ConfigError, match="vllm_dtype"):
         RunConfig(rollout_engine="vllm", vllm_python="python", vllm_dtype="float16")
 
