@@ -332,7 +332,9 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
     """Train as ``config`` says; returns (and writes) the run's summary."""
     setup = build(config, callbacks, log)
     if not setup.parallel.is_main:
-        return _follow(setup)
+        summary = _follow(setup)
+        setup.parallel.close()
+        return summary
     out, trainer = setup.out, setup.trainer
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
@@ -353,6 +355,7 @@ def run(config: RunConfig, callbacks: Sequence[Any] = (), log: Callable[[str], N
         for cb in setup.callbacks:
             cb.on_finish()
         setup.close()
+    setup.parallel.close()
     return summary
 
 
