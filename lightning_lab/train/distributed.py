@@ -21,6 +21,7 @@ parameters instead (FSDP, e.g. ``accelerate launch --use_fsdp``); this module do
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -68,16 +69,21 @@ class DataParallel:
     def close(self) -> None:
         """After a finished run, on every process: wait for the others, then end the group.
 
-        A process that exits while a peer still holds the group lets gloo's threads die with
-        the interpreter: ``terminate called without an active exception`` (SIGABRT), seen on
-        process 1 in 1 of 8 two-process runs under load, after its last step, while process 0
-        was still evaluating. Not called when a process fails (torchrun stops the others)."""
+        A process that left while a peer still held the group died in gloo's threads:
+        ``terminate called without an active exception`` (SIGABRT) on process 1 in 1 of 8
+        two-process runs under load, after its last step, while process 0 was still evaluating;
+        ending the group without waiting still did so 1 in 12. The wait may be long (process 0's
+        final evaluation), longer than gloo's default 30-minute timeout, hence its own. Not
+        called when a process fails (torchrun stops the others)."""
         if not (self.enabled and self.owns_group):
             return
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(hours=24))
+            else:
+                dist.barrier()
             dist.destroy_process_group()
 
     @staticmethod
