@@ -391,7 +391,7 @@ class RunConfig:
             if (self.vllm_url is None) == (self.vllm_python is None):
                 raise FieldError("rollout_engine", "vllm needs exactly one of vllm_url (attach to "
                                  "a running server) or vllm_python (start one)")
-            self.ppo.recompute_logprobs = True  # a bf16 sampler: importance-weight its gap
+            self.ppo.recompute_logprobs = True  # a server (bf16, or a version behind): weight its gap
         if self.lora not in ("auto", "on", "off"):
             raise FieldError("lora", f"must be auto, on or off, got {self.lora!r}")
         check_ranges(self)
