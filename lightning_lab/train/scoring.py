@@ -35,7 +35,7 @@ from ..inference.adapters import base_model
 from ..inference.prompts import dedupe_prompts
 from ..records import Transition
 
-__all__ = ["Scores", "chunk_rows", "hosts", "padded_tokens", "prefix_groups", "score",
+__all__ = ["Scores", "chunk_rows", "common_length", "hosts", "padded_tokens", "prefix_groups", "score",
            "sharing_groups"]
 
 
@@ -112,7 +112,7 @@ def _padded(seqs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
     if n == 0 or a[0] != b[0]:
@@ -167,7 +167,7 @@ def prefix_groups(prompts: Sequence[Sequence[int]], lengths: Sequence[int], *,
         return dedupe_prompts(prompts)
     order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
     ranked = [prompts[i] for i in order]
-    adjacent = [_common_length(a, b) for a, b in zip(ranked, ranked[1:])]
+    adjacent = [common_length(a, b) for a, b in zip(ranked, ranked[1:])]
     groups, cuts = _split_run(list(range(len(order))), adjacent, ranked,
                               [lengths[i] for i in order])
     of_prompt = [0] * len(prompts)

@@ -29,7 +29,7 @@ from ..records import Batch, TraceFormatError, Trajectory, Transition
 from .callbacks import CallbackList
 from .config import SFTConfig
 from .multi_adapter import score_as, warm_start_parameters
-from .scoring import chunk_rows
+from .scoring import chunk_rows, common_length
 
 __all__ = ["Demonstration", "SFTConfig", "SFTTrainer", "SFTStepState", "demonstrations_to_batch",
            "load_traces", "prefix_clusters", "sft_loss", "sft_rows", "sft_state_dict"]
@@ -273,7 +273,7 @@ def prefix_clusters(prompts: Sequence[Sequence[int]], min_share: float = 0.5) ->
     clusters: list[list[int]] = []
     for prev, i in zip([None, *order], order):
         a, b = prompts[i], prompts[prev] if prev is not None else ()
-        shared = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shared = common_length(a, b)
         if clusters and shared >= min_share * max(len(a), len(b)):
             clusters[-1].append(i)
         else:
