@@ -102,6 +102,9 @@ class PPOConfig:
     """Upper clip range if different (DAPO's clip-higher); None = clip_eps."""
     kl_coef: float = bounded(0.02, ge=0)
     """Weight of the KL penalty to the reference (adapter-off) policy."""
+    kl_gap_cap: float | None = bounded(5.0, gt=0)
+    """Nats by which a token may fall below the reference before its k3 KL term turns linear
+    (``ppo.kl_k3``): one far-off token cannot swamp the step; None = plain k3."""
     max_grad_norm: float = bounded(1.0, gt=0)
     """Gradient-norm clip of the policy parameters (of each LoRA adapter on its own)."""
     max_tokens_per_forward: int = bounded(2048, ge=1)

@@ -176,9 +176,9 @@ class AdapterStats:
 
     def add_terms(self, rows: Sequence[Transition], logprobs: torch.Tensor, old: torch.Tensor,
                   advantages: torch.Tensor, ref: torch.Tensor | None,
-                  is_weights: torch.Tensor | None, *, clip_eps: float, kl_coef: float,
-                  clip_eps_high: float | None) -> None:
-        """Accumulate the PPO terms of one forward's tokens, per adapter (flat (N,) inputs)."""
+                  is_weights: torch.Tensor | None, loss_terms: dict[str, Any]) -> None:
+        """Accumulate the PPO terms of one forward's tokens, per adapter (flat (N,) inputs);
+        ``loss_terms`` are ``ppo_loss``'s keyword settings, as the update passes them."""
         from .ppo import ppo_loss
 
         if not self.adapters:
@@ -189,9 +189,9 @@ class AdapterStats:
             for name in dict.fromkeys(owner):
                 at = torch.tensor([a == name for a in owner], device=logprobs.device)
                 part = ppo_loss(logprobs.detach()[at], old[at], advantages[at],
-                                None if ref is None else ref[at], clip_eps=clip_eps,
-                                kl_coef=kl_coef, clip_eps_high=clip_eps_high,
-                                is_weights=None if is_weights is None else is_weights[at])
+                                None if ref is None else ref[at],
+                                is_weights=None if is_weights is None else is_weights[at],
+                                **loss_terms)
                 n = int(at.sum())
                 self._add(f"tokens/{name}", n)
                 for term in ("loss", "kl", "clip_frac"):

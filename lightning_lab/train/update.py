@@ -68,6 +68,8 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
            if trainer.recompute_logprobs else None)
     policy_groups = optimizer.param_groups[:-1]
     per_adapter = AdapterStats.for_model(scorer.policy.model, cfg.trainable_adapters)
+    loss_terms = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high,
+                      kl_gap_cap=cfg.kl_gap_cap)
     all_params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     ratios: dict[Key, list[float]] = {}
@@ -90,8 +92,7 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                                    like=fwd.logprobs)  # (N,) each row's advantage on its tokens
                 ref_logprobs = torch.cat([ref[i] for i in micro]) if ref is not None else None
                 pg = ppo_loss(fwd.logprobs, old_logprobs, advantages, ref_logprobs,
-                              clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
-                              clip_eps_high=cfg.clip_eps_high, is_weights=is_weights)
+                              is_weights=is_weights, **loss_terms)
                 # shares of the whole minibatch (all processes' rows), so the summed gradient is
                 # that of its token-mean policy loss and its transition-mean value loss
                 token_share = len(fwd.logprobs) / mb_tokens
@@ -104,8 +105,7 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                     _add(sums, row_share, value_loss=v_loss)  # weighted as it is optimised
                 loss.backward()
                 per_adapter.add_terms(micro_rows, fwd.logprobs, old_logprobs, advantages,
-                                          ref_logprobs, is_weights, clip_eps=cfg.clip_eps,
-                                          kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high)
+                                      ref_logprobs, is_weights, loss_terms)
                 _add(sums, token_share, loss=pg.loss, policy_loss=pg.policy_loss, kl=pg.kl,
                      approx_kl=pg.approx_kl, clip_frac=pg.clip_frac, entropy=fwd.entropy.mean(),
                      **diagnostics)

@@ -1,9 +1,11 @@
 """The PPO objective against gradients derived by hand."""
 
+import math
+
 import pytest
 import torch
 
-from lightning_lab.train.ppo import ppo_loss, value_loss
+from lightning_lab.train.ppo import kl_k3, ppo_loss, value_loss
 
 
 def test_unclipped_gradient_is_minus_advantage_times_ratio_over_n():
@@ -51,6 +53,22 @@ def test_kl_penalty_value_and_gradient():
     assert torch.allclose(out.kl, (torch.exp(d) - d - 1).mean())
     assert torch.allclose(new.grad, 0.1 * (1 - torch.exp(d)) / 2, atol=1e-6)
     assert out.kl.item() > 0
+
+
+def test_kl_past_the_gap_cap_is_k3s_tangent_line():
+    """With cap 2: a gap of 1 is plain k3; gaps of 4 and 1000 are k3(2) + (e^2 - 1)(d - 2),
+    finite, and pull back with the bounded gradient e^2 - 1 (plain k3 would give e^4 - 1 and inf)."""
+    ref = torch.tensor([0.0, 0.0, 0.0])
+    new = torch.tensor([-1.0, -4.0, -1000.0], requires_grad=True)
+    out = ppo_loss(new, new.detach(), torch.zeros(3), ref, clip_eps=0.2, kl_coef=1.0,
+                   kl_gap_cap=2.0)
+    out.loss.backward()
+    e, e2 = math.e, math.exp(2.0)
+    k3 = [e - 2.0, (e2 - 3.0) + (e2 - 1.0) * 2.0, (e2 - 3.0) + (e2 - 1.0) * 998.0]
+    assert out.kl.item() == pytest.approx(sum(k3) / 3, rel=1e-5)
+    assert new.grad.tolist() == pytest.approx([(1 - e) / 3, (1 - e2) / 3, (1 - e2) / 3], rel=1e-5)
+    assert kl_k3(torch.tensor([-3.0, 0.5]), None).tolist() == pytest.approx(
+        [math.exp(-3.0) + 2.0, math.exp(0.5) - 1.5], rel=1e-6)  # no cap: plain k3
 
 
 def test_approx_kl_zero_when_policy_unchanged():
