@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from ..records import Batch
 from ..rollouts.threads import run_rollouts
@@ -23,7 +23,7 @@ from ..tracing import derive_seed
 from .config import PPOConfig
 from .distributed import DataParallel
 
-__all__ = ["Prefetcher", "TaskOrder", "collect_rollouts"]
+__all__ = ["Prefetcher", "TaskOrder", "collect_rollouts", "task_labels"]
 
 
 class TaskOrder:
@@ -32,23 +32,70 @@ class TaskOrder:
     Its own RNG stream (not the minibatches'), so the tasks a step sees never depend on how many
     loss rows earlier steps had (that number depends on the credit strategy): runs that compare
     strategies on one seed train on the same tasks at every step.
+
+    With ``groups`` (a label per task, e.g. its database) a pass is cut into chunks of ``chunk``
+    tasks of one label (shuffled within labels, then the chunks shuffled); each label's leftover
+    tasks are pooled into mixed chunks that come last. A step drawing ``chunk`` tasks then gets
+    one label's tasks whenever it can; a step that straddles two passes takes what it lacks from
+    the new pass's pooled leftovers, so the steps after it stay aligned with the chunks.
     """
 
-    def __init__(self, n_tasks: int, seed: int):
-        self.n_tasks = n_tasks
+    def __init__(self, n_tasks: int, seed: int, groups: Sequence[Any] | None = None,
+                 chunk: int = 1):
+        if groups is not None and len(groups) != n_tasks:
+            raise ValueError(f"TaskOrder: {len(groups)} group labels for {n_tasks} tasks")
+        self.n_tasks, self.groups, self.chunk = n_tasks, groups, max(1, chunk)
         self.rng = random.Random(f"tasks/{seed}")
         self.queue: list[int] = []
         """The rest of the current pass, drawn from the end."""
 
     def next(self, n: int) -> list[int]:
         """The indices of the next ``n`` tasks (at most one pass's worth)."""
-        out = []
-        while len(out) < min(n, self.n_tasks):
+        out: list[int] = []
+        want = min(n, self.n_tasks)
+        while len(out) < want:
             if not self.queue:
-                self.queue = list(range(self.n_tasks))
-                self.rng.shuffle(self.queue)
+                self.queue = self._pass(head=want - len(out))
             out.append(self.queue.pop())
         return out
+
+    def _pass(self, head: int) -> list[int]:
+        """A shuffled pass, in draw order reversed; ``head``: tasks the current step still lacks."""
+        order = list(range(self.n_tasks))
+        self.rng.shuffle(order)
+        if self.groups is None:
+            return order
+        by_label: dict[Any, list[int]] = {}
+        for i in order:
+            by_label.setdefault(self.groups[i], []).append(i)
+        chunks, leftover, size = [], [], self.chunk
+        for members in by_label.values():
+            full = len(members) - len(members) % size
+            chunks += [members[a:a + size] for a in range(0, full, size)]
+            leftover += members[full:]
+        self.rng.shuffle(chunks)
+        first = head % size  # 0 when the step starts with this pass
+        rest = leftover[first:]
+        draws = ([leftover[:first]] + chunks
+                 + [rest[a:a + size] for a in range(0, len(rest), size)])  # a short one last
+        return [i for c in reversed(draws) for i in reversed(c)]
+
+
+def task_labels(tasks: Sequence[Any], field_name: str) -> list[Any]:
+    """Each task's ``field_name`` (a dict key or an attribute), for ``TaskOrder``'s groups."""
+    labels = []
+    for i, task in enumerate(tasks):
+        value = task.get(field_name, _MISSING) if isinstance(task, dict) else getattr(
+            task, field_name, _MISSING)
+        if value is _MISSING or not isinstance(value, Hashable):
+            raise ValueError(f"PPOConfig.group_tasks_by={field_name!r}: task {i} "
+                             f"({type(task).__name__}) has no such field, or its value "
+                             f"{value!r} cannot be a group label")
+        labels.append(value)
+    return labels
+
+
+_MISSING = object()
 
 
 def collect_rollouts(agent: Callable[[Any], Any], tasks: Sequence[Any], config: PPOConfig,

@@ -148,6 +148,11 @@ class PPOConfig:
     """Rows of a forward whose prompts start alike (one schema, other questions) run their
     common leading tokens once (exact: same logprobs and gradients); False shares identical
     prompts only."""
+    group_tasks_by: str | None = None
+    """A task field (``db_id``): each step draws its tasks from one value of it where it can, so
+    their prompts share that value's prefix (a database's schema) and the prefix cache and
+    ``share_prefixes`` compute it once per step. Every pass still sees each task once; a step's
+    gradient then leans on one database: off by default (the SFT's ``group_by_prefix``)."""
     rollout_workers: int = bounded(32, ge=1)
     """Agents run concurrently; their LLM calls are batched by the policy's engine."""
     rollout_timeout_s: float | None = bounded(None, gt=0)

@@ -18,7 +18,7 @@ import torch
 
 from .. import credit as credit_lib
 from .callbacks import Callback, CallbackList
-from .collect import Prefetcher, TaskOrder, collect_rollouts
+from .collect import Prefetcher, TaskOrder, collect_rollouts, task_labels
 from .config import PPOConfig
 from .critic import ValueHead
 from .distributed import DataParallel
@@ -113,7 +113,10 @@ class PPOTrainer(TrainerState):
         belong to no step, so there is nothing consistent to checkpoint."""
         self.history: list[dict[str, float]] = []
         torch.manual_seed(self.config.seed)
-        self.task_order = TaskOrder(len(self.tasks), self.config.seed)
+        self.task_order = TaskOrder(
+            len(self.tasks), self.config.seed, chunk=self.config.tasks_per_step,
+            groups=(task_labels(self.tasks, self.config.group_tasks_by)
+                    if self.config.group_tasks_by else None))
         self.minibatch_rng = random.Random(f"minibatches/{self.config.seed}")  # see TaskOrder
         model = policy.model
         if self.config.role_adapters:
