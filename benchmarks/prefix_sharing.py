@@ -23,9 +23,9 @@ the same tokens; methods are interleaved and medians of ``--repeats`` runs repor
 ``ppo``: completion tokens/s of whole PPO steps (8 samples of each of ``--ppo-questions``
 questions, drawn from ``--sft-databases`` x ``--sft-questions`` schema prompts; sampling with
 agent threads, then the update), with the engine's prefix cache and ``PPOConfig.share_prefixes``
-both on vs both off. Learning rate 0, so both sides sample from the same weights; steps
-interleaved, medians reported. The cache is kept across steps, as in a run (a database's
-schema prompt recurs).
+both on vs both off, and on with ``PPOConfig.group_tasks_by`` (a step's questions from one
+database: the ``ppo speed-up`` line; the ungrouped ratio is printed beside it). Learning rate 0,
+so every side samples from the same weights; steps interleaved, medians reported.
 
     python benchmarks/prefix_sharing.py [--model tiny|smollm2-135m] [--repeats 3] [--levers sft,sampling,ppo]
 """
@@ -201,26 +201,30 @@ def ppo_lever(args) -> None:
                            max_new_tokens=args.max_new_tokens)
         ll.reward(1.0 / (1.0 + len(text.split())))  # varied rewards: the update has work to do
 
-    trainers = {on: ll.PPOTrainer(policy, agent, tasks, config=ll.PPOConfig(
+    arms = {"levers off": (False, None), "levers on": (True, None), "levers on, grouped": (True, "db")}
+    trainers = {name: ll.PPOTrainer(policy, agent, tasks, config=ll.PPOConfig(
                     lr=0.0, tasks_per_step=args.ppo_questions, group_size=SAMPLES,
-                    minibatch_size=16, ppo_epochs=1, kl_coef=0.0, share_prefixes=on))
-                for on in (True, False)}
+                    minibatch_size=16, ppo_epochs=1, kl_coef=0.0, share_prefixes=on,
+                    group_tasks_by=by))
+                for name, (on, by) in arms.items()}
 
-    def speed(on: bool) -> float:
-        policy.engine = engines[on]  # the trainer samples through policy.chat
+    def speed(name: str) -> float:
+        policy.engine = engines[arms[name][0]]  # the trainer samples through policy.chat
         start = time.perf_counter()
-        metrics = trainers[on].step().metrics
+        metrics = trainers[name].step().metrics
         return metrics["response_tokens"] / (time.perf_counter() - start)
 
     print(f"ppo: model {args.model} | {args.ppo_questions} questions x {SAMPLES} samples a step "
           f"from {args.sft_databases} databases | prompt ~{args.prompt_tokens} tokens | "
-          f"<= {args.max_new_tokens} new tokens | lr 0 (same weights on both sides)")
-    methods = {f"levers {'on' if on else 'off'}": (lambda on=on: speed(on)) for on in (True, False)}
+          f"<= {args.max_new_tokens} new tokens | lr 0 (same weights on every side) | grouped: "
+          f"a step's questions from one database (PPOConfig.group_tasks_by)")
+    methods = {name: (lambda name=name: speed(name)) for name in arms}
     interleaved(methods, 1)  # warm-up
     speeds = {name: median(v) for name, v in interleaved(methods, args.repeats).items()}
     for name, tokens_per_s in speeds.items():
         print(f"{name:>20}: {tokens_per_s:.1f} completion tokens/s (sampling + update)")
-    print(f"ppo speed-up {speeds['levers on'] / speeds['levers off']:.2f}x")
+    print(f"ppo speed-up {speeds['levers on, grouped'] / speeds['levers off']:.2f}x "
+          f"(ungrouped: {speeds['levers on'] / speeds['levers off']:.2f}x)")
     for engine in engines.values():
         engine.close()
 
