@@ -95,7 +95,9 @@ class VLLMEngine:
             future: Future = Future()
             future.set_exception(ValueError(
                 "constrained decoding (tool_choice='required', response_format, grammar) is not "
-                "supported by the vLLM rollout engine yet; use --rollout-engine local"))
+                "supported by the vLLM rollout engine yet (vLLM's logprobs under a grammar are "
+                "the masked distribution's; the trainer's are the unmasked policy's); use "
+                "--rollout-engine local"))
             return future
         return self._gather([self._pool.submit(self._complete, request, seed)
                              for seed in self._seeds(request)])
