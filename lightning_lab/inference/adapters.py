@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["base_model", "has_adapter", "lora_flag", "set_weights"]
+__all__ = ["base_model", "decoder_layers", "has_adapter", "lora_flag", "set_weights"]
 
 _LORA_FLAGS = {"auto": None, "on": True, "off": False}
 
@@ -14,6 +14,14 @@ _LORA_FLAGS = {"auto": None, "on": True, "off": False}
 def base_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (the model itself when unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(module: Any) -> list[torch.nn.Module]:
+    """The transformer blocks inside ``module`` (transformers' ``GradientCheckpointingLayer``s:
+    a Llama's ``LlamaDecoderLayer``s), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def has_adapter(model: Any) -> bool:

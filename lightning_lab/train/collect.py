@@ -151,6 +151,10 @@ class Prefetcher:
         batch, own = self.parallel.gather_batch(local, self.n_tasks, self.group_size)
         return batch, own, seconds
 
+    def done(self) -> bool:
+        """Whether the sampling has finished (or failed)."""
+        return self._future.done()
+
     def wait(self) -> None:
         """Let the sampling finish, whatever its outcome (before the sampler's weights move)."""
         self._future.exception()

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..inference.adapters import base_model
+from ..inference.adapters import base_model, decoder_layers
 from ..inference.prompts import dedupe_prompts
 from ..records import Transition
 
@@ -307,9 +307,7 @@ def _layers_checkpointed(decoder: Any) -> Iterator[None]:
     layer objects alone (not ``.train()``, which recurses) leaves dropout modules in eval mode, so
     the numbers stay those of the cached path.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(decoder)
     if not layers or not all(getattr(m, "gradient_checkpointing", False) for m in layers):
         raise RuntimeError("checkpointing=True needs model.gradient_checkpointing_enable() first")
     modes = [m.training for m in layers]

@@ -12,12 +12,14 @@ every step. ``choose_threads`` is the decision, a pure function; ``ThreadGoverno
 from __future__ import annotations
 
 import os
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from .config import ConfigError
 
-__all__ = ["ENV_VAR", "available_cpus", "choose_threads", "requested_threads", "ThreadGovernor"]
+__all__ = ["ENV_VAR", "SharedCores", "ThreadGovernor", "available_cpus", "choose_threads",
+           "requested_threads"]
 
 ENV_VAR = "LIGHTNING_LAB_THREADS"
 
@@ -98,3 +100,60 @@ class ThreadGovernor:
             self._log(f"threads: {threads} for the update ({why})")
             self.threads = threads
         return threads
+
+
+class SharedCores:
+    """The update's threads while asynchronous rollouts sample beside it (``max_staleness``).
+
+    A 2-thread update beside a busy decode thread on 2 cores spends its time in OpenMP barriers
+    waiting for the thread that shares a core with the decoder, so overlapping gained ~5%. Inside
+    this context the update runs ``threads - sampler_threads`` threads (at least one) while
+    ``sampling()`` says the rollouts are still running, and takes its full ``threads`` back at
+    the first decoder layer it enters after they finish, forward or backward. The switch happens
+    on the update's own thread (torch's thread count is per Python thread), through a forward
+    pre-hook on each layer and a gradient hook on its input.
+    """
+
+    def __init__(self, layers: list[Any], sampling: Callable[[], bool], sampler_threads: int):
+        import torch
+
+        self.layers, self.sampling = layers, sampling
+        self.full = torch.get_num_threads()
+        self.shared = max(1, self.full - sampler_threads)
+        self._handles: list[Any] = []
+        self._owner = 0
+
+    def __enter__(self) -> "SharedCores":
+        import torch
+
+        self._owner = threading.get_ident()  # the sampler may run these layers too (HF path)
+        if self.shared < self.full and self.sampling():
+            torch.set_num_threads(self.shared)
+            self._handles = [layer.register_forward_pre_hook(self._entering, with_kwargs=True)
+                             for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        torch.set_num_threads(self.full)
+
+    def _entering(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._widen()
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if getattr(hidden, "requires_grad", False):
+            hidden.register_hook(self._widen_in_backward)
+
+    def _widen_in_backward(self, _grad: Any) -> None:
+        self._widen()
+
+    def _widen(self) -> None:
+        import torch
+
+        if threading.get_ident() != self._owner:
+            return
+        if torch.get_num_threads() != self.full and not self.sampling():
+            torch.set_num_threads(self.full)

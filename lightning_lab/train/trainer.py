@@ -8,6 +8,7 @@ notebook can inspect it, recompute advantages under another strategy, and carry 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -24,12 +25,14 @@ from .critic import ValueHead
 from .distributed import DataParallel
 from .multi_adapter import adapter_rewards
 from .sync import AdapterSyncError, sync_everywhere
+from .threads import SharedCores
 from .trainer_state import TrainerState
 from .versions import check_async, check_servers, stamp_lag, stamp_versions
 from .update import (Scorer, empty_update_metrics, loss_rows, make_optimizer, owned_by_process,
                      ppo_update)
 from ..records import Batch
 from ..inference.servers import RolloutServerError
+from ..inference.adapters import decoder_layers
 from ..inference.engine import prefix_hit_rate
 from ..inference.precision import resolve_dtype
 
@@ -204,8 +207,9 @@ class PPOTrainer(TrainerState):
         self.credit.assign(batch)
         keys, rows = loss_rows(batch, self.config)
         owned = owned_by_process(keys, own)
-        metrics, ratios = (ppo_update(self, rows, keys, owned) if rows
-                           else (empty_update_metrics(), {}))
+        with self._cores_beside_sampling():
+            metrics, ratios = (ppo_update(self, rows, keys, owned) if rows
+                               else (empty_update_metrics(), {}))
         update_s = time.perf_counter() - t1
 
         metrics.update(_batch_metrics(batch), **sync_metrics)
@@ -264,6 +268,16 @@ class PPOTrainer(TrainerState):
         """The trainer step whose weights rollouts started now are sampled by: the last synced
         adapter's with a server, else the policy's own (as of now)."""
         return self.iteration if self.sync is None else int(self.sync.synced_step)
+
+    def _cores_beside_sampling(self) -> Any:
+        """While the next step's rollouts sample (``max_staleness``), the update leaves the
+        sampler's threads their cores (``threads.SharedCores``)."""
+        prefetch = self._prefetch
+        if prefetch is None:
+            return contextlib.nullcontext()
+        sampler_threads = getattr(getattr(self.policy.engine, "config", None), "num_threads", None)
+        return SharedCores(decoder_layers(self.policy.model), lambda: not prefetch.done(),
+                           sampler_threads or 1)
 
     def _start_prefetch(self) -> None:
         """Start sampling the next step's rollouts from the weights as they are before this
