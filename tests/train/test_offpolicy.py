@@ -50,28 +50,31 @@ def test_weights_scale_each_tokens_policy_gradient():
     assert torch.allclose(weighted, plain * weights, rtol=1e-6, atol=0)
 
 
-def perturbed_agent(policy):
+def perturbed_agent(policy, masked: bool = False):
     """Samples with the policy, then reports behaviour logprobs off by -1/+1 on even/odd tokens:
-    what a sampler that disagrees with the trainer (another engine, bf16, a stale adapter) hands in."""
+    what a sampler that disagrees with the trainer (another engine, bf16, a stale adapter) hands in.
+    ``masked``: the sample says its logprobs are a grammar-masked distribution's (vLLM's)."""
     import lightning_lab as ll
 
     def agent(task):
         policy.chat(task["q"], max_new_tokens=6)
         tr = ll.current().transitions[-1]
         tr.logprobs = [lp + (1.0 if j % 2 else -1.0) for j, lp in enumerate(tr.logprobs)]
+        if masked:
+            tr.meta["masked_logprobs"] = True
         ll.reward(1.0)
 
     return agent
 
 
-def run_step(recompute: bool):
+def run_step(recompute: bool, masked: bool = False):
     import lightning_lab as ll
 
     policy = ll.models.load("tiny", lora=True)
     tasks = [{"task_id": f"t{i}", "q": f"Question {i}"} for i in range(3)]
     config = ll.PPOConfig(tasks_per_step=3, group_size=2, minibatch_size=64, lr=1e-3, kl_coef=0.0,
                           recompute_logprobs=recompute, tis_cap=2.0, rollout_workers=2)
-    trainer = ll.PPOTrainer(policy, perturbed_agent(policy), tasks, config=config,
+    trainer = ll.PPOTrainer(policy, perturbed_agent(policy, masked), tasks, config=config,
                             credit=ll.credit.get("uniform", baseline=None))
     return trainer.step()
 
@@ -97,6 +100,17 @@ def test_recomputed_logprobs_and_truncated_weights_on_perturbed_behaviour():
     uncorrected = run_step(recompute=False).metrics
     assert uncorrected["clip_frac"] == 1.0
     assert "is_truncation_frac" not in uncorrected
+
+
+def test_masked_logprobs_are_replaced_by_the_trainers_recompute():
+    """Samples flagged ``masked_logprobs`` (constrained replies from vLLM, whose logprobs are the
+    masked distribution's) train on the trainer's own recompute even without
+    ``recompute_logprobs``: the +-1 they recorded leaves no trace (ratio 1, weights 1)."""
+    metrics = run_step(recompute=False, masked=True).metrics
+    assert metrics["clip_frac"] == 0.0  # unflagged, every ratio would be e^+-1 (test above)
+    assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["is_mismatch_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["behaviour_logprob_err"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_one_minibatch_recompute_scores_nothing_extra(monkeypatch):
