@@ -157,7 +157,8 @@ class VLLMEngine:
                 "skip_special_tokens": False}
         if seed is not None:
             body["seed"] = seed
-        if params.grammar is not None:
+        constrained = params.grammar is not None
+        if constrained:
             body["structured_outputs"] = {"grammar": params.grammar}
         url, response = self._send("/completions", body)
         choice = response["choices"][0]
@@ -170,10 +171,10 @@ class VLLMEngine:
             raise VLLMError(f"{url}: {len(ids)} token ids but {len(logprobs)} logprobs")
         version = str(response.get("model") or body["model"])
         meta = {"adapter": request.adapter, "adapter_version": version, "server": url}
-        if params.grammar is not None:
+        if constrained:
             meta["masked_logprobs"] = True  # vLLM masks the logits before computing logprobs
         return Sample(ids, logprobs, "stop" if choice["finish_reason"] == "stop" else "length",
-                      choice["text"], constrained=params.grammar is not None, meta=meta)
+                      choice["text"], constrained=constrained, meta=meta)
 
     def model_for(self, adapter: str) -> str:
         """The served model a request sampling with ``adapter`` names: its synced module; the

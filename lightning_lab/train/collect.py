@@ -87,10 +87,11 @@ def task_labels(tasks: Sequence[Any], field_name: str) -> list[Any]:
     for i, task in enumerate(tasks):
         value = task.get(field_name, _MISSING) if isinstance(task, dict) else getattr(
             task, field_name, _MISSING)
-        if value is _MISSING or not isinstance(value, Hashable):
-            raise ValueError(f"PPOConfig.group_tasks_by={field_name!r}: task {i} "
-                             f"({type(task).__name__}) has no such field, or its value "
-                             f"{value!r} cannot be a group label")
+        where = f"PPOConfig.group_tasks_by={field_name!r}: task {i} ({type(task).__name__})"
+        if value is _MISSING:
+            raise ValueError(f"{where} has no such field")
+        if not isinstance(value, Hashable):
+            raise ValueError(f"{where}: its value {value!r:.80} cannot be a group label")
         labels.append(value)
     return labels
 
